@@ -1,0 +1,134 @@
+"""Fused QKV projection + per-head q/k RMSNorm + RoPE (Qwen3's attention prologue).
+
+``qkv_rope(x, w_qkv, q_norm_weight, k_norm_weight, cos_sin, positions,
+num_q_heads, num_kv_heads, eps) -> (q, k, v)``
+
+    x: [T, H]; w_qkv: [(Hq + 2*Hkv) * D, H] (q, k, v rows stacked), dtype of x
+    q_norm_weight, k_norm_weight: [D]
+    cos_sin: [max_positions, D] fp32, row p = [cos(p * f), sin(p * f)] for the
+        D/2 frequencies f; positions: [T] int64
+    q: [T, Hq, D], k: [T, Hkv, D], v: [T, Hkv, D], dtype of x
+
+    qkv = x @ w_qkv.T                        (torch matmul, rounded to x.dtype
+                                              as transformers' projections are)
+    q_h = rms_norm(qkv[q head h], q_norm_weight)      per head, in fp32
+    k_h = rms_norm(qkv[k head h], k_norm_weight)      per head, in fp32
+    then RoPE, rotate-half: with u = [a, b] the halves of a head,
+        rope(u) = [a*cos - b*sin, b*cos + a*sin]       in fp32
+    and one rounding to x.dtype at the end. Norm comes BEFORE RoPE: RoPE does
+    not commute with the per-dimension weight. Qwen3-0.6B's k_norm weights
+    reach 96.5, so k reaches ~220: nothing is rounded between norm and RoPE.
+
+The Triton kernel is the epilogue: one program per (token, head), q, k and v
+heads alike (v is copied out so that no output aliases another).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+@triton.jit
+def _qkv_epilogue_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, eps,
+                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    half = tl.arange(0, D // 2)
+    src = qkv_ptr + t * (HQ + 2 * HKV) * D + h * D
+    a = tl.load(src + half).to(tl.float32)
+    b = tl.load(src + D // 2 + half).to(tl.float32)
+    if h >= HQ + HKV:  # v: copied as is
+        dst = v_ptr + (t * HKV + h - HQ - HKV) * D
+        tl.store(dst + half, a.to(v_ptr.dtype.element_ty))
+        tl.store(dst + D // 2 + half, b.to(v_ptr.dtype.element_ty))
+    else:
+        if h < HQ:
+            w_ptr = qw_ptr
+            dst = q_ptr + (t * HQ + h) * D
+        else:
+            w_ptr = kw_ptr
+            dst = k_ptr + (t * HKV + h - HQ) * D
+        inv_rms = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + eps)
+        a = a * inv_rms * tl.load(w_ptr + half).to(tl.float32)
+        b = b * inv_rms * tl.load(w_ptr + D // 2 + half).to(tl.float32)
+        pos = tl.load(pos_ptr + t)
+        cos = tl.load(cs_ptr + pos * D + half)
+        sin = tl.load(cs_ptr + pos * D + D // 2 + half)
+        tl.store(dst + half, (a * cos - b * sin).to(dst.dtype.element_ty))
+        tl.store(dst + D // 2 + half, (b * cos + a * sin).to(dst.dtype.element_ty))
+
+
+def _empty_qkv(x: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int):
+    t = x.shape[0]
+    return (x.new_empty(t, num_q_heads, head_dim), x.new_empty(t, num_kv_heads, head_dim),
+            x.new_empty(t, num_kv_heads, head_dim))
+
+
+def qkv_rope_triton(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torch.Tensor,
+                    k_norm_weight: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
+                    num_q_heads: int, num_kv_heads: int, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    head_dim = q_norm_weight.shape[0]
+    qkv = torch.nn.functional.linear(x, w_qkv).contiguous()
+    q, k, v = _empty_qkv(x, num_q_heads, num_kv_heads, head_dim)
+    wrap_triton(_qkv_epilogue_kernel)[(x.shape[0], num_q_heads + 2 * num_kv_heads)](
+        qkv, q_norm_weight, k_norm_weight, cos_sin, positions, q, k, v, eps,
+        HQ=num_q_heads, HKV=num_kv_heads, D=head_dim, num_warps=1,
+    )
+    return q, k, v
+
+
+def rope_reference(u: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of u [T, heads, D] in u's dtype (fp32 or float64)."""
+    half = u.shape[-1] // 2
+    cs = cos_sin[positions].to(u.dtype)[:, None, :]
+    cos, sin = cs[..., :half], cs[..., half:]
+    a, b = u[..., :half], u[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def qkv_rope_reference(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torch.Tensor,
+                       k_norm_weight: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
+                       num_q_heads: int, num_kv_heads: int, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain torch, same rounding as the kernel; float64 inputs give the float64 oracle."""
+    c = torch.float64 if x.dtype == torch.float64 else torch.float32
+    d = q_norm_weight.shape[0]
+    qkv = torch.nn.functional.linear(x, w_qkv).to(c)
+    q, k, v = qkv.split([num_q_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+
+    def norm_rope(u: torch.Tensor, w: torch.Tensor, heads: int) -> torch.Tensor:
+        u = u.reshape(-1, heads, d)
+        u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * w.to(c)
+        return rope_reference(u, cos_sin, positions).to(x.dtype)
+
+    return (norm_rope(q, q_norm_weight, num_q_heads), norm_rope(k, k_norm_weight, num_kv_heads),
+            v.reshape(-1, num_kv_heads, d).to(x.dtype))
+
+
+@triton_op("qwen3_aot::qkv_rope", mutates_args=())
+def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+             cos_sin: torch.Tensor, positions: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qkv_rope_triton(x, w_qkv, q_norm_weight, k_norm_weight, cos_sin, positions,
+                           num_q_heads, num_kv_heads, eps)
+
+
+qkv_rope.register_kernel("cpu")(qkv_rope_reference)
+
+
+@qkv_rope.register_fake
+def _(x, w_qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads, num_kv_heads, eps):
+    return _empty_qkv(x, num_q_heads, num_kv_heads, q_norm_weight.shape[0])
+
+
+def rope_cos_sin(head_dim: int, theta: float, max_positions: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The [max_positions, head_dim] fp32 table, computed as transformers computes it (fp32
+    inverse frequencies, fp32 products), so that fp32 runs match it bit for bit."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)

@@ -1,0 +1,32 @@
+"""Shared fixtures. Triton kernels run on CUDA when there is a GPU, else on CPU
+under the Triton interpreter, which must be switched on before triton is imported."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if Path("/dev/nvidiactl").exists() else "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny-qwen3"
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """Where the Triton kernels run: cuda, or cpu through the interpreter."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖a − ref‖ / ‖ref‖ in float64; NaN or inf in `a` gives inf."""
+    a, ref = a.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - ref).norm() / ref.norm())
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """A tensor full of NaN: any element a kernel fails to write shows up."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
