@@ -75,7 +75,7 @@ def build(kind: str, device: str, out: Path) -> dict:
         _cache_write_op()
         if device == "cpu":
             torch._functorch.config.decompose_custom_triton_ops = False
-    model = (CacheWriter() if kind == "cache" else Lin()).to(device).eval()
+    model = (CacheWriter() if kind == "cache" else Lin()).to(device).eval()  # lin, ext, noisa: a Linear
     T = torch.export.Dim("T", min=2, max=4096)
     x = torch.randn(8, D, device=device)
     if kind == "cache":
@@ -85,6 +85,8 @@ def build(kind: str, device: str, out: Path) -> dict:
     else:
         args, dyn = (x,), {"x": {0: T}}
     opts = {"aot_inductor.package_constants_in_so": kind != "ext"}
+    if kind == "noisa":  # no -mavx512/-mamx flags in the wrapper's host code
+        opts["cpp.vec_isa_ok"] = False
     t0 = time.perf_counter()
     with torch.no_grad():
         ep = torch.export.export(model, args, dynamic_shapes=dyn)
@@ -93,7 +95,8 @@ def build(kind: str, device: str, out: Path) -> dict:
             ep, package_path=str(out / f"{kind}.pt2"), inductor_configs=opts
         )
     t2 = time.perf_counter()
-    torch.save(model.state_dict(), out / f"{kind}.state.pt")  # probe-only; the project uses safetensors
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), out / f"{kind}.safetensors")
     src_hits = {}
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
@@ -119,6 +122,26 @@ t0 = time.perf_counter()
 if how == "device_info":
     from torch._inductor.codecache import get_device_information
     res["info"] = get_device_information(device)
+elif how in ("dlopen", "runner"):
+    import ctypes, glob, zipfile, tempfile
+    d = tempfile.mkdtemp()
+    zipfile.ZipFile(path).extractall(d)
+    so = glob.glob(f"{d}/**/*.so", recursive=True)[0]
+    res["so"] = so
+    if how == "dlopen":
+        ctypes.CDLL(so)
+    else:
+        import os
+        R = torch._C._aoti.AOTIModelContainerRunnerCuda if device == "cuda" else torch._C._aoti.AOTIModelContainerRunnerCpu
+        runner = R(so, 1, "cuda", os.path.dirname(so)) if device == "cuda" else R(so, 1)
+        res["fqn_map"] = runner.get_constant_names_to_original_fqns()
+        class M:
+            def get_constant_fqns(self): return list(res["fqn_map"].values())
+            def load_constants(self, sd, check_full_update, user_managed):
+                inv = {v: k for k, v in res["fqn_map"].items()}
+                runner.update_constant_buffer({inv[k]: v for k, v in sd.items()}, False, check_full_update, user_managed)
+            def __call__(self, *xs): return runner.run(list(xs))[0]
+        m = M()
 elif how == "aoti_load_package":
     m = torch._inductor.aoti_load_package(path)
 elif how == "aoti_load_package_single":
@@ -127,10 +150,11 @@ else:
     from torch._inductor.package.package import AOTICompiledModel
     m = AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(path, "model", how == "direct_single", 1, -1))
 res["load_s"] = time.perf_counter() - t0
-if how != "device_info":
+if how not in ("device_info", "dlopen"):
     torch.manual_seed(0)
     ref = p.CacheWriter() if kind == "cache" else p.Lin()
-    ref.load_state_dict(torch.load(f"{out}/{kind}.state.pt"))
+    from safetensors.torch import load_file
+    ref.load_state_dict(load_file(f"{out}/{kind}.safetensors"))
     ref = ref.to(device).eval()
     if kind == "ext":
         res["fqns"] = m.get_constant_fqns()
@@ -185,6 +209,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/aoti_probe"))
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--only", default="lin,ext,cache")
+    ap.add_argument("--hows", default="device_info,aoti_load_package,aoti_load_package_single,direct,direct_single")
+    ap.add_argument("--gdb", action="store_true", help="also run a loader of the first package under cuda-gdb")
+    ap.add_argument("--gdb-how", default="runner")
     ap.add_argument("--build-one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -196,25 +223,42 @@ def main() -> None:
     if a.device == "cuda":
         print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability(), flush=True)
     kinds = a.only.split(",")
+    def build_env(kind: str) -> dict:
+        env = dict(os.environ)
+        if kind == "sysgxx":  # the system compiler instead of $CXX
+            env["CXX"] = next((c for c in ("/usr/bin/g++", "/usr/bin/clang++") if Path(c).exists()), "g++")
+        return env
+
     procs = {k: subprocess.Popen([sys.executable, __file__, "--device", a.device, "--out", str(a.out), "--build-one", k],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in kinds}
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=build_env(k))
+             for k in kinds}
     report = {"torch": torch.__version__, "builds": {}, "loads": []}
     for k, pr in procs.items():
         so, se = pr.communicate()
         b = [json.loads(l[5:]) for l in so.splitlines() if l.startswith("BUILD")]
         report["builds"][k] = b[0] if b else {"error": se[-3000:]}
         print("build", k, {x: y for x, y in report["builds"][k].items() if x != "files"}, flush=True)
-    hows = ["device_info", "aoti_load_package", "aoti_load_package_single", "direct", "direct_single"]
+    hows = a.hows.split(",")
     for k in kinds:
         if "error" in report["builds"][k]:
             continue
-        for how in hows if k == "lin" else hows[1:]:
+        for how in hows:
             row = load_in_child(k, how, a.device, a.out, timeout=240)
             row.update(kind=k, how=how)
             report["loads"].append(row)
             print("load", {x: y for x, y in row.items() if x != "stderr_tail"}, flush=True)
             if "stderr_tail" in row:
                 print(row["stderr_tail"], flush=True)
+    if a.gdb and "error" not in report["builds"][kinds[0]]:
+        cmd = ["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 30", "-ex", "x/4i $pc", "-ex", "info registers", "--args", sys.executable,
+               "-c", LOAD, kinds[0], a.gdb_how, a.device, str(a.out), str(Path(__file__).parent)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+            text = r.stdout + r.stderr
+            report["gdb"] = text[text.find("received signal") - 200:][:12000]
+        except Exception as e:  # noqa: BLE001 - a probe reports whatever happened
+            report["gdb"] = repr(e)
+        print("---- cuda-gdb ----\n" + report["gdb"][:5000], flush=True)
     if a.report:
         a.report.write_text(json.dumps(report, indent=1))
     print("\n%-6s %-26s %-10s %8s %s" % ("pkg", "loader", "status", "load_s", "checks"))

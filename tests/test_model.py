@@ -39,11 +39,28 @@ def test_fp32_logits_match_transformers(ckpt, kernel_device):
         assert rel_err(o, t) <= 1e-5
 
 
+def corpus(ckpt, n=48, length=48) -> list[list[int]]:
+    """Many sequences: one model's rounding error on a few sequences is dominated by a few
+    near-tied attention scores, and two implementations' errors then differ by +-10% at
+    random (seen with 4 sequences; transformers' own sdpa and eager differ by 11%). Over
+    48 x 48 tokens the aggregate is stable: ours was 13-18% closer to float64."""
+    g = torch.Generator().manual_seed(0)
+    if ckpt == FIXTURE:
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(FIXTURE / "tokenizer.json")).encode(
+            (FIXTURE / "train_text.txt").read_text()[:60000]).ids
+        return [ids[i:i + length] for i in torch.randint(0, len(ids) - length, (n,), generator=g).tolist()]
+    vocab = Qwen3ForCausalLM.from_pretrained(ckpt, dtype="float32", device="cpu").config.vocab_size
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_no_worse_than_transformers(ckpt, dtype, kernel_device):
-    exact = torch.cat(hf_logits(hf_model(ckpt, torch.float64, attn="eager"), SEQS))
-    theirs = torch.cat(hf_logits(hf_model(ckpt, dtype), SEQS))
-    ours = torch.cat(Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=kernel_device).logits(SEQS))
+    seqs = corpus(ckpt)
+    exact = torch.cat(hf_logits(hf_model(ckpt, torch.float64, attn="eager"), seqs))
+    theirs = torch.cat(hf_logits(hf_model(ckpt, dtype), seqs))
+    ours = torch.cat(Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=kernel_device).logits(seqs))
     assert torch.isfinite(ours).all()
     assert rel_err(ours, exact) <= rel_err(theirs, exact)
 

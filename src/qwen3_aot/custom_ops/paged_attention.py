@@ -15,16 +15,18 @@
     For token t of sequence s at position p, query head h, kv head h // (Hq/Hkv):
         scores_j = scale * q[t, h] . K_s[j]        for j = 0..p (causal)
         out[t, h] = sum_j softmax(scores)_j V_s[j]
-    Scores and softmax in fp32 (K reaches ~220 with Qwen3's k_norm, so an fp16
-    score would overflow); for bf16/fp16 the probabilities are rounded to the
-    cache dtype before the P.V product, as flash attention does; fp32 runs
-    stay in fp32 (no tf32).
+    Scores, softmax and the P.V product in fp32 (K reaches ~220 with Qwen3's
+    k_norm, so an fp16 score would overflow); the probabilities are not rounded
+    to bf16 before P.V as flash attention does: that rounding alone made our
+    bf16 logits drift further from float64 than transformers' on CPU. One
+    rounding, of the output.
 
 The write happens first, so a prefill's tokens see each other. Triton: one
 kernel writes the new k/v; one program per (token, kv head) then streams the
-sequence's blocks with an online softmax, the query heads of a group sharing
-each K/V load (padded to 16 rows for tl.dot). Correct for any mix; speed for
-long contexts is the later flash-decoding / prefill-tile work.
+sequence's keys in tiles of BLOCK_N (each key finds its block in the table,
+so any block size works) with an online softmax, the query heads of a group
+sharing each K/V load (padded to 16 rows for tl.dot). Correct for any mix;
+speed for long contexts is the later flash-decoding / prefill-tile work.
 """
 
 from __future__ import annotations
@@ -53,13 +55,13 @@ def _cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, seq_ptr, bt_ptr, 
 @triton.jit
 def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_stride, scale,
                       BS: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                      G_PAD: tl.constexpr, FP32: tl.constexpr):
+                      G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     group: tl.constexpr = HQ // HKV
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
-    s_off = tl.arange(0, BS)
+    n = tl.arange(0, BLOCK_N)
     rows = (t * HQ + kvh * group + g)[:, None] * D + d[None, :]
     q = tl.load(q_ptr + rows, mask=(g < group)[:, None], other=0.0)
     pos = tl.load(pos_ptr + t)
@@ -67,25 +69,27 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, 
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for start in range(0, pos + 1, BS):
-        blk = tl.load(bt_ptr + seq * bt_stride + start // BS).to(tl.int64)
-        valid = start + s_off <= pos
-        kv_off = ((blk * BS + s_off) * HKV + kvh)[:, None] * D + d[None, :]
+    for start in range(0, pos + 1, BLOCK_N):
+        j = start + n  # key positions of this tile; each looks up its own block (any block size)
+        valid = j <= pos
+        blk = tl.load(bt_ptr + seq * bt_stride + j // BS, mask=valid, other=0).to(tl.int64)
+        kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
         k = tl.load(kc_ptr + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(vc_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
         if FP32:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
+        else:  # bf16/fp16 products are exact in fp32, and the dot accumulates in fp32
             s = tl.dot(q, tl.trans(k))
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + kv_off, mask=valid[:, None], other=0.0)
+        # P.V with p kept in fp32 (tf32x3 is fp32-accurate on the tensor cores)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
         m = m_new
     out = acc / l[:, None]
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=(g < group)[:, None])
@@ -105,7 +109,7 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     wrap_triton(_attention_kernel)[(t, hkv)](
         q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], scale,
         BS=bs, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, triton.next_power_of_2(hq // hkv)),
-        FP32=q.dtype == torch.float32, num_warps=4)
+        BLOCK_N=64 if d <= 128 else 32, FP32=q.dtype == torch.float32, num_warps=4, num_stages=2)
     return out
 
 

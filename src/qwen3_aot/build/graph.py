@@ -1,0 +1,85 @@
+"""torch.export of the one flat-batch forward, with its dynamic dimensions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.model import Qwen3ForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphLimits:
+    """The dynamic ranges compiled into the graph; the runtime must stay inside them."""
+
+    block_size: int = 16
+    max_num_tokens: int = 8192   # tokens in one step (prefill chunk + decodes)
+    max_num_seqs: int = 1024     # sequences in one step
+    max_model_len: int = 0       # 0: the model's max_position_embeddings
+    max_num_blocks: int = 1 << 22
+
+    def resolved(self, model_max_len: int) -> "GraphLimits":
+        n = self.max_model_len or model_max_len
+        if n > model_max_len:
+            raise Qwen3AotError(f"max_model_len {n} exceeds the model's max_position_embeddings {model_max_len}")
+        return dataclasses.replace(self, max_model_len=n)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+
+INPUT_NAMES = ["input_ids", "positions", "seq_ids", "block_tables", "logits_indices", "k_caches", "v_caches"]
+
+
+def example_inputs(model: Qwen3ForCausalLM, limits: GraphLimits) -> tuple:
+    """Two sequences of three tokens each: every dynamic size >= 2, so none is specialised."""
+    dev = model.device
+    k_caches, v_caches = model.new_kv_cache(num_blocks=4, block_size=limits.block_size)
+    return (
+        torch.tensor([5, 6, 7, 8, 9, 10], device=dev),
+        torch.tensor([0, 1, 2, 0, 1, 2], device=dev),
+        torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32, device=dev),
+        torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=dev),
+        torch.tensor([2, 5], device=dev),
+        k_caches,
+        v_caches,
+    )
+
+
+def dynamic_shapes(num_layers: int, limits: GraphLimits) -> dict:
+    Dim = torch.export.Dim
+    tokens = Dim("tokens", min=1, max=limits.max_num_tokens)
+    seqs = Dim("seqs", min=1, max=limits.max_num_seqs)
+    blocks_per_seq = Dim("blocks_per_seq", min=1, max=limits.max_blocks_per_seq)
+    rows = Dim("logit_rows", min=1, max=limits.max_num_tokens)
+    num_blocks = Dim("num_blocks", min=1, max=limits.max_num_blocks)
+    return {
+        "input_ids": {0: tokens}, "positions": {0: tokens}, "seq_ids": {0: tokens},
+        "block_tables": {0: seqs, 1: blocks_per_seq}, "logits_indices": {0: rows},
+        "k_caches": [{0: num_blocks}] * num_layers, "v_caches": [{0: num_blocks}] * num_layers,
+    }
+
+
+def export_forward(model: Qwen3ForCausalLM, limits: GraphLimits) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(model, example_inputs(model, limits),
+                                   dynamic_shapes=dynamic_shapes(model.config.num_hidden_layers, limits))
+
+
+def input_specs(model: Qwen3ForCausalLM, limits: GraphLimits) -> list[dict]:
+    """What the manifest says about each graph input: shape (ints or dim names) and dtype."""
+    cfg = model.config
+    cache = ["num_blocks", limits.block_size, cfg.num_key_value_heads, cfg.head_dim]
+    dt = str(model.dtype).replace("torch.", "")
+    return [
+        {"name": "input_ids", "shape": ["tokens"], "dtype": "int64"},
+        {"name": "positions", "shape": ["tokens"], "dtype": "int64"},
+        {"name": "seq_ids", "shape": ["tokens"], "dtype": "int32"},
+        {"name": "block_tables", "shape": ["seqs", "blocks_per_seq"], "dtype": "int32"},
+        {"name": "logits_indices", "shape": ["logit_rows"], "dtype": "int64"},
+        {"name": "k_caches", "list_of": cfg.num_hidden_layers, "shape": cache, "dtype": dt, "mutated": True},
+        {"name": "v_caches", "list_of": cfg.num_hidden_layers, "shape": cache, "dtype": dt, "mutated": True},
+    ]
