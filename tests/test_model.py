@@ -102,7 +102,9 @@ def test_greedy_matches_transformers_generate_on_fixture(kernel_device):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
-    prompts = ["The following", "def ", "A function"]
+    text = (FIXTURE / "train_text.txt").read_text()
+    # prompts from the training text, cut before a space (the BPE attaches spaces to the next word)
+    prompts = [text[i:text.index(" ", i + 20)] for i in (0, 5000, 31000)]
     seqs = [tok.encode(p).ids for p in prompts]
     ours = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device=kernel_device).generate_greedy(seqs, 32)
     ref = hf_model(FIXTURE, torch.float32)

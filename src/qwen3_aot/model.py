@@ -19,11 +19,11 @@ from torch import nn
 import qwen3_aot.custom_ops  # noqa: F401  (registers torch.ops.qwen3_aot.*)
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin
+from qwen3_aot.driver import FlatBatchDriver, KVCache
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.weights import load_checkpoint, parse_dtype
 
 ops = torch.ops.qwen3_aot
-KVCache = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -117,68 +117,19 @@ class Qwen3ForCausalLM(nn.Module):
         h, _ = ops.add_rms_norm(x[logits_indices], residual[logits_indices], self.norm, eps)
         return F.linear(h, self.lm_head_weight()).float()
 
-    # ---- eager drivers: tests, parity and the uncompiled baseline ----
+    # ---- eager use: tests, parity and the uncompiled baseline ----
+
+    def driver(self, block_size: int = 16) -> FlatBatchDriver:
+        return FlatBatchDriver(self, self.config, self.dtype, self.device, block_size)
 
     def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
-        cfg = self.config
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        n = cfg.num_hidden_layers
-        new = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
-        return [new() for _ in range(n)], [new() for _ in range(n)]
+        return self.driver(block_size).new_kv_cache(num_blocks)
 
-    def _block_tables(self, lengths: list[int], block_size: int) -> tuple[torch.Tensor, int]:
-        """Consecutive blocks for each sequence, enough for `lengths` tokens."""
-        need = [-(-n // block_size) for n in lengths]
-        table = torch.zeros(len(lengths), max(need), dtype=torch.int32)
-        start = 0
-        for s, n in enumerate(need):
-            table[s, :n] = torch.arange(start, start + n)
-            start += n
-        return table.to(self.device), start
-
-    def _check_lengths(self, lengths: list[int]) -> None:
-        if not lengths or min(lengths) < 1:
-            raise Qwen3AotError("every sequence needs at least one token.")
-        if max(lengths) > self.config.max_position_embeddings:
-            raise Qwen3AotError(f"a sequence of {max(lengths)} tokens exceeds max_position_embeddings "
-                                f"({self.config.max_position_embeddings}).")
-
-    def _prefill_inputs(self, sequences: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        dev = self.device
-        ids = torch.tensor([t for s in sequences for t in s], dtype=torch.int64, device=dev)
-        pos = torch.cat([torch.arange(len(s)) for s in sequences]).to(dev)
-        seq = torch.cat([torch.full((len(s),), i, dtype=torch.int32) for i, s in enumerate(sequences)]).to(dev)
-        return ids, pos, seq
-
-    @torch.inference_mode()
     def logits(self, sequences: list[list[int]], block_size: int = 16) -> list[torch.Tensor]:
         """fp32 logits [len, vocab] for every position of every sequence, in one paged batch."""
-        lengths = [len(s) for s in sequences]
-        self._check_lengths(lengths)
-        table, blocks = self._block_tables(lengths, block_size)
-        ids, pos, seq = self._prefill_inputs(sequences)
-        out = self(ids, pos, seq, table, torch.arange(len(ids), device=self.device),
-                   *self.new_kv_cache(blocks, block_size))
-        return list(out.split(lengths))
+        return self.driver(block_size).logits(sequences)
 
-    @torch.inference_mode()
     def generate_greedy(self, sequences: list[list[int]], max_new_tokens: int,
                         block_size: int = 16) -> list[list[int]]:
-        """Exactly `max_new_tokens` greedy tokens per sequence (no eos stop): one prefill of all
-        sequences, then paged decode steps of the whole batch."""
-        lengths = [len(s) for s in sequences]
-        self._check_lengths([n + max_new_tokens for n in lengths])
-        table, blocks = self._block_tables([n + max_new_tokens for n in lengths], block_size)
-        caches = self.new_kv_cache(blocks, block_size)
-        ids, pos, seq = self._prefill_inputs(sequences)
-        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-        tokens = self(ids, pos, seq, table, last, *caches).argmax(-1)
-        out = [tokens]
-        n = len(sequences)
-        seq = torch.arange(n, dtype=torch.int32, device=self.device)
-        pos = torch.tensor(lengths, device=self.device)
-        for _ in range(max_new_tokens - 1):
-            tokens = self(tokens, pos, seq, table, torch.arange(n, device=self.device), *caches).argmax(-1)
-            out.append(tokens)
-            pos = pos + 1
-        return torch.stack(out, dim=1).tolist()
+        """Exactly `max_new_tokens` greedy tokens per sequence (no eos stop)."""
+        return self.driver(block_size).generate_greedy(sequences, max_new_tokens)

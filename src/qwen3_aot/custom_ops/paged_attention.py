@@ -53,7 +53,7 @@ def _cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, seq_ptr, bt_ptr, 
 
 
 @triton.jit
-def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_stride, scale,
+def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_stride, SCALE: tl.constexpr,
                       BS: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                       G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -80,7 +80,7 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, 
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:  # bf16/fp16 products are exact in fp32, and the dot accumulates in fp32
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        s = tl.where(valid[None, :], s * SCALE, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
@@ -107,7 +107,7 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         k, v, k_cache, v_cache, positions, seq_ids, bt, bt.shape[1], BS=bs, HKV=hkv, D=d)
     out = torch.empty_like(q)
     wrap_triton(_attention_kernel)[(t, hkv)](
-        q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], scale,
+        q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], SCALE=scale,
         BS=bs, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=64 if d <= 128 else 32, FP32=q.dtype == torch.float32, num_warps=4, num_stages=2)
     return out

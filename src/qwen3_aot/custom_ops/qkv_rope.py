@@ -32,7 +32,7 @@ from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
-def _qkv_epilogue_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, eps,
+def _qkv_epilogue_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, EPS: tl.constexpr,
                          HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -51,7 +51,7 @@ def _qkv_epilogue_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr,
         else:
             w_ptr = kw_ptr
             dst = k_ptr + (t * HKV + h - HQ) * D
-        inv_rms = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + eps)
+        inv_rms = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + EPS)
         a = a * inv_rms * tl.load(w_ptr + half).to(tl.float32)
         b = b * inv_rms * tl.load(w_ptr + D // 2 + half).to(tl.float32)
         pos = tl.load(pos_ptr + t)
@@ -76,7 +76,7 @@ def qkv_rope_triton(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torch.T
     qkv = torch.nn.functional.linear(x, w_qkv).contiguous()
     q, k, v = _empty_qkv(x, num_q_heads, num_kv_heads, head_dim)
     wrap_triton(_qkv_epilogue_kernel)[(x.shape[0], num_q_heads + 2 * num_kv_heads)](
-        qkv, q_norm_weight, k_norm_weight, cos_sin, positions, q, k, v, eps,
+        qkv, q_norm_weight, k_norm_weight, cos_sin, positions, q, k, v, EPS=eps,
         HQ=num_q_heads, HKV=num_kv_heads, D=head_dim, num_warps=1,
     )
     return q, k, v

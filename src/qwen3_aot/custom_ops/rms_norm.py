@@ -22,7 +22,7 @@ from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, n_cols, eps,
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, n_cols, EPS: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * n_cols
     cols = tl.arange(0, BLOCK)
@@ -33,7 +33,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, n_cols, eps,
         s = (x + r).to(s_ptr.dtype.element_ty)
         tl.store(s_ptr + row + cols, s, mask=mask)
         x = s.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + EPS)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row + cols, (x * inv_rms * w).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -47,7 +47,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     block = triton.next_power_of_2(n_cols)
     wrap_triton(_rms_norm_kernel)[(rows,)](
         x, residual.contiguous() if residual is not None else x, weight, y, s if s is not None else y,
-        n_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 16),
+        n_cols, EPS=eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 16),
     )
     return y, s
 
