@@ -30,3 +30,12 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """A tensor full of NaN: any element a kernel fails to write shows up."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """The trained fixture as a CPU fp32 pt2 artifact, built once per test run (~10 s)."""
+    from qwen3_aot.build import export_artifact
+
+    return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-fp32", device="cpu",
+                           dtype="float32", log=lambda _msg: None)

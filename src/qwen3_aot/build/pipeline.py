@@ -72,10 +72,17 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
 
 def export_artifact(checkpoint: str | Path, output: str | Path, device: str | None = None,
                     dtype: str | None = None, force: bool = False, limits: GraphLimits = GraphLimits(),
-                    check: bool = True, log: Callable[[str], None] = _log) -> Path:
-    """Build an artifact from a Hugging Face Qwen3 checkpoint directory; returns its path."""
+                    formats: tuple[str, ...] = ("pt2",), check: bool = True,
+                    log: Callable[[str], None] = _log) -> Path:
+    """Build an artifact from a Hugging Face Qwen3 checkpoint directory; returns its path.
+
+    formats: "pt2" (the AOTInductor package, paged KV cache) and/or "onnx" (onnxruntime,
+    past/present KV cache); both share the artifact's manifest and tokenizer files."""
     checkpoint, output = Path(checkpoint), Path(output)
     device = resolve_device(device)
+    formats = tuple(dict.fromkeys(formats))
+    if not formats or set(formats) - {"pt2", "onnx"}:
+        raise Qwen3AotError(f"formats {formats} not understood; use pt2, onnx or pt2,onnx.")
     if output.exists() and not force:
         raise Qwen3AotError(f"{output} already exists; pass --force to replace it.")
     t_start = time.perf_counter()
@@ -87,10 +94,21 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
         with stage("load", log):
             model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
             limits = limits.resolved(model.config.max_position_embeddings)
-        with stage("export", log):
-            ep = export_forward(model, limits)
-        with stage("compile", log):
-            options = compile_package(ep, tmp / "model.pt2", device)
+        graphs: dict = {}
+        options: dict = {}
+        if "pt2" in formats:
+            with stage("export", log):
+                ep = export_forward(model, limits)
+            with stage("compile", log):
+                options = compile_package(ep, tmp / "model.pt2", device)
+            graphs["forward"] = {"file": "model.pt2", "inputs": input_specs(model, limits),
+                                 "output": {"name": "logits", "shape": ["logit_rows", model.config.vocab_size],
+                                            "dtype": "float32"}}
+        if "onnx" in formats:
+            from qwen3_aot.build.onnx_export import export_onnx
+
+            with stage("onnx", log):
+                graphs["onnx"] = export_onnx(model, tmp, log)
         with stage("package", log):
             tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
@@ -105,9 +123,7 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
                 "dtype": str(model.dtype).replace("torch.", ""),
                 "device": device,
                 "build_env": manifest.environment(device),
-                "graphs": {"forward": {"file": "model.pt2", "inputs": input_specs(model, limits),
-                                       "output": {"name": "logits", "shape": ["logit_rows", model.config.vocab_size],
-                                                  "dtype": "float32"}}},
+                "graphs": graphs,
                 "limits": {"max_num_tokens": limits.max_num_tokens, "max_num_seqs": limits.max_num_seqs,
                            "max_model_len": limits.max_model_len, "max_num_blocks": limits.max_num_blocks},
                 "kv_cache": {"block_size": limits.block_size,
@@ -117,9 +133,14 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
                 "build_options": options,
                 "source_checkpoint": str(checkpoint.resolve()),
             })
-        if check:
+        if check and "pt2" in formats:
             with stage("verify", log):
                 verify(tmp, model, log)
+        if check and "onnx" in formats:
+            from qwen3_aot.build.onnx_export import verify_onnx
+
+            with stage("verify onnx", log):
+                verify_onnx(tmp, graphs["onnx"], model, log)
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)

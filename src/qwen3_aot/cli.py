@@ -1,0 +1,77 @@
+"""`qwen3-aot export | generate`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qwen3_aot.errors import Qwen3AotError
+
+
+def _export(a: argparse.Namespace) -> None:
+    from qwen3_aot.build import GraphLimits, export_artifact
+
+    limits = GraphLimits(block_size=a.block_size, max_num_tokens=a.max_num_tokens, max_num_seqs=a.max_num_seqs,
+                         max_model_len=a.max_model_len)
+    export_artifact(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
+                    formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify)
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from qwen3_aot import runtime
+
+    engine = runtime.load(a.artifact, device=a.device)
+    params = runtime.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k,
+                                    top_p=a.top_p, seed=a.seed, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
+    print(a.prompt, end="", flush=True)
+    for piece in engine.stream(a.prompt, params):
+        print(piece, end="", flush=True)
+    print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qwen3-aot", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("export", help="turn a Qwen3 checkpoint directory into an artifact")
+    ex.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
+    ex.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    ex.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when there is a GPU")
+    ex.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                    help="default: the checkpoint's dtype")
+    ex.add_argument("--format", default="pt2", help="pt2 (AOTInductor), onnx, or pt2,onnx")
+    ex.add_argument("--force", action="store_true", help="replace an existing artifact")
+    ex.add_argument("--block-size", type=int, default=16, help="KV-cache block size (tokens)")
+    ex.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens in one step")
+    ex.add_argument("--max-num-seqs", type=int, default=1024, help="most sequences in one step")
+    ex.add_argument("--max-model-len", type=int, default=0, help="longest sequence (0: the model's)")
+    ex.add_argument("--no-verify", action="store_true", help="skip loading the artifact once to check it")
+    ex.set_defaults(func=_export)
+
+    ge = sub.add_parser("generate", help="generate text from an artifact, streaming")
+    ge.add_argument("artifact")
+    ge.add_argument("prompt")
+    ge.add_argument("--device", default=None)
+    ge.add_argument("--max-tokens", type=int, default=64)
+    ge.add_argument("--temperature", type=float, default=0.0)
+    ge.add_argument("--top-k", type=int, default=0)
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--stop", action="append", default=[])
+    ge.add_argument("--ignore-eos", action="store_true")
+    ge.set_defaults(func=_generate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Qwen3AotError as e:
+        print(f"qwen3-aot: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
