@@ -106,8 +106,9 @@ def qkv_rope_reference(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torc
         u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * w.to(c)
         return rope_reference(u, cos_sin, positions).to(x.dtype)
 
+    # contiguous: v is a slice of qkv, and the op's outputs have the fake's (dense) strides
     return (norm_rope(q, q_norm_weight, num_q_heads), norm_rope(k, k_norm_weight, num_kv_heads),
-            v.reshape(-1, num_kv_heads, d).to(x.dtype))
+            v.reshape(-1, num_kv_heads, d).to(x.dtype).contiguous())
 
 
 @triton_op("qwen3_aot::qkv_rope", mutates_args=())
