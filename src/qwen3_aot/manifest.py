@@ -48,8 +48,9 @@ def write(artifact: Path, manifest: dict[str, Any]) -> None:
     (artifact / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def read(artifact: str | Path, verify_files: bool = True) -> dict[str, Any]:
-    """Read and check manifest.json against this process: format, versions, device, checksums."""
+def read(artifact: str | Path, verify_files: bool = True, compiled: bool = True) -> dict[str, Any]:
+    """Read and check manifest.json against this process: format, checksums and, for the
+    compiled (pt2) graph, which is tied to them, the torch build, device and GPU."""
     artifact = Path(artifact)
     path = artifact / MANIFEST
     if not path.is_file():
@@ -62,6 +63,20 @@ def read(artifact: str | Path, verify_files: bool = True) -> dict[str, Any]:
         raise Qwen3AotError(f"{artifact} has format version {manifest.get('format_version')}; this qwen3-aot reads "
                             f"version {FORMAT_VERSION}. Rebuild it with this version's scripts/export.py.")
     built = manifest["build_env"]
+    if compiled:
+        _check_compiled_env(artifact, manifest, built)
+    if verify_files:
+        for name, digest in manifest["files"].items():
+            f = artifact / name
+            if not f.is_file():
+                raise Qwen3AotError(f"{artifact} is incomplete: {name} is missing; rebuild or re-copy it.")
+            if sha256(f) != digest:
+                raise Qwen3AotError(f"{artifact}/{name} does not match its checksum (damaged or modified); "
+                                    "rebuild or re-copy the artifact.")
+    return manifest
+
+
+def _check_compiled_env(artifact: Path, manifest: dict[str, Any], built: dict[str, Any]) -> None:
     if built["torch"] != torch.__version__:
         raise Qwen3AotError(f"{artifact} was built with torch {built['torch']}, this process has torch "
                             f"{torch.__version__}; compiled graphs are tied to one torch build: rebuild it here.")
@@ -74,12 +89,3 @@ def read(artifact: str | Path, verify_files: bool = True) -> dict[str, Any]:
             raise Qwen3AotError(f"{artifact} was built for compute capability {built['compute_capability']} "
                                 f"({built['gpu']}), this GPU is {major}.{minor} ({torch.cuda.get_device_name()}); "
                                 "rebuild it on this kind of GPU.")
-    if verify_files:
-        for name, digest in manifest["files"].items():
-            f = artifact / name
-            if not f.is_file():
-                raise Qwen3AotError(f"{artifact} is incomplete: {name} is missing; rebuild or re-copy it.")
-            if sha256(f) != digest:
-                raise Qwen3AotError(f"{artifact}/{name} does not match its checksum (damaged or modified); "
-                                    "rebuild or re-copy the artifact.")
-    return manifest

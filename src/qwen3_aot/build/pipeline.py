@@ -110,8 +110,10 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
             with stage("onnx", log):
                 graphs["onnx"] = export_onnx(model, tmp, log)
         with stage("package", log):
-            tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+            if "pt2" in formats:  # an ONNX graph carries its own weights (model.onnx.data)
+                tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                          str(tmp / "weights.safetensors"))
             copied = [f for f in TOKENIZER_FILES if (checkpoint / f).is_file()]
             for f in copied:
                 shutil.copy2(checkpoint / f, tmp / f)
@@ -128,7 +130,7 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
                            "max_model_len": limits.max_model_len, "max_num_blocks": limits.max_num_blocks},
                 "kv_cache": {"block_size": limits.block_size,
                              "layout": ["num_blocks", "block_size", "kv_heads", "head_dim"]},
-                "weights": "weights.safetensors",
+                "weights": "weights.safetensors" if "pt2" in formats else None,
                 "tokenizer_files": copied,
                 "build_options": options,
                 "source_checkpoint": str(checkpoint.resolve()),
