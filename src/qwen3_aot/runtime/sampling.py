@@ -45,7 +45,7 @@ class SamplingParams:
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "abort"]  # abort: cancelled (a stream closed early)
     prompt_tokens: int
     output_tokens: int
     logprobs: list[float] | None = None
