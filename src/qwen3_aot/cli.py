@@ -20,9 +20,9 @@ def _export(a: argparse.Namespace) -> None:
 def _generate(a: argparse.Namespace) -> None:
     from qwen3_aot import runtime
 
-    engine = runtime.load(a.artifact, device=a.device)
     params = runtime.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k,
                                     top_p=a.top_p, seed=a.seed, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
+    engine = runtime.load(a.artifact, device=a.device, cuda_graphs=not a.no_cuda_graphs)
     print(a.prompt, end="", flush=True)
     for piece in engine.stream(a.prompt, params):
         print(piece, end="", flush=True)
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, default=None)
     ge.add_argument("--stop", action="append", default=[])
     ge.add_argument("--ignore-eos", action="store_true")
+    ge.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (on CUDA)")
     ge.set_defaults(func=_generate)
     return ap
 

@@ -1,0 +1,350 @@
+"""The generation engine: prompts in, text out, continuously batched over one compiled forward.
+
+tokenizer -> scheduler -> paged KV cache -> compiled forward (or a CUDA graph of it) ->
+sampler -> incremental detokeniser. One thread drives it: `generate`, `step`, or the
+generators `stream` hands out (several streams may be consumed in turn; each step advances
+every request in flight).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Generator, Union
+
+import torch
+
+from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.compiled import CompiledForward
+from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK, KVCache, block_bytes
+from qwen3_aot.runtime.sampler import Sampler
+from qwen3_aot.runtime.sampling import Completion, SamplingParams
+from qwen3_aot.runtime.scheduler import Batch, Scheduler, Sequence
+from qwen3_aot.runtime.tokenizer import TextStream, Tokenizer
+
+Prompt = Union[str, list[int]]
+CPU_CACHE_BYTES = 1 << 30  # the default KV cache on CPU: 1 GiB, or less if the sequences need less
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Request:
+    """One prompt's life in the engine: its sequence, parameters, text and logprobs."""
+
+    def __init__(self, seq: Sequence, params: SamplingParams, stop_ids: frozenset[int], text: TextStream,
+                 generator: torch.Generator | None) -> None:
+        self.seq, self.params, self.stop_ids, self.text, self.generator = seq, params, stop_ids, text, generator
+        self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def completion(self) -> Completion:
+        out = self.seq.output_ids
+        return Completion(text=self.text.text, token_ids=out, finish_reason=self.finish_reason,
+                          prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs)
+
+
+class Engine:
+    """Built by `qwen3_aot.runtime.load`, which checks the artifact first. Options:
+
+    num_blocks / kv_cache_tokens: the KV cache size, in blocks or tokens. Default: on CUDA,
+        what fits in `gpu_memory_utilization` of the GPU after the weights and the peak of
+        the largest step; on CPU, enough for max_num_seqs full-length sequences, at most 1 GiB.
+    max_num_seqs: sequences in flight (default 256); max_num_batched_tokens: tokens in one
+        step (default 8192). Both at most the artifact's compiled limits.
+    cuda_graphs: on CUDA, replay decode steps from CUDA graphs (batch 1, 2, 4, ... max_num_seqs).
+    """
+
+    def __init__(self, artifact: Path, manifest: dict, device: torch.device, *, num_blocks: int | None = None,
+                 kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 cuda_graphs: bool = True) -> None:
+        limits, self.config = manifest["limits"], manifest["model_config"]
+        self.device, self.max_model_len = device, limits["max_model_len"]
+        self.dtype, self.block_size = DTYPES[manifest["dtype"]], manifest["kv_cache"]["block_size"]
+        self.tokenizer = Tokenizer.from_dir(artifact)
+        use_graphs = cuda_graphs and device.type == "cuda"
+        self.forward = CompiledForward(artifact, manifest, device, run_single_threaded=use_graphs)
+        self.sampler = Sampler()
+        max_num_seqs = _within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
+        max_tokens = _within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
+                             "--max-num-tokens")
+        if num_blocks is None:
+            num_blocks = min(self._plan_blocks(kv_cache_tokens, gpu_memory_utilization, max_num_seqs, max_tokens),
+                             limits["max_num_blocks"])
+        num_blocks = _within("num_blocks", num_blocks, num_blocks, limits["max_num_blocks"], "max_num_blocks")
+        self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, device)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens)
+        self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, -(-self.max_model_len // self.block_size),
+                                   device) if use_graphs else None
+        self._requests: dict[int, Request] = {}  # in flight, by sequence id
+        self._ids = itertools.count()
+
+    # ---- the public API ----
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Completions of one prompt (text or token ids) or a list of them, in order; one
+        SamplingParams for all or one per prompt. All are checked before any is run."""
+        prompts = [prompts] if _is_one_prompt(prompts) else list(prompts)
+        if not prompts:
+            raise Qwen3AotError("no prompts given: pass a string, a list of token ids, or a list of those.")
+        params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(params) != len(prompts):
+            raise Qwen3AotError(f"{len(params)} SamplingParams for {len(prompts)} prompts; "
+                                "pass one, or one per prompt.")
+        requests = [self._request(p, s) for p, s in zip(prompts, params)]
+        for r in requests:
+            self._add(r)
+        try:
+            while not all(r.finished for r in requests):
+                self.step()
+        finally:  # an exception (or Ctrl-C) leaves no request of ours behind
+            for r in requests:
+                self.abort(r)
+        return [r.completion() for r in requests]
+
+    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Generator[str, None, Completion]:
+        """Text pieces as they are generated (whole characters; text that could still become
+        a stop string is held back); the generator's return value is the Completion. The
+        prompt is checked now, the request joins at the first `next`; closing the generator
+        early cancels it and frees its blocks."""
+        return self._stream(self._request(prompt, sampling))
+
+    def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Request:
+        """Queue a request; `step` advances it, `request.completion()` once `request.finished`."""
+        request = self._request(prompt, sampling)
+        self._add(request)
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Cancel a request: it leaves the batch and its blocks are freed (no-op once finished)."""
+        if not request.finished:
+            self.scheduler.remove(request.seq)
+            self._requests.pop(request.seq.seq_id, None)
+            request.finish_reason = "abort"
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.cache.num_free
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One forward over the tokens the scheduler picks; then a new token for every
+        sequence whose tokens are now all in the cache (the others are mid-prompt)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        logits = self._forward(batch)
+        for seq, n in batch:
+            seq.num_computed += n
+        done = [self._requests[seq.seq_id] for seq, _ in batch if seq.num_computed == len(seq.token_ids)]
+        if not done:
+            return
+        ids, logprobs = self.sampler(logits, [r.params for r in done], [r.generator for r in done])
+        for i, (r, token) in enumerate(zip(done, ids)):
+            self._append(r, token, logprobs[i] if logprobs else None)
+
+    # ---- inside a step ----
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        """Logits of the last token of each sequence that reaches its end in this batch."""
+        ids, pos, seq_ids, rows = [], [], [], []
+        for i, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            ids += seq.token_ids[start:start + n]
+            pos += range(start, start + n)
+            seq_ids += [i] * n
+            if start + n == len(seq.token_ids):
+                rows.append(len(ids) - 1)
+        tables = [seq.block_table for seq, _ in batch]
+        if self.graphs is not None and len(ids) == len(rows) <= self.graphs.max_batch:
+            return self.graphs(ids, pos, tables)  # a decode step: one token per sequence
+        width = max(map(len, tables))
+        dev = self.device
+        return self.forward(
+            torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
+            torch.tensor(seq_ids, dtype=torch.int32, device=dev),
+            torch.tensor([t + [RESERVED_BLOCK] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            torch.tensor(rows or [len(ids) - 1], dtype=torch.int64, device=dev),  # the graph wants >= 1 row
+            self.cache.k, self.cache.v)
+
+    def _append(self, r: Request, token: int, logprob: float | None) -> None:
+        r.seq.token_ids.append(token)
+        if r.logprobs is not None:
+            r.logprobs.append(logprob)
+        if token in r.stop_ids:  # eos or a stop token: kept in token_ids, not in the text
+            reason = "stop"
+        elif r.text.push(token):
+            reason = "stop"
+        elif r.seq.num_output_tokens == r.params.max_tokens:
+            reason = "length"
+        else:
+            return
+        if r.text.flush():
+            reason = "stop"
+        r.finish_reason = reason
+        self.scheduler.remove(r.seq)
+        del self._requests[r.seq.seq_id]
+
+    # ---- requests ----
+
+    def _request(self, prompt: Prompt, params: SamplingParams | None) -> Request:
+        """Check a prompt and its parameters (our error, nothing changed if bad) and make its request."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise Qwen3AotError(f"sampling must be a SamplingParams, got {type(params).__name__}.")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise Qwen3AotError(f"a prompt is a string or a list of token ids (ints), got {type(prompt).__name__}.")
+        if not ids:
+            raise Qwen3AotError("the prompt is empty; give at least one token.")
+        vocab = self.config["vocab_size"]
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise Qwen3AotError(f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}.")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise Qwen3AotError(f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                f"artifact's max_model_len ({self.max_model_len}); shorten one of them.")
+        if total > self.cache.capacity:
+            raise Qwen3AotError(f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the KV "
+                                f"cache ({self.cache.capacity} tokens); shorten them or load with a larger cache "
+                                "(num_blocks, kv_cache_tokens or gpu_memory_utilization).")
+        if params.stop and not self.tokenizer.has_text:
+            raise Qwen3AotError("stop strings need a tokenizer, and this artifact has no tokenizer.json; "
+                                "use stop_token_ids.")
+        stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else
+                                                                self.tokenizer.eos_token_ids)
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return Request(Sequence(next(self._ids), ids), params, stop_ids, TextStream(self.tokenizer, params.stop),
+                       generator)
+
+    def _add(self, request: Request) -> None:
+        self._requests[request.seq.seq_id] = request
+        self.scheduler.add(request.seq)
+
+    def _stream(self, r: Request) -> Generator[str, None, Completion]:
+        self._add(r)
+        try:
+            while True:
+                if not r.finished:
+                    self.step()
+                piece = r.text.take(final=r.finished)
+                if piece:
+                    yield piece
+                if r.finished:
+                    return r.completion()
+        finally:  # closed early (GeneratorExit) or an error: cancel, free the blocks
+            self.abort(r)
+
+    # ---- sizing the cache ----
+
+    def _plan_blocks(self, kv_cache_tokens: int | None, utilization: float, max_num_seqs: int,
+                     max_tokens: int) -> int:
+        per_block = block_bytes(self.config, self.block_size, self.dtype)
+        if kv_cache_tokens is not None:
+            if kv_cache_tokens < 1:
+                raise Qwen3AotError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}.")
+            return -(-kv_cache_tokens // self.block_size) + 1
+        if self.device.type == "cuda":
+            if not 0 < utilization <= 1:
+                raise Qwen3AotError(f"gpu_memory_utilization must be in (0, 1], got {utilization}.")
+            budget = self._cuda_cache_bytes(utilization, max_num_seqs, max_tokens)
+            if budget < 2 * per_block:
+                raise Qwen3AotError(f"no GPU memory left for the KV cache at gpu_memory_utilization={utilization} "
+                                    "(weights, activations and other processes take it); raise it, lower "
+                                    "max_num_batched_tokens, or free the GPU.")
+            return budget // per_block
+        wanted = max_num_seqs * -(-self.max_model_len // self.block_size) + 1
+        return max(2, min(wanted, CPU_CACHE_BYTES // per_block))
+
+    def _cuda_cache_bytes(self, utilization: float, max_num_seqs: int, max_tokens: int) -> int:
+        """`utilization` of the GPU, less what is in use (weights, CUDA context, other
+        processes) and the peak of the largest step, measured by running one: max_tokens
+        tokens (all at position 0 of a scratch cache: activations, not context length, set
+        the peak) with max_num_seqs logit rows, sampled with top-p (the sort is the costliest)."""
+        dev, rows = self.device, min(max_num_seqs, max_tokens)
+        scratch = KVCache(self.config, 2, self.block_size, self.dtype, dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        zeros = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        with torch.inference_mode():
+            logits = self.forward(zeros, zeros, zeros.int(), torch.ones(1, 1, dtype=torch.int32, device=dev),
+                                  torch.arange(rows, device=dev), scratch.k, scratch.v)
+            self.sampler(logits, [SamplingParams(top_p=0.9)] * rows, [None] * rows)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del logits, scratch, zeros
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        return int(total * utilization - (total - free) - peak)
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode step (one token per sequence) for batch sizes 1, 2, 4, ...
+    up to max_batch: a replay launches the whole forward at once, where the eager call pays a
+    launch per kernel, which dominates small-batch decode. Inputs are copied into static
+    buffers; a batch is padded to the next captured size, its padding rows decoding token 0
+    at position 0 into the reserved block. The AOTI package must be loaded with
+    run_single_threaded=True to be capturable. UNTESTED on a GPU so far."""
+
+    def __init__(self, forward: CompiledForward, cache: KVCache, max_batch: int, max_blocks_per_seq: int,
+                 device: torch.device) -> None:
+        self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.max_batch = n = self.sizes[-1]
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.pos = torch.zeros(n, dtype=torch.int64, device=device)
+        self.tables = torch.full((n, max_blocks_per_seq), RESERVED_BLOCK, dtype=torch.int32, device=device)
+        seq_ids = torch.arange(n, dtype=torch.int32, device=device)
+        rows = torch.arange(n, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        pool = None
+        with torch.cuda.device(device), torch.inference_mode():
+            for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
+                args = (self.ids[:b], self.pos[:b], seq_ids[:b], self.tables[:b], rows[:b], cache.k, cache.v)
+                forward(*args)  # warm up outside the graph (first-call allocations, kernel loading)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[b] = forward(*args)
+                pool = graph.pool()
+                self.graphs[b] = graph
+
+    def __call__(self, ids: list[int], pos: list[int], tables: list[list[int]]) -> torch.Tensor:
+        n = len(ids)
+        b = next(s for s in self.sizes if s >= n)
+        width = max(map(len, tables))
+        self.ids[:n].copy_(torch.tensor(ids))
+        self.pos[:n].copy_(torch.tensor(pos))
+        self.tables[:n, :width].copy_(torch.tensor([t + [RESERVED_BLOCK] * (width - len(t)) for t in tables]))
+        self.ids[n:b] = 0
+        self.pos[n:b] = 0
+        self.tables[n:b, 0] = RESERVED_BLOCK  # a padding row reads and writes only block 0
+        self.graphs[b].replay()
+        return self.logits[b][:n]
+
+
+def _is_one_prompt(prompts: object) -> bool:
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+                                        and all(isinstance(t, int) for t in prompts))
+
+
+def _within(name: str, value: int | None, default: int, limit: int, build_option: str) -> int:
+    """An option, by default min(default, limit); refused outside 1..limit (the artifact's compiled limit)."""
+    if value is None:
+        return min(default, limit)
+    if not 1 <= value <= limit:
+        raise Qwen3AotError(f"{name}={value} is outside 1..{limit}, the range this artifact was compiled for; "
+                            f"choose one inside it, or rebuild with a larger {build_option}.")
+    return value

@@ -1,0 +1,114 @@
+"""Continuous batching: which tokens of which sequences go into the next forward.
+
+Every step, the running sequences go first, oldest first: a decoding sequence takes one
+token, one whose prompt is still being read takes as much of it as the token budget allows
+(chunked prefill). Waiting sequences then join, first come first served, while the budget,
+`max_num_seqs` and the free blocks allow. A sequence gets KV blocks as it grows; when a
+running sequence needs a block and none is free, the newest running sequence is preempted:
+its blocks are freed and it goes back to the front of the queue, to be recomputed later
+from its prompt and the tokens generated so far (nothing it generated is lost).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from qwen3_aot.runtime.kv_cache import KVCache
+
+
+class Sequence:
+    """A request's tokens and its place in the cache. `num_computed` tokens have their K/V
+    in the blocks of `block_table`; the rest are fed to the next forward."""
+
+    def __init__(self, seq_id: int, prompt: list[int]) -> None:
+        self.seq_id = seq_id
+        self.token_ids = list(prompt)
+        self.num_prompt_tokens = len(prompt)
+        self.num_computed = 0
+        self.block_table: list[int] = []
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+# One scheduled piece of work: a sequence and how many of its uncomputed tokens to feed.
+Batch = list[tuple[Sequence, int]]
+
+
+class Scheduler:
+    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.cache = cache
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """The sequence finished or was cancelled: forget it and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.cache.free(seq.block_table)
+        seq.block_table = []
+
+    def schedule(self) -> Batch:
+        batch: Batch = []
+        budget = self.max_num_batched_tokens
+        preemptions = self.num_preemptions
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self._make_room(seq, n):
+                break
+            batch.append((seq, n))
+            budget -= n
+            i += 1
+        # no newcomers in a step that had to preempt: they would take the blocks just freed
+        while (self.num_preemptions == preemptions and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            n = min(len(seq.token_ids), budget)
+            if not self._grow(seq, n):
+                break
+            self.running.append(self.waiting.popleft())
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _make_room(self, seq: Sequence, n: int) -> bool:
+        """Blocks for `n` more tokens of `seq`, preempting the newest running sequences as
+        needed; False when that came to `seq` itself."""
+        while not self._grow(seq, n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        """Give `seq` the blocks for `n` more tokens; False (and nothing changed) when too few are free."""
+        need = self.cache.blocks_for(seq.num_computed + n) - len(seq.block_table)
+        if need > self.cache.num_free:
+            return False
+        seq.block_table += self.cache.allocate(max(need, 0))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.free(seq.block_table)
+        seq.block_table, seq.num_computed = [], 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,92 @@
+"""The artifact's tokenizer (tokenizer.json through `tokenizers`, eos ids from
+generation_config.json) and the incremental detokenisation of one request's output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from qwen3_aot.errors import Qwen3AotError
+
+REPLACEMENT = "\ufffd"  # what decoding gives for an incomplete UTF-8 sequence
+
+
+class Tokenizer:
+    """Text <-> token ids. An artifact built without tokenizer.json takes token-id prompts
+    only: `encode` refuses text, and `decode` gives "" (its completions have no text)."""
+
+    def __init__(self, tokenizer: _HFTokenizer | None, eos_token_ids: tuple[int, ...]) -> None:
+        self._tok = tokenizer
+        self.eos_token_ids = eos_token_ids
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        tok = _HFTokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").is_file() else None
+        eos: int | list[int] | None = None
+        if (path / "generation_config.json").is_file():
+            eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(tok, tuple(dict.fromkeys(ids)))
+
+    @property
+    def has_text(self) -> bool:
+        return self._tok is not None
+
+    def encode(self, text: str) -> list[int]:
+        if self._tok is None:
+            raise Qwen3AotError("this artifact has no tokenizer.json, so it takes token-id prompts only "
+                                "(a list of ints); rebuild it from a checkpoint with tokenizer.json for text.")
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True) if self._tok is not None else ""
+
+
+class TextStream:
+    """One request's output text, built token by token, with its stop strings.
+
+    Qwen3's byte-level BPE splits a multi-byte character over several tokens, and decoding
+    part of one gives U+FFFD. So tokens are decoded from the last point where the text was
+    complete, and a piece ending in U+FFFD is held back until a later token completes it (or
+    the request ends: `flush`). `text` is then always whole characters, cut just before the
+    first stop string found. `take` gives what may be shown so far: it holds back the last
+    len(longest stop) - 1 characters, which could still turn into a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self._tokenizer, self._stop = tokenizer, stop
+        self._hold = max(map(len, stop), default=1) - 1
+        self._pending: list[int] = []  # tokens not yet in `text`
+        self._shown = 0
+        self.text = ""
+        self.stopped = False  # a stop string was found
+
+    def push(self, token_id: int) -> bool:
+        """Add one output token; True when the text now reaches a stop string."""
+        self._pending.append(token_id)
+        piece = self._tokenizer.decode(self._pending)
+        if piece.endswith(REPLACEMENT):
+            return False
+        return self._append(piece)
+
+    def flush(self) -> bool:
+        """At the end of the request: decode what is held back, even if incomplete."""
+        return self._append(self._tokenizer.decode(self._pending)) if self._pending else self.stopped
+
+    def take(self, final: bool = False) -> str:
+        """The text not shown before; all of it once `final` or a stop string was found."""
+        end = len(self.text) if final or self.stopped else max(self._shown, len(self.text) - self._hold)
+        piece, self._shown = self.text[self._shown:end], end
+        return piece
+
+    def _append(self, piece: str) -> bool:
+        self._pending = []
+        start = max(0, len(self.text) - self._hold)  # a new stop string ends inside `piece`
+        self.text += piece
+        hits = [i for s in self._stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        return self.stopped

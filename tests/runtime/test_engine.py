@@ -1,0 +1,301 @@
+"""The engine on the CPU artifact of the trained fixture: greedy output identical to
+transformers alone and continuously batched, chunked prefill, preemption, sampling with
+seeds, stop strings, eos, cancellation and streaming of non-ASCII text."""
+
+import contextlib
+import dataclasses
+import functools
+import gc
+import json
+import shutil
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from conftest import FIXTURE
+from qwen3_aot import runtime
+from qwen3_aot.runtime import SamplingParams
+
+MAX_NEW = 32
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+TEXT = (FIXTURE / "train_text.txt").read_text()
+
+
+def prompts(n: int = 16) -> list[str]:
+    """Slices of the training text, 3 to 95 tokens, cut before a space (the BPE attaches
+    spaces to the next word), so that the trained model continues them with clear margins."""
+    return [TEXT[s:TEXT.index(" ", s + 6 + 13 * k)] for k, s in enumerate(range(1500, 59000, 59000 // n))][:n]
+
+
+@functools.cache
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
+
+
+def decode(ids: list[int]) -> str:
+    return tokenizer().decode(ids)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    return runtime.load(tiny_artifact, num_blocks=200)  # room for all 16 at once: no preemption
+
+
+@pytest.fixture(scope="module")
+def hf_greedy() -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (stopping at eos, as ours does)."""
+    from transformers import Qwen3ForCausalLM
+
+    hf = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype=torch.float32).eval()
+    out = []
+    for p in prompts():
+        ids = tokenizer().encode(p).ids
+        out.append(hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW)[0, len(ids):].tolist())
+    assert len({tuple(o) for o in out}) == len(out)
+    return out
+
+
+def test_greedy_alone_is_transformers_greedy(engine, hf_greedy):
+    for p, want in zip(prompts(), hf_greedy):
+        c = engine.generate(p, GREEDY)[0]
+        assert c.token_ids == want and c.output_tokens == len(want)
+        assert c.finish_reason == "length" and c.text == decode(want)
+        assert c.prompt_tokens == len(tokenizer().encode(p).ids)
+    assert engine.num_free_blocks == engine.cache.num_blocks - 1
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Wraps a scheduler's schedule() to keep what each step fed: (first position, tokens, length)."""
+    def wrap(engine):
+        steps = []
+        schedule = engine.scheduler.schedule
+
+        def recording():
+            batch = schedule()
+            steps.append([(seq.num_computed, n, len(seq.token_ids)) for seq, n in batch])
+            return batch
+
+        monkeypatch.setattr(engine.scheduler, "schedule", recording)
+        return steps
+    return wrap
+
+
+def arrive_and_run(engine, max_tokens: list[int]) -> list:
+    """16 requests that arrive over the first steps (1, 2, 3, ... per step) and leave when done."""
+    pending = list(zip(prompts(), max_tokens))
+    requests, step = [], 0
+    while pending or engine.has_unfinished():
+        for _ in range(min(step + 1, len(pending))):
+            p, m = pending.pop(0)
+            requests.append(engine.add_request(p, dataclasses.replace(GREEDY, max_tokens=m)))
+        engine.step()
+        step += 1
+    return requests
+
+
+def check_batched(engine, hf_greedy, steps):
+    max_tokens = [MAX_NEW - 8 * (k % 3) for k in range(16)]  # they also leave at different steps
+    requests = arrive_and_run(engine, max_tokens)
+    for r, want, m in zip(requests, hf_greedy, max_tokens):
+        assert r.completion().token_ids == want[:m]
+    assert max(len(b) for b in steps) >= 8  # many sequences did share steps
+    mixed = [b for b in steps if any(n == 1 and start + 1 == length for start, n, length in b)
+             and any(n > 1 for _, n, _ in b)]
+    assert mixed  # prefills and decodes in one step
+    assert not engine.has_unfinished() and engine.num_free_blocks == engine.cache.num_blocks - 1
+
+
+def test_continuous_batching_does_not_change_greedy(engine, hf_greedy, recorded):
+    check_batched(engine, hf_greedy, recorded(engine))
+    assert engine.scheduler.num_preemptions == 0
+
+
+def test_chunked_prefill_does_not_change_greedy(tiny_artifact, hf_greedy, recorded):
+    small_steps = runtime.load(tiny_artifact, num_blocks=200, max_num_batched_tokens=24)
+    steps = recorded(small_steps)
+    check_batched(small_steps, hf_greedy, steps)
+    assert any(start > 0 and n > 1 for b in steps for start, n, _ in b)  # a prompt continued in a later step
+
+
+def test_preemption_completes_every_request_with_the_same_output(tiny_artifact, hf_greedy):
+    small = runtime.load(tiny_artifact, num_blocks=17)  # 256 tokens for 16 requests of up to 127
+    out = small.generate(prompts(), GREEDY)
+    assert small.scheduler.num_preemptions > 0
+    assert [c.token_ids for c in out] == hf_greedy
+    assert small.num_free_blocks == 16 and not small.has_unfinished()
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(engine):
+    p = prompts()[5]
+    hot = SamplingParams(max_tokens=24, temperature=2.0, seed=7)
+    alone = engine.generate(p, hot)[0].token_ids
+    assert engine.generate(p, hot)[0].token_ids == alone
+    torch.manual_seed(123)  # the global RNG plays no part
+    mates = [SamplingParams(max_tokens=30, temperature=1.0), SamplingParams(max_tokens=5, top_k=3, temperature=2.0),
+             hot, GREEDY, dataclasses.replace(hot, seed=8, top_p=0.9)]
+    batched = engine.generate([prompts()[0], prompts()[9], p, prompts()[2], p], mates)
+    assert batched[2].token_ids == alone
+    by_seed = {tuple(engine.generate(p, dataclasses.replace(hot, seed=s))[0].token_ids) for s in range(4)}
+    assert len(by_seed) > 1  # it does sample
+
+
+def test_top_k_1_is_greedy(engine, hf_greedy):
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=1.5, top_k=1, seed=3)
+    assert [c.token_ids for c in engine.generate(prompts()[:4], params)] == hf_greedy[:4]
+
+
+def test_logprobs_are_the_models_log_softmax(engine):
+    from transformers import Qwen3ForCausalLM
+
+    ids = tokenizer().encode(prompts()[3]).ids
+    c = engine.generate(ids, SamplingParams(max_tokens=8, temperature=1.0, seed=1, logprobs=True))[0]
+    hf = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + c.token_ids])).logits[0, len(ids) - 1:-1]
+    want = torch.log_softmax(logits, -1)[torch.arange(8), torch.tensor(c.token_ids)]
+    assert len(c.logprobs) == 8 and torch.allclose(torch.tensor(c.logprobs), want, atol=1e-4)
+    assert engine.generate(ids, SamplingParams(max_tokens=2))[0].logprobs is None
+
+
+@pytest.mark.parametrize("span", ["tokens", "mid-token"])
+def test_stop_string_cuts_the_text_exactly(engine, span):
+    p = prompts()[6]
+    full = engine.generate(p, GREEDY)[0]
+    if span == "tokens":  # exactly the text of output tokens 6..8
+        stop = decode(full.token_ids[6:9])
+    else:  # starts and ends inside tokens
+        stop = full.text[len(decode(full.token_ids[:6])) + 1:len(decode(full.token_ids[:9])) - 1]
+    assert len(stop) >= 3
+    want = full.text[:full.text.index(stop)]
+    params = dataclasses.replace(GREEDY, stop=("never seen", stop))
+    c = engine.generate(p, params)[0]
+    assert c.text == want and c.finish_reason == "stop"
+    assert 6 < len(c.token_ids) < MAX_NEW and c.token_ids == full.token_ids[:len(c.token_ids)]
+    assert stop in decode(c.token_ids) and stop not in decode(c.token_ids[:-1])  # stopped at the first chance
+    assert "".join(engine.stream(p, params)) == want
+
+
+def test_stop_token_ids_end_the_request(engine, hf_greedy):
+    want = hf_greedy[7]
+    stop_token = want[5]
+    k = want.index(stop_token)
+    c = engine.generate(prompts()[7], dataclasses.replace(GREEDY, stop_token_ids=(stop_token,)))[0]
+    assert c.token_ids == want[:k + 1] and c.finish_reason == "stop"
+    assert c.text == decode(want[:k])  # the stop token is not in the text
+
+
+def test_eos_from_generation_config_and_ignore_eos(tiny_artifact, hf_greedy, tmp_path):
+    art = shutil.copytree(tiny_artifact, tmp_path / "eos")
+    want = hf_greedy[4]
+    eos = want[10]
+    (art / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, eos]}))
+    eng = runtime.load(art, verify_files=False, num_blocks=20)
+    c = eng.generate(prompts()[4], GREEDY)[0]
+    k = want.index(eos)
+    assert c.token_ids == want[:k + 1] and c.finish_reason == "stop" and c.text == decode(want[:k])
+    assert eng.generate(prompts()[4], dataclasses.replace(GREEDY, ignore_eos=True))[0].token_ids == want
+
+
+def test_closing_a_stream_cancels_it_and_frees_its_blocks(engine, hf_greedy):
+    start = engine.num_free_blocks
+    s = engine.stream(prompts()[10], GREEDY)
+    assert engine.num_free_blocks == start  # nothing happens before the first next()
+    next(s), next(s)
+    assert engine.num_free_blocks < start and engine.has_unfinished()
+    s.close()
+    assert engine.num_free_blocks == start and not engine.has_unfinished()
+    # a stream dropped half-read is cancelled too; one read in turn with it runs to its end
+    a, b = engine.stream(prompts()[11], GREEDY), engine.stream(prompts()[12], GREEDY)
+    pieces = [next(b)]
+    next(a)
+    del a
+    gc.collect()
+    pieces += list(b)
+    assert "".join(pieces) == decode(hf_greedy[12])
+    assert engine.num_free_blocks == start and not engine.has_unfinished()
+
+
+def test_streaming_never_splits_a_character(engine):
+    end = TEXT.index(" “starred”")  # the model continues with the curly quotes, 2 tokens each
+    p = TEXT[TEXT.rindex("\n", 0, end - 30):end]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    c = engine.generate(p, params)[0]
+    assert "“starred”" in c.text
+    assert any("\ufffd" in decode([t]) for t in c.token_ids)  # a character did span tokens
+    pieces = list(engine.stream(p, params))
+    assert all("\ufffd" not in piece for piece in pieces) and "".join(pieces) == c.text
+
+
+def test_stream_returns_the_completion(engine):
+    s = engine.stream(prompts()[1], SamplingParams(max_tokens=5, temperature=0))
+    pieces = []
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            pieces.append(next(s))
+    c = stop.value.value
+    assert c.text == "".join(pieces) and c.output_tokens == 5 and c.finish_reason == "length"
+
+
+class FakeGraph:
+    """A CPU stand-in for torch.cuda.CUDAGraph with its semantics: capture records the call
+    on fixed buffers, replay reruns it on whatever they hold now, into the captured output."""
+
+    capturing = None
+    replays = 0
+
+    def pool(self):
+        return None
+
+    def replay(self):
+        FakeGraph.replays += 1
+        self.out.copy_(self.forward(*self.args))
+
+
+@contextlib.contextmanager
+def fake_capture(graph, pool=None):
+    FakeGraph.capturing = graph
+    yield
+    FakeGraph.capturing = None
+
+
+def test_decode_graph_inputs_and_padding_on_cpu(tiny_artifact, hf_greedy, monkeypatch):
+    """DecodeGraphs' static buffers, padding to the captured sizes and the reserved block,
+    with the graph emulated on CPU (real CUDA graphs need a GPU: scripts/gpu_check.sh)."""
+    from qwen3_aot.runtime.engine import DecodeGraphs
+    from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    eng = runtime.load(tiny_artifact, num_blocks=200, max_num_seqs=6)
+
+    def forward(*args):
+        out = eng.forward(*args)
+        if FakeGraph.capturing is not None:
+            g = FakeGraph.capturing
+            g.forward, g.args, g.out = eng.forward, args, out
+        return out
+
+    graphs = DecodeGraphs(forward, eng.cache, 6, 512 // eng.block_size, torch.device("cpu"))
+    assert graphs.sizes == [1, 2, 4, 6]
+    batch_sizes = []
+
+    def decode_step(ids, pos, tables):
+        batch_sizes.append(len(ids))
+        logits = graphs(ids, pos, tables)
+        n, b = len(ids), next(s for s in graphs.sizes if s >= len(ids))
+        # padding rows: position 0 of the reserved block, never a live sequence's block
+        assert (graphs.tables[n:b, 0] == RESERVED_BLOCK).all() and (graphs.pos[n:b] == 0).all()
+        return logits
+
+    eng.graphs = decode_step
+    decode_step.max_batch = graphs.max_batch
+    FakeGraph.replays = 0
+    max_tokens = [MAX_NEW - 3 * (k % 5) for k in range(16)]  # leaving at different steps: odd batch sizes
+    requests = arrive_and_run(eng, max_tokens)
+    assert [r.completion().token_ids for r in requests] == [w[:m] for w, m in zip(hf_greedy, max_tokens)]
+    assert FakeGraph.replays == len(batch_sizes) > MAX_NEW
+    assert {3, 5} & set(batch_sizes)  # padded to 4 or 6, the padding rows decoding into the reserved block

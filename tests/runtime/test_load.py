@@ -1,0 +1,136 @@
+"""runtime.load() and what it refuses; bad requests get our error and the engine keeps
+serving; the runtime stays lean; the generate command."""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HAS_CUDA
+from qwen3_aot import Qwen3AotError, runtime
+from qwen3_aot.cli import main as cli
+from qwen3_aot.runtime import SamplingParams
+
+PROMPT = "The extended form, \"assert expression1,"
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    return runtime.load(tiny_artifact, num_blocks=9)  # 128 tokens of cache; max_model_len is 512
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact, tmp_path):
+    return shutil.copytree(tiny_artifact, tmp_path / "copy")
+
+
+def test_importing_the_runtime_imports_neither_transformers_nor_triton():
+    code = ("import sys; import qwen3_aot.runtime; from qwen3_aot.runtime import Engine, SamplingParams, load;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'triton') or m.startswith("
+            "('qwen3_aot.model', 'qwen3_aot.custom_ops', 'qwen3_aot.build', 'torch._inductor', 'torch._dynamo'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
+
+
+BAD_REQUESTS = {
+    "empty text": lambda e: e.generate(""),
+    "empty ids": lambda e: e.generate([[]]),
+    "no prompts": lambda e: e.generate([]),
+    "negative id": lambda e: e.generate([[5, -1]]),
+    "id past the vocab": lambda e: e.generate([[5, 512]]),
+    "not a prompt": lambda e: e.generate([3.5]),
+    "longer than max_model_len": lambda e: e.generate("x", dataclasses.replace(GREEDY, max_tokens=600)),
+    "longer than the cache": lambda e: e.generate("x", dataclasses.replace(GREEDY, max_tokens=200)),
+    "max_tokens 0": lambda e: e.generate("x", SamplingParams(max_tokens=0)),
+    "top_p 0": lambda e: e.generate("x", SamplingParams(top_p=0)),
+    "top_p > 1": lambda e: e.generate("x", SamplingParams(top_p=1.01)),
+    "params not SamplingParams": lambda e: e.generate("x", {"max_tokens": 3}),
+    "params count": lambda e: e.generate(["x", "y"], [GREEDY]),
+    "stream, empty": lambda e: e.stream(""),
+    "one bad in a batch": lambda e: e.generate(["fine", ""], GREEDY),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_request_is_refused_and_the_engine_keeps_serving(engine, bad):
+    want = engine.generate(PROMPT, GREEDY)[0]
+    free = engine.num_free_blocks
+    with pytest.raises(Qwen3AotError):
+        bad(engine)
+    assert engine.num_free_blocks == free and not engine.has_unfinished()
+    assert engine.generate(PROMPT, GREEDY)[0] == want
+
+
+def test_a_request_that_fills_the_cache_exactly_is_served(engine):
+    ids = list(range(2, 100))
+    c = engine.generate([ids], dataclasses.replace(GREEDY, max_tokens=engine.cache.capacity - len(ids)))[0]
+    assert c.output_tokens + c.prompt_tokens == 128 == engine.cache.capacity
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: shutil.rmtree(p), "does not exist"),
+    (lambda p: (p / "weights.safetensors").write_bytes(b"x" * 100), "checksum"),
+    (lambda p: (p / "tokenizer.json").write_text("{}"), "checksum"),
+    (lambda p: (p / "model.pt2").unlink(), "missing"),
+    (lambda p: edit_manifest(p, lambda m: m["graphs"].pop("forward")), "no pt2 graph"),
+])
+def test_load_refuses_a_bad_artifact(artifact_copy, damage, needle):
+    damage(artifact_copy)
+    with pytest.raises(Qwen3AotError, match=needle):
+        runtime.load(artifact_copy)
+
+
+def edit_manifest(path, fn):
+    man = json.loads((path / "manifest.json").read_text())
+    fn(man)
+    (path / "manifest.json").write_text(json.dumps(man))
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(device="cuda"), "built for cpu" if not HAS_CUDA else "cuda"),
+    (dict(max_num_seqs=0), "max_num_seqs=0"),
+    (dict(max_num_seqs=5000), "max_num_seqs=5000"),
+    (dict(max_num_batched_tokens=10**6), "max_num_batched_tokens"),
+    (dict(num_blocks=1), "at least 2 blocks"),
+    (dict(kv_cache_tokens=0), "kv_cache_tokens"),
+])
+def test_load_refuses_bad_options(tiny_artifact, options, needle):
+    with pytest.raises(Qwen3AotError, match=needle):
+        runtime.load(tiny_artifact, **options)
+
+
+def test_cache_options(tiny_artifact):
+    assert runtime.load(tiny_artifact, kv_cache_tokens=100).cache.capacity >= 100
+    default = runtime.load(tiny_artifact, max_num_seqs=4)  # CPU default: 4 full-length sequences
+    assert default.cache.capacity == 4 * 512 and default.scheduler.max_num_seqs == 4
+
+
+def test_artifact_without_tokenizer_takes_token_ids(artifact_copy):
+    from qwen3_aot import manifest
+
+    (artifact_copy / "tokenizer.json").unlink()
+    man = json.loads((artifact_copy / "manifest.json").read_text())
+    man["tokenizer_files"].remove("tokenizer.json")
+    manifest.write(artifact_copy, {k: v for k, v in man.items() if k != "files"})  # checksums stay valid
+    eng = runtime.load(artifact_copy, num_blocks=9)
+    with pytest.raises(Qwen3AotError, match="token-id prompts only"):
+        eng.generate("hello")
+    with pytest.raises(Qwen3AotError, match="stop strings need a tokenizer"):
+        eng.generate([[5, 6, 7]], dataclasses.replace(GREEDY, stop=("x",)))
+    c = eng.generate([[5, 6, 7]], GREEDY)[0]
+    assert c.text == "" and c.output_tokens == 8
+
+
+def test_generate_command_streams_the_greedy_text(tiny_artifact, engine, capsys):
+    want = engine.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0))[0].text
+    assert cli(["generate", str(tiny_artifact), PROMPT, "--max-tokens", "12"]) == 0
+    assert capsys.readouterr().out == PROMPT + want + "\n"
+    assert cli(["generate", str(tiny_artifact), PROMPT, "--max-tokens", "0"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
+    assert cli(["generate", str(tiny_artifact / "nope"), PROMPT]) == 2
+    assert "does not exist" in capsys.readouterr().err
