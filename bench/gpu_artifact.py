@@ -83,7 +83,7 @@ def main() -> None:
     r["fresh_process"] = child[0] if child else {"error": p.stderr[-3000:]}
     print("fresh process:", r["fresh_process"], flush=True)
     t = time.perf_counter()
-    p2 = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+    subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
     r["python_import_torch_s"] = time.perf_counter() - t
 
     # parity: loaded artifact vs eager (same process), prefill + paged decode, and vs float64
@@ -116,7 +116,7 @@ def main() -> None:
     fp = r["fresh_process"]
     print(f"\n{r['gpu']}, torch {r['torch']}, Qwen3-0.6B shape{f' ({a.layers} layers)' if a.layers else ''}, bf16")
     print(f"build (export+compile+package+verify)  {r['build_s']:.1f} s")
-    print(f"artifact                               " + ", ".join(f"{k} {v:.1f} MB" for k, v in r["artifact_MB"].items()))
+    print("artifact                               " + ", ".join(f"{k} {v:.1f} MB" for k, v in r["artifact_MB"].items()))
     if "error" in fp:
         print("fresh process FAILED:", fp["error"][-1500:])
     else:

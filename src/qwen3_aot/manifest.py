@@ -62,9 +62,8 @@ def read(artifact: str | Path, verify_files: bool = True, compiled: bool = True)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise Qwen3AotError(f"{artifact} has format version {manifest.get('format_version')}; this qwen3-aot reads "
                             f"version {FORMAT_VERSION}. Rebuild it with this version's scripts/export.py.")
-    built = manifest["build_env"]
     if compiled:
-        _check_compiled_env(artifact, manifest, built)
+        check_compiled(artifact, manifest)
     if verify_files:
         for name, digest in manifest["files"].items():
             f = artifact / name
@@ -76,7 +75,9 @@ def read(artifact: str | Path, verify_files: bool = True, compiled: bool = True)
     return manifest
 
 
-def _check_compiled_env(artifact: Path, manifest: dict[str, Any], built: dict[str, Any]) -> None:
+def check_compiled(artifact: Path, manifest: dict[str, Any]) -> None:
+    """The pt2 graph is machine code for one torch build and one kind of device: refuse others."""
+    built = manifest["build_env"]
     if built["torch"] != torch.__version__:
         raise Qwen3AotError(f"{artifact} was built with torch {built['torch']}, this process has torch "
                             f"{torch.__version__}; compiled graphs are tied to one torch build: rebuild it here.")

@@ -39,12 +39,12 @@ def _open(path: str | Path, device: str | torch.device | None, verify_files: boo
     path = Path(path)
     if not path.is_dir():
         raise Qwen3AotError(f"artifact {path} does not exist; build one with scripts/export.py.")
-    graphs = _manifest.read(path, verify_files=False, compiled=False)["graphs"]
-    if "forward" not in graphs:
-        raise Qwen3AotError(f"{path} holds no pt2 graph (graphs: {sorted(graphs)}); an ONNX-only artifact runs "
+    man = _manifest.read(path, verify_files=verify_files, compiled=False)
+    if "forward" not in man["graphs"]:
+        raise Qwen3AotError(f"{path} holds no pt2 graph (graphs: {sorted(man['graphs'])}); an ONNX-only artifact runs "
                             "with qwen3_aot.runtime.onnx_forward.OnnxForward (not yet wired into the engine). "
                             "Rebuild with --format pt2 (or pt2,onnx) to serve it with runtime.load().")
-    man = _manifest.read(path, verify_files=verify_files)
+    _manifest.check_compiled(path, man)
     try:
         dev = torch.device(device or man["device"])
     except RuntimeError as e:
