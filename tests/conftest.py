@@ -11,6 +11,9 @@ import torch  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-qwen3"
 HAS_CUDA = torch.cuda.is_available()
+# tests/runtime run on the artifact of one device: CPU by default (CI), CUDA when this is
+# cuda (scripts/gpu_check.sh sets it), so that the same tests check real CUDA graphs
+RUNTIME_DEVICE = os.environ.get("QWEN3_AOT_RUNTIME_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +42,23 @@ def tiny_artifact(tmp_path_factory):
 
     return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-fp32", device="cpu",
                            dtype="float32", log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def runtime_artifact(request, tmp_path_factory):
+    """The trained fixture as an fp32 artifact for RUNTIME_DEVICE, built once per test run."""
+    if RUNTIME_DEVICE == "cpu":
+        return request.getfixturevalue("tiny_artifact")
+    from qwen3_aot.build import export_artifact
+
+    return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / f"tiny-fp32-{RUNTIME_DEVICE}",
+                           device=RUNTIME_DEVICE, dtype="float32", log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_artifact(tmp_path_factory):
+    """The trained fixture as a CPU fp32 ONNX-only artifact, built once per test run."""
+    from qwen3_aot.build import export_artifact
+
+    return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-onnx", device="cpu",
+                           dtype="float32", formats=("onnx",), log=lambda _msg: None)

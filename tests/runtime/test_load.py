@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import HAS_CUDA
+from conftest import RUNTIME_DEVICE
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.cli import main as cli
 from qwen3_aot.runtime import SamplingParams
@@ -19,13 +19,13 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_artifact):
-    return runtime.load(tiny_artifact, num_blocks=9)  # 128 tokens of cache; max_model_len is 512
+def engine(runtime_artifact):
+    return runtime.load(runtime_artifact, num_blocks=9)  # 128 tokens of cache; max_model_len is 512
 
 
 @pytest.fixture
-def artifact_copy(tiny_artifact, tmp_path):
-    return shutil.copytree(tiny_artifact, tmp_path / "copy")
+def artifact_copy(runtime_artifact, tmp_path):
+    return shutil.copytree(runtime_artifact, tmp_path / "copy")
 
 
 def test_importing_the_runtime_imports_neither_transformers_nor_triton():
@@ -77,7 +77,7 @@ def test_a_request_that_fills_the_cache_exactly_is_served(engine):
     (lambda p: (p / "weights.safetensors").write_bytes(b"x" * 100), "checksum"),
     (lambda p: (p / "tokenizer.json").write_text("{}"), "checksum"),
     (lambda p: (p / "model.pt2").unlink(), "missing"),
-    (lambda p: edit_manifest(p, lambda m: m["graphs"].pop("forward")), "no pt2 graph"),
+    (lambda p: edit_manifest(p, lambda m: m["graphs"].pop("forward")), "no pt2 or onnx graph"),
 ])
 def test_load_refuses_a_bad_artifact(artifact_copy, damage, needle):
     damage(artifact_copy)
@@ -92,22 +92,26 @@ def edit_manifest(path, fn):
 
 
 @pytest.mark.parametrize("options, needle", [
-    (dict(device="cuda"), "built for cpu" if not HAS_CUDA else "cuda"),
+    (dict(device="cpu" if RUNTIME_DEVICE == "cuda" else "cuda"), f"built for {RUNTIME_DEVICE}"),
     (dict(max_num_seqs=0), "max_num_seqs=0"),
     (dict(max_num_seqs=5000), "max_num_seqs=5000"),
     (dict(max_num_batched_tokens=10**6), "max_num_batched_tokens"),
     (dict(num_blocks=1), "at least 2 blocks"),
     (dict(kv_cache_tokens=0), "kv_cache_tokens"),
 ])
-def test_load_refuses_bad_options(tiny_artifact, options, needle):
+def test_load_refuses_bad_options(runtime_artifact, options, needle):
     with pytest.raises(Qwen3AotError, match=needle):
-        runtime.load(tiny_artifact, **options)
+        runtime.load(runtime_artifact, **options)
 
 
-def test_cache_options(tiny_artifact):
-    assert runtime.load(tiny_artifact, kv_cache_tokens=100).cache.capacity >= 100
-    default = runtime.load(tiny_artifact, max_num_seqs=4)  # CPU default: 4 full-length sequences
-    assert default.cache.capacity == 4 * 512 and default.scheduler.max_num_seqs == 4
+def test_cache_options(runtime_artifact):
+    assert runtime.load(runtime_artifact, kv_cache_tokens=100).cache.capacity >= 100
+    default = runtime.load(runtime_artifact, max_num_seqs=4)
+    assert default.scheduler.max_num_seqs == 4
+    if RUNTIME_DEVICE == "cpu":  # 4 full-length sequences
+        assert default.cache.capacity == 4 * 512
+    else:  # what fits in 90% of the GPU, at most the artifact's block limit
+        assert default.cache.num_blocks * default.cache.k[0][0].nbytes * 2 * len(default.cache.k) > 2**30
 
 
 def test_artifact_without_tokenizer_takes_token_ids(artifact_copy):
@@ -126,11 +130,11 @@ def test_artifact_without_tokenizer_takes_token_ids(artifact_copy):
     assert c.text == "" and c.output_tokens == 8
 
 
-def test_generate_command_streams_the_greedy_text(tiny_artifact, engine, capsys):
+def test_generate_command_streams_the_greedy_text(runtime_artifact, engine, capsys):
     want = engine.generate(PROMPT, SamplingParams(max_tokens=12, temperature=0))[0].text
-    assert cli(["generate", str(tiny_artifact), PROMPT, "--max-tokens", "12"]) == 0
+    assert cli(["generate", str(runtime_artifact), PROMPT, "--max-tokens", "12"]) == 0
     assert capsys.readouterr().out == PROMPT + want + "\n"
-    assert cli(["generate", str(tiny_artifact), PROMPT, "--max-tokens", "0"]) == 2
+    assert cli(["generate", str(runtime_artifact), PROMPT, "--max-tokens", "0"]) == 2
     assert "max_tokens" in capsys.readouterr().err
-    assert cli(["generate", str(tiny_artifact / "nope"), PROMPT]) == 2
+    assert cli(["generate", str(runtime_artifact / "nope"), PROMPT]) == 2
     assert "does not exist" in capsys.readouterr().err
