@@ -22,7 +22,8 @@ def _generate(a: argparse.Namespace) -> None:
 
     params = runtime.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k,
                                     top_p=a.top_p, seed=a.seed, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
-    engine = runtime.load(a.artifact, device=a.device, cuda_graphs=not a.no_cuda_graphs)
+    options = {"cuda_graphs": False} if a.no_cuda_graphs else {}
+    engine = runtime.load(a.artifact, device=a.device, format=a.format, **options)
     print(a.prompt, end="", flush=True)
     for piece in engine.stream(a.prompt, params):
         print(piece, end="", flush=True)
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("artifact")
     ge.add_argument("prompt")
     ge.add_argument("--device", default=None)
+    ge.add_argument("--format", choices=["pt2", "onnx"], default=None,
+                    help="the graph to run (default: pt2 when the artifact has one, else onnx)")
     ge.add_argument("--max-tokens", type=int, default=64)
     ge.add_argument("--temperature", type=float, default=0.0)
     ge.add_argument("--top-k", type=int, default=0)

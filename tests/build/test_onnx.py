@@ -46,8 +46,8 @@ def fixture_model():
 
 
 @pytest.fixture(scope="module")
-def onnx_artifact(tmp_path_factory):
-    return export_artifact(FIXTURE, tmp_path_factory.mktemp("onnx") / "tiny-onnx", dtype="float32", **QUIET)
+def onnx_artifact(tiny_onnx_artifact):
+    return tiny_onnx_artifact
 
 
 @pytest.fixture(scope="module")

@@ -1,59 +1,31 @@
-"""The engine on the CPU artifact of the trained fixture: greedy output identical to
+"""The engine on the artifact of the trained fixture (CPU; CUDA in scripts/gpu_check.sh): greedy output identical to
 transformers alone and continuously batched, chunked prefill, preemption, sampling with
 seeds, stop strings, eos, cancellation and streaming of non-ASCII text."""
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import shutil
 
 import pytest
 import torch
-from tokenizers import Tokenizer
 
-from conftest import FIXTURE
+import reference
+from conftest import FIXTURE, RUNTIME_DEVICE
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
-
-MAX_NEW = 32
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0)
-TEXT = (FIXTURE / "train_text.txt").read_text()
-
-
-def prompts(n: int = 16) -> list[str]:
-    """Slices of the training text, 3 to 95 tokens, cut before a space (the BPE attaches
-    spaces to the next word), so that the trained model continues them with clear margins."""
-    return [TEXT[s:TEXT.index(" ", s + 6 + 13 * k)] for k, s in enumerate(range(1500, 59000, 59000 // n))][:n]
-
-
-@functools.cache
-def tokenizer() -> Tokenizer:
-    return Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
-
-
-def decode(ids: list[int]) -> str:
-    return tokenizer().decode(ids)
+from reference import GREEDY, MAX_NEW, TEXT, decode, prompts, tokenizer
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_artifact):
-    return runtime.load(tiny_artifact, num_blocks=200)  # room for all 16 at once: no preemption
+def engine(runtime_artifact):
+    return runtime.load(runtime_artifact, num_blocks=200)  # room for all 16 at once: no preemption
 
 
 @pytest.fixture(scope="module")
 def hf_greedy() -> list[list[int]]:
-    """transformers' greedy continuation of each prompt (stopping at eos, as ours does)."""
-    from transformers import Qwen3ForCausalLM
-
-    hf = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype=torch.float32).eval()
-    out = []
-    for p in prompts():
-        ids = tokenizer().encode(p).ids
-        out.append(hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW)[0, len(ids):].tolist())
-    assert len({tuple(o) for o in out}) == len(out)
-    return out
+    return reference.hf_greedy()
 
 
 def test_greedy_alone_is_transformers_greedy(engine, hf_greedy):
@@ -112,15 +84,15 @@ def test_continuous_batching_does_not_change_greedy(engine, hf_greedy, recorded)
     assert engine.scheduler.num_preemptions == 0
 
 
-def test_chunked_prefill_does_not_change_greedy(tiny_artifact, hf_greedy, recorded):
-    small_steps = runtime.load(tiny_artifact, num_blocks=200, max_num_batched_tokens=24)
+def test_chunked_prefill_does_not_change_greedy(runtime_artifact, hf_greedy, recorded):
+    small_steps = runtime.load(runtime_artifact, num_blocks=200, max_num_batched_tokens=24)
     steps = recorded(small_steps)
     check_batched(small_steps, hf_greedy, steps)
     assert any(start > 0 and n > 1 for b in steps for start, n, _ in b)  # a prompt continued in a later step
 
 
-def test_preemption_completes_every_request_with_the_same_output(tiny_artifact, hf_greedy):
-    small = runtime.load(tiny_artifact, num_blocks=17)  # 256 tokens for 16 requests of up to 127
+def test_preemption_completes_every_request_with_the_same_output(runtime_artifact, hf_greedy):
+    small = runtime.load(runtime_artifact, num_blocks=17)  # 256 tokens for 16 requests of up to 127
     out = small.generate(prompts(), GREEDY)
     assert small.scheduler.num_preemptions > 0
     assert [c.token_ids for c in out] == hf_greedy
@@ -186,8 +158,8 @@ def test_stop_token_ids_end_the_request(engine, hf_greedy):
     assert c.text == decode(want[:k])  # the stop token is not in the text
 
 
-def test_eos_from_generation_config_and_ignore_eos(tiny_artifact, hf_greedy, tmp_path):
-    art = shutil.copytree(tiny_artifact, tmp_path / "eos")
+def test_eos_from_generation_config_and_ignore_eos(runtime_artifact, hf_greedy, tmp_path):
+    art = shutil.copytree(runtime_artifact, tmp_path / "eos")
     want = hf_greedy[4]
     eos = want[10]
     (art / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, eos]}))
@@ -260,7 +232,8 @@ def fake_capture(graph, pool=None):
     FakeGraph.capturing = None
 
 
-def test_decode_graph_inputs_and_padding_on_cpu(tiny_artifact, hf_greedy, monkeypatch):
+@pytest.mark.skipif(RUNTIME_DEVICE != "cpu", reason="on a CUDA artifact the real graphs are tested")
+def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, monkeypatch):
     """DecodeGraphs' static buffers, padding to the captured sizes and the reserved block,
     with the graph emulated on CPU (real CUDA graphs need a GPU: scripts/gpu_check.sh)."""
     from qwen3_aot.runtime.engine import DecodeGraphs
@@ -270,7 +243,7 @@ def test_decode_graph_inputs_and_padding_on_cpu(tiny_artifact, hf_greedy, monkey
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
     monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    eng = runtime.load(tiny_artifact, num_blocks=200, max_num_seqs=6)
+    eng = runtime.load(runtime_artifact, num_blocks=200, max_num_seqs=6)
 
     def forward(*args):
         out = eng.forward(*args)
@@ -299,3 +272,21 @@ def test_decode_graph_inputs_and_padding_on_cpu(tiny_artifact, hf_greedy, monkey
     assert [r.completion().token_ids for r in requests] == [w[:m] for w, m in zip(hf_greedy, max_tokens)]
     assert FakeGraph.replays == len(batch_sizes) > MAX_NEW
     assert {3, 5} & set(batch_sizes)  # padded to 4 or 6, the padding rows decoding into the reserved block
+
+
+@pytest.mark.skipif(RUNTIME_DEVICE != "cuda", reason="needs a CUDA artifact (QWEN3_AOT_RUNTIME_DEVICE=cuda)")
+def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, hf_greedy):
+    max_tokens = [MAX_NEW - 3 * (k % 5) for k in range(16)]  # leaving at different steps: odd batch sizes
+    outputs = {}
+    for graphs in (True, False):
+        eng = runtime.load(runtime_artifact, num_blocks=200, max_num_seqs=16, cuda_graphs=graphs)
+        assert (eng.graphs is not None) == graphs
+        replays = []
+        if graphs:
+            eng.graphs, replay = eng.graphs, eng.graphs.__call__
+            eng.graphs = type("Counted", (), {"max_batch": eng.graphs.max_batch,
+                                              "__call__": lambda _s, *a: replays.append(len(a[0])) or replay(*a)})()
+        requests = arrive_and_run(eng, max_tokens)
+        outputs[graphs] = [r.completion().token_ids for r in requests]
+        assert len(replays) > MAX_NEW if graphs else not replays
+    assert outputs[True] == outputs[False] == [w[:m] for w, m in zip(hf_greedy, max_tokens)]

@@ -1,6 +1,7 @@
 """What services import: loading an artifact and generating with it, without model code,
 transformers or a JIT compile. `import qwen3_aot.runtime` imports torch, safetensors and
-tokenizers only; a CPU artifact's forward also needs our custom ops, imported when it loads."""
+tokenizers only; a CPU artifact's forward also needs our custom ops, imported when it loads,
+and an ONNX artifact onnxruntime."""
 
 from __future__ import annotations
 
@@ -11,39 +12,69 @@ import torch
 from qwen3_aot import manifest as _manifest
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.compiled import CompiledForward
-from qwen3_aot.runtime.engine import Engine, Request
+from qwen3_aot.runtime.engine import Engine
+from qwen3_aot.runtime.onnx_engine import OnnxEngine
+from qwen3_aot.runtime.requests import Request
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
 
-__all__ = ["CompiledForward", "Completion", "Engine", "Qwen3AotError", "Request", "SamplingParams", "load",
-           "load_forward"]
+__all__ = ["CompiledForward", "Completion", "Engine", "OnnxEngine", "Qwen3AotError", "Request", "SamplingParams",
+           "load", "load_forward"]
+
+
+ENGINE_OPTIONS = {"pt2": {"num_blocks", "kv_cache_tokens", "gpu_memory_utilization", "max_num_seqs",
+                            "max_num_batched_tokens", "cuda_graphs"},
+                  "onnx": {"max_batch_size"}}
 
 
 def load(path: str | Path, device: str | torch.device | None = None, *, verify_files: bool = True,
-         **options) -> Engine:
+         format: str | None = None, **options) -> Engine | OnnxEngine:
     """Check an artifact against this process (format, torch build, device, GPU, the sha256
     of every file) and start an engine on it: weights loaded once, the paged KV cache sized,
-    CUDA graphs captured on a GPU. `options` are Engine's: num_blocks, kv_cache_tokens,
-    gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, cuda_graphs."""
-    path, man, dev = _open(path, device, verify_files)
-    return Engine(path, man, dev, **options)
+    CUDA graphs captured on a GPU.
+
+    format: which graph to serve, "pt2" (an Engine, continuous batching) or "onnx" (an
+    OnnxEngine on onnxruntime, static batching); default pt2 when the artifact has one.
+    `options` are the engine's: for pt2 num_blocks, kv_cache_tokens, gpu_memory_utilization,
+    max_num_seqs, max_num_batched_tokens, cuda_graphs; for onnx max_batch_size."""
+    path, man = _read(path, verify_files)
+    graphs = {"pt2": "forward", "onnx": "onnx"}
+    if format is None:
+        format = next((f for f, g in graphs.items() if g in man["graphs"]), None)
+        if format is None:
+            raise Qwen3AotError(f"{path} holds no pt2 or onnx graph; rebuild it with scripts/export.py.")
+    if format not in graphs:
+        raise Qwen3AotError(f"format {format!r} is not one of {sorted(graphs)}.")
+    if graphs[format] not in man["graphs"]:
+        raise Qwen3AotError(f"{path} holds no {format} graph (it holds {sorted(man['graphs'])}); rebuild it with "
+                            f"--format {format} (or pt2,onnx).")
+    unknown = set(options) - ENGINE_OPTIONS[format]
+    if unknown:
+        raise Qwen3AotError(f"{sorted(unknown)}: not options of the {format} engine, which takes "
+                            f"{sorted(ENGINE_OPTIONS[format])}.")
+    if format == "onnx":
+        return OnnxEngine(path, man, device, **options)
+    return Engine(path, man, _compiled_device(path, man, device), **options)
 
 
 def load_forward(path: str | Path, device: str | torch.device | None = None,
                  run_single_threaded: bool = False, verify_files: bool = True) -> CompiledForward:
     """Check an artifact's manifest against this process and load its compiled forward."""
-    path, man, dev = _open(path, device, verify_files)
-    return CompiledForward(path, man, dev, run_single_threaded)
+    path, man = _read(path, verify_files)
+    if "forward" not in man["graphs"]:
+        raise Qwen3AotError(f"{path} holds no pt2 graph (it holds {sorted(man['graphs'])}); rebuild it with "
+                            "--format pt2 (or pt2,onnx).")
+    return CompiledForward(path, man, _compiled_device(path, man, device), run_single_threaded)
 
 
-def _open(path: str | Path, device: str | torch.device | None, verify_files: bool) -> tuple[Path, dict, torch.device]:
+def _read(path: str | Path, verify_files: bool) -> tuple[Path, dict]:
     path = Path(path)
     if not path.is_dir():
         raise Qwen3AotError(f"artifact {path} does not exist; build one with scripts/export.py.")
-    man = _manifest.read(path, verify_files=verify_files, compiled=False)
-    if "forward" not in man["graphs"]:
-        raise Qwen3AotError(f"{path} holds no pt2 graph (graphs: {sorted(man['graphs'])}); an ONNX-only artifact runs "
-                            "with qwen3_aot.runtime.onnx_forward.OnnxForward (not yet wired into the engine). "
-                            "Rebuild with --format pt2 (or pt2,onnx) to serve it with runtime.load().")
+    return path, _manifest.read(path, verify_files=verify_files, compiled=False)
+
+
+def _compiled_device(path: Path, man: dict, device: str | torch.device | None) -> torch.device:
+    """The device to run the pt2 graph on, which must be the one it was compiled for."""
     _manifest.check_compiled(path, man)
     try:
         dev = torch.device(device or man["device"])
@@ -51,4 +82,4 @@ def _open(path: str | Path, device: str | torch.device | None, verify_files: boo
         raise Qwen3AotError(f"device {device!r} not understood ({e}); use cpu or cuda.") from e
     if dev.type != man["device"]:
         raise Qwen3AotError(f"{path} was built for {man['device']}, not {dev.type}; rebuild it with --device {dev.type}.")
-    return path, man, dev
+    return dev

@@ -10,40 +10,20 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Generator, Union
+from typing import Generator
 
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.compiled import CompiledForward
 from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK, KVCache, block_bytes
+from qwen3_aot.runtime.requests import Prompt, Request, make_request, pair_up
 from qwen3_aot.runtime.sampler import Sampler
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
-from qwen3_aot.runtime.scheduler import Batch, Scheduler, Sequence
-from qwen3_aot.runtime.tokenizer import TextStream, Tokenizer
-
-Prompt = Union[str, list[int]]
+from qwen3_aot.runtime.scheduler import Batch, Scheduler
+from qwen3_aot.runtime.tokenizer import Tokenizer
 CPU_CACHE_BYTES = 1 << 30  # the default KV cache on CPU: 1 GiB, or less if the sequences need less
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class Request:
-    """One prompt's life in the engine: its sequence, parameters, text and logprobs."""
-
-    def __init__(self, seq: Sequence, params: SamplingParams, stop_ids: frozenset[int], text: TextStream,
-                 generator: torch.Generator | None) -> None:
-        self.seq, self.params, self.stop_ids, self.text, self.generator = seq, params, stop_ids, text, generator
-        self.logprobs: list[float] | None = [] if params.logprobs else None
-        self.finish_reason: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def completion(self) -> Completion:
-        out = self.seq.output_ids
-        return Completion(text=self.text.text, token_ids=out, finish_reason=self.finish_reason,
-                          prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs)
 
 
 class Engine:
@@ -88,14 +68,7 @@ class Engine:
                  sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Completions of one prompt (text or token ids) or a list of them, in order; one
         SamplingParams for all or one per prompt. All are checked before any is run."""
-        prompts = [prompts] if _is_one_prompt(prompts) else list(prompts)
-        if not prompts:
-            raise Qwen3AotError("no prompts given: pass a string, a list of token ids, or a list of those.")
-        params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-        if len(params) != len(prompts):
-            raise Qwen3AotError(f"{len(params)} SamplingParams for {len(prompts)} prompts; "
-                                "pass one, or one per prompt.")
-        requests = [self._request(p, s) for p, s in zip(prompts, params)]
+        requests = [self._request(p, s) for p, s in pair_up(prompts, sampling)]
         for r in requests:
             self._add(r)
         try:
@@ -175,59 +148,19 @@ class Engine:
             self.cache.k, self.cache.v)
 
     def _append(self, r: Request, token: int, logprob: float | None) -> None:
-        r.seq.token_ids.append(token)
-        if r.logprobs is not None:
-            r.logprobs.append(logprob)
-        if token in r.stop_ids:  # eos or a stop token: kept in token_ids, not in the text
-            reason = "stop"
-        elif r.text.push(token):
-            reason = "stop"
-        elif r.seq.num_output_tokens == r.params.max_tokens:
-            reason = "length"
-        else:
-            return
-        if r.text.flush():
-            reason = "stop"
-        r.finish_reason = reason
-        self.scheduler.remove(r.seq)
-        del self._requests[r.seq.seq_id]
+        if r.accept(token, logprob):
+            self.scheduler.remove(r.seq)
+            del self._requests[r.seq.seq_id]
 
     # ---- requests ----
 
     def _request(self, prompt: Prompt, params: SamplingParams | None) -> Request:
         """Check a prompt and its parameters (our error, nothing changed if bad) and make its request."""
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise Qwen3AotError(f"sampling must be a SamplingParams, got {type(params).__name__}.")
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt) if prompt else []
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise Qwen3AotError(f"a prompt is a string or a list of token ids (ints), got {type(prompt).__name__}.")
-        if not ids:
-            raise Qwen3AotError("the prompt is empty; give at least one token.")
-        vocab = self.config["vocab_size"]
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise Qwen3AotError(f"token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}.")
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise Qwen3AotError(f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                                f"artifact's max_model_len ({self.max_model_len}); shorten one of them.")
-        if total > self.cache.capacity:
-            raise Qwen3AotError(f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the KV "
-                                f"cache ({self.cache.capacity} tokens); shorten them or load with a larger cache "
-                                "(num_blocks, kv_cache_tokens or gpu_memory_utilization).")
-        if params.stop and not self.tokenizer.has_text:
-            raise Qwen3AotError("stop strings need a tokenizer, and this artifact has no tokenizer.json; "
-                                "use stop_token_ids.")
-        stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else
-                                                                self.tokenizer.eos_token_ids)
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        return Request(Sequence(next(self._ids), ids), params, stop_ids, TextStream(self.tokenizer, params.stop),
-                       generator)
+        limits = [(self.max_model_len, f"the artifact's max_model_len ({self.max_model_len}); shorten one of them"),
+                  (self.cache.capacity, f"the KV cache ({self.cache.capacity} tokens); shorten them or load with a "
+                                        "larger cache (num_blocks, kv_cache_tokens or gpu_memory_utilization)")]
+        return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"], limits,
+                            self.device)
 
     def _add(self, request: Request) -> None:
         self._requests[request.seq.seq_id] = request
@@ -333,11 +266,6 @@ class DecodeGraphs:
         self.tables[n:b, 0] = RESERVED_BLOCK  # a padding row reads and writes only block 0
         self.graphs[b].replay()
         return self.logits[b][:n]
-
-
-def _is_one_prompt(prompts: object) -> bool:
-    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
-                                        and all(isinstance(t, int) for t in prompts))
 
 
 def _within(name: str, value: int | None, default: int, limit: int, build_option: str) -> int:

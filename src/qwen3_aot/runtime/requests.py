@@ -1,0 +1,101 @@
+"""A request's life, shared by both engines: checking a prompt and its parameters, then
+taking its tokens one by one until eos, a stop token or string, or max_tokens."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.sampling import Completion, SamplingParams
+from qwen3_aot.runtime.scheduler import Sequence
+from qwen3_aot.runtime.tokenizer import TextStream, Tokenizer
+
+Prompt = Union[str, list[int]]
+
+
+class Request:
+    """One prompt's life in an engine: its sequence, parameters, text and logprobs."""
+
+    def __init__(self, seq: Sequence, params: SamplingParams, stop_ids: frozenset[int], text: TextStream,
+                 generator: torch.Generator | None) -> None:
+        self.seq, self.params, self.stop_ids, self.text, self.generator = seq, params, stop_ids, text, generator
+        self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, token: int, logprob: float | None) -> bool:
+        """Take the next token; True when it ends the request (finish_reason is then set)."""
+        self.seq.token_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        if token in self.stop_ids:  # eos or a stop token: kept in token_ids, not in the text
+            reason = "stop"
+        elif self.text.push(token):
+            reason = "stop"
+        elif self.seq.num_output_tokens == self.params.max_tokens:
+            reason = "length"
+        else:
+            return False
+        if self.text.flush():
+            reason = "stop"
+        self.finish_reason = reason
+        return True
+
+    def completion(self) -> Completion:
+        out = self.seq.output_ids
+        return Completion(text=self.text.text, token_ids=out, finish_reason=self.finish_reason,
+                          prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs)
+
+
+def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tokenizer: Tokenizer, vocab_size: int,
+                 limits: list[tuple[int, str]], device: torch.device) -> Request:
+    """Check a prompt and its parameters (our error if bad) and make its request. `limits`:
+    (most tokens, what sets it and how to raise it) that prompt + max_tokens must stay within."""
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise Qwen3AotError(f"sampling must be a SamplingParams, got {type(params).__name__}.")
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt) if prompt else []
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise Qwen3AotError(f"a prompt is a string or a list of token ids (ints), got {type(prompt).__name__}.")
+    if not ids:
+        raise Qwen3AotError("the prompt is empty; give at least one token.")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise Qwen3AotError(f"token ids must be in [0, {vocab_size}), got {min(ids)}..{max(ids)}.")
+    total = len(ids) + params.max_tokens
+    for most, what in limits:
+        if total > most:
+            raise Qwen3AotError(f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds {what}.")
+    if params.stop and not tokenizer.has_text:
+        raise Qwen3AotError("stop strings need a tokenizer, and this artifact has no tokenizer.json; "
+                            "use stop_token_ids.")
+    stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else tokenizer.eos_token_ids)
+    generator = None
+    if params.seed is not None and not params.greedy:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    return Request(Sequence(seq_id, ids), params, stop_ids, TextStream(tokenizer, params.stop), generator)
+
+
+def pair_up(prompts: Prompt | list[Prompt],
+            sampling: SamplingParams | list[SamplingParams] | None) -> list[tuple[Prompt, SamplingParams | None]]:
+    """generate()'s arguments as (prompt, params) pairs: one prompt or many, one
+    SamplingParams for all or one per prompt."""
+    prompts = [prompts] if _is_one_prompt(prompts) else list(prompts)
+    if not prompts:
+        raise Qwen3AotError("no prompts given: pass a string, a list of token ids, or a list of those.")
+    params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+    if len(params) != len(prompts):
+        raise Qwen3AotError(f"{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt.")
+    return list(zip(prompts, params))
+
+
+def _is_one_prompt(prompts: object) -> bool:
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+                                        and all(isinstance(t, int) for t in prompts))
