@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import rel_err
+from qwen3_aot.custom_ops import paged_attention as attention
 from qwen3_aot.custom_ops.paged_attention import paged_attention_reference, paged_attention_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -53,22 +54,38 @@ CASES = {
     "one-past-boundary": (8, 2, 64, 16, [0, 32], [33, 1]),
     "block-256-hd256": (2, 1, 256, 256, [3], [2]),
     "block-4-spans-tiles": (4, 2, 32, 4, [70, 0], [1, 9]),
+    "chunk-after-context": (4, 2, 64, 32, [100, 0], [40, 70]),  # a prompt's second chunk, and a new one
+    "decode-batch-long": (8, 1, 128, 64, [300, 129, 511], [1, 1, 1]),  # group 8; ends on / past a block
+    "block-128-hd64-mha": (4, 4, 64, 128, [127, 128], [1, 2]),
+    "group-5": (10, 2, 64, 16, [33, 0], [1, 20]),  # Qwen3-14B's 40/8: a group that is not a power of two
+}
+
+
+# which kernels run: (SPLIT_TOKENS, SPLIT_PROGRAMS); the cases are small, so these are forced
+PATHS = {
+    "split": (256, 1024),          # the default for small batches: a few splits per token
+    "many-splits": (256, 1 << 20),  # a split per BLOCK_N keys: the combine merges many partials
+    "tiles": (0, 1024),            # the prefill tiles for every batch, runs of several sequences per tile
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_paged_attention_matches_float64(impl, case, dtype, kernel_device):
-    if impl == "triton" and dtype not in KERNEL_DTYPES:
+@pytest.mark.parametrize("impl", ["triton-" + p for p in PATHS] + ["reference"])
+def test_paged_attention_matches_float64(impl, case, dtype, kernel_device, monkeypatch):
+    if impl != "reference" and dtype not in KERNEL_DTYPES:
         pytest.skip("bf16 tl.dot is wrong under the Triton interpreter; covered on the GPU")
-    device = kernel_device if impl == "triton" else "cpu"
+    if impl != "reference":
+        split_tokens, split_programs = PATHS[impl.removeprefix("triton-")]
+        monkeypatch.setattr(attention, "SPLIT_TOKENS", split_tokens)
+        monkeypatch.setattr(attention, "SPLIT_PROGRAMS", split_programs)
+    device = "cpu" if impl == "reference" else kernel_device
     args = _batch(*CASES[case], dtype=dtype, device=device, seed=len(case))
     q, k, v, k_cache, v_cache, positions, seq_ids, table, scale = args
     oracle_args = [a.double().cpu() for a in (q, k, v, k_cache, v_cache)] + [positions.cpu(), seq_ids.cpu(),
                                                                             table.cpu(), scale]
     want = paged_attention_reference(*oracle_args)
-    fn = paged_attention_triton if impl == "triton" else paged_attention_reference
+    fn = paged_attention_reference if impl == "reference" else paged_attention_triton
     got = fn(*args)
     assert got.shape == q.shape and got.dtype == dtype
     assert rel_err(got, want) <= TOL[dtype]

@@ -15,18 +15,25 @@
     For token t of sequence s at position p, query head h, kv head h // (Hq/Hkv):
         scores_j = scale * q[t, h] . K_s[j]        for j = 0..p (causal)
         out[t, h] = sum_j softmax(scores)_j V_s[j]
-    Scores, softmax and the P.V product in fp32 (K reaches ~220 with Qwen3's
-    k_norm, so an fp16 score would overflow); the probabilities are not rounded
-    to bf16 before P.V as flash attention does: that rounding alone made our
-    bf16 logits drift further from float64 than transformers' on CPU. One
-    rounding, of the output.
+    Scores and softmax in fp32 (K reaches ~220 with Qwen3's k_norm, so an fp16
+    score would overflow). For bf16/fp16 the P.V product takes P in fp16 (11
+    significant bits, 8x finer than the bf16 flash attention uses: rounding P to
+    bf16 alone made our bf16 logits drift further from float64 than
+    transformers' on CPU) and V in fp16 (exact for bf16 values of magnitude
+    6e-5..65504; Qwen3's V are far inside), accumulated in fp32; fp32 inputs stay
+    fp32 throughout. One rounding, of the output.
 
-The write happens first, so a prefill's tokens see each other. Triton: one
-kernel writes the new k/v; one program per (token, kv head) then streams the
-sequence's keys in tiles of BLOCK_N (each key finds its block in the table,
-so any block size works) with an online softmax, the query heads of a group
-sharing each K/V load (padded to 16 rows for tl.dot). Correct for any mix;
-speed for long contexts is the later flash-decoding / prefill-tile work.
+The write happens first, so a prefill's tokens see each other. Triton, three
+kernels after the write, each key finding its block in the table (any block
+size); every kernel is launched and the ones not meant for this batch return at once:
+- a batch of at most SPLIT_TOKENS tokens (decode, small mixed steps): one
+  program per (token, kv head, split), flash-decoding: the keys of a long
+  context are split over NUM_SPLITS programs (more the fewer tokens there are,
+  so that batch 1 at 32k still fills the GPU), whose partial softmaxes a
+  combine kernel merges; the query heads of a group share each K/V load;
+- a larger batch (prefill): one program per (tile of BLOCK_M tokens, kv head),
+  flash attention with the tile's queries (times their group's heads) sharing
+  each K/V tile; a tile spanning several sequences takes them in turn.
 """
 
 from __future__ import annotations
@@ -52,47 +59,159 @@ def _cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, seq_ptr, bt_ptr, 
     tl.store(vc_ptr + dst, tl.load(v_ptr + src))
 
 
+SPLIT_TOKENS = 256     # batches up to this many tokens take the split (decode) kernels, larger ones the tiles
+SPLIT_PROGRAMS = 1024  # (token, kv head, split) programs the split kernels aim for
+LOG2E = 1.4426950408889634
+
+
 @triton.jit
-def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_stride, SCALE: tl.constexpr,
-                      BS: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                      G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
+def _scores(q, k, qk_scale, FP32: tl.constexpr):
+    """q [M, D] . k [N, D]^T in fp32, times scale * log2(e) (the softmax uses exp2)."""
+    if FP32:
+        return tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    return tl.dot(q, tl.trans(k)) * qk_scale  # bf16/fp16 products are exact in fp32, accumulated in fp32
+
+
+@triton.jit
+def _pv(p, v, FP32: tl.constexpr):
+    """P [M, N] fp32 . V [N, D], accumulated in fp32 (P and V in fp16 unless fp32: see the docstring)."""
+    if FP32:
+        return tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    return tl.dot(p.to(tl.float16), v.to(tl.float16))
+
+
+@triton.jit
+def _online_softmax_step(qk, m, l, acc, v, FP32: tl.constexpr):
+    """Fold one tile of masked scores (-inf where masked; a row may be all -inf) into (m, l, acc)."""
+    m_new = tl.maximum(m, tl.max(qk, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row so far: no NaN from -inf - -inf
+    p = tl.exp2(qk - m_ref[:, None])
+    alpha = tl.exp2(m - m_ref)
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _pv(p, v, FP32)
+    return m_new, l, acc
+
+
+@triton.jit
+def _split_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, seq_ptr, bt_ptr, bt_stride,
+                  num_tokens, split_tokens, num_splits, QK_SCALE: tl.constexpr, BS: tl.constexpr, HQ: tl.constexpr,
+                  HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, FP32: tl.constexpr):
+    """Program (token, kv head, split): the split's share of the token's keys for the
+    group's query heads; the whole answer if num_splits == 1, else a partial for _combine_kernel."""
+    if num_tokens > split_tokens:
+        return
     t = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
-    group: tl.constexpr = HQ // HKV
+    split = tl.program_id(2)
+    ctx = tl.load(pos_ptr + t) + 1
+    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    if lo >= ctx:  # a short context needs fewer splits; _combine_kernel skips this one
+        return
+    hi = tl.minimum(lo + chunk, ctx)
+    seq = tl.load(seq_ptr + t).to(tl.int64)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
     n = tl.arange(0, BLOCK_N)
-    rows = (t * HQ + kvh * group + g)[:, None] * D + d[None, :]
-    q = tl.load(q_ptr + rows, mask=(g < group)[:, None], other=0.0)
-    pos = tl.load(pos_ptr + t)
-    seq = tl.load(seq_ptr + t).to(tl.int64)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + (t * HQ + heads)[:, None] * D + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for start in range(0, pos + 1, BLOCK_N):
-        j = start + n  # key positions of this tile; each looks up its own block (any block size)
-        valid = j <= pos
+    for start in range(lo, hi, BLOCK_N):
+        j = start + n
+        valid = j < hi
         blk = tl.load(bt_ptr + seq * bt_stride + j // BS, mask=valid, other=0).to(tl.int64)
         kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
         k = tl.load(kc_ptr + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(vc_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
-        if FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:  # bf16/fp16 products are exact in fp32, and the dot accumulates in fp32
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * SCALE, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
-        # P.V with p kept in fp32 (tf32x3 is fp32-accurate on the tensor cores)
-        if FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
-        m = m_new
-    out = acc / l[:, None]
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=(g < group)[:, None])
+        v = tl.load(vc_ptr + kv_off, mask=valid[:, None], other=0.0)
+        qk = tl.where(valid[None, :], _scores(q, k, QK_SCALE, FP32), float("-inf"))
+        m, l, acc = _online_softmax_step(qk, m, l, acc, v, FP32)
+    rows = g < GROUP
+    if num_splits == 1:
+        out = acc / l[:, None]
+        tl.store(out_ptr + (t * HQ + heads)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=rows[:, None])
+    else:
+        part = (t * num_splits + split) * HQ + heads
+        tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=rows[:, None])
+        tl.store(part_ml_ptr + 2 * part, m, mask=rows)
+        tl.store(part_ml_ptr + 2 * part + 1, l, mask=rows)
+
+
+@triton.jit
+def _combine_kernel(out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, num_tokens, split_tokens, num_splits,
+                    HQ: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (token, query head): merge the partial softmaxes of the splits that ran."""
+    if (num_tokens > split_tokens) | (num_splits == 1):
+        return
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    ctx = tl.load(pos_ptr + t) + 1
+    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    ran = tl.cdiv(ctx, chunk)
+    base = t * num_splits * HQ + h
+    m_max = tl.load(part_ml_ptr + 2 * base)
+    for i in range(1, ran):
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + 2 * (base + i * HQ)))
+    d = tl.arange(0, D)
+    w = tl.exp2(tl.load(part_ml_ptr + 2 * base) - m_max)
+    l_sum = w * tl.load(part_ml_ptr + 2 * base + 1)
+    acc = w * tl.load(part_acc_ptr + base * D + d)
+    for i in range(1, ran):
+        part = base + i * HQ
+        w = tl.exp2(tl.load(part_ml_ptr + 2 * part) - m_max)
+        l_sum += w * tl.load(part_ml_ptr + 2 * part + 1)
+        acc += w * tl.load(part_acc_ptr + part * D + d)
+    tl.store(out_ptr + (t * HQ + h) * D + d, (acc / l_sum).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _tile_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_stride, num_tokens, split_tokens,
+                 QK_SCALE: tl.constexpr, BS: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                 GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 FP32: tl.constexpr):
+    """Program (tile of BLOCK_M tokens, kv head): rows are (token, head of the group). The
+    tile's tokens are taken one sequence (a contiguous run) at a time, each run streaming
+    its sequence's keys up to its last position, causally masked per row."""
+    if num_tokens <= split_tokens:
+        return
+    kvh = tl.program_id(1)
+    t0 = tl.program_id(0) * BLOCK_M
+    r = tl.arange(0, BLOCK_M * G_PAD)
+    tok = t0 + r // G_PAD
+    g = r % G_PAD
+    in_batch = tok < num_tokens
+    row_ok = in_batch & (g < GROUP)
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    rows_off = (tok.to(tl.int64) * HQ + kvh * GROUP + g)[:, None] * D + d[None, :]
+    q = tl.load(q_ptr + rows_off, mask=row_ok[:, None], other=0.0)
+    row_seq = tl.load(seq_ptr + tok, mask=in_batch, other=-1)
+    row_pos = tl.load(pos_ptr + tok, mask=in_batch, other=-1)
+    t_end = tl.minimum(t0 + BLOCK_M, num_tokens)
+    run = t0
+    while run < t_end:
+        seq = tl.load(seq_ptr + run)
+        in_run = row_ok & (row_seq == seq) & (tok >= run)
+        run_len = tl.sum((in_run & (g == 0)).to(tl.int32))  # a sequence's tokens are contiguous
+        last = tl.max(tl.where(in_run, row_pos, -1))
+        m = tl.full([BLOCK_M * G_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M * G_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_M * G_PAD, D], tl.float32)
+        for start in range(0, last + 1, BLOCK_N):
+            j = start + n
+            valid = j <= last
+            blk = tl.load(bt_ptr + seq.to(tl.int64) * bt_stride + j // BS, mask=valid, other=0).to(tl.int64)
+            kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
+            k = tl.load(kc_ptr + kv_off, mask=valid[:, None], other=0.0)
+            v = tl.load(vc_ptr + kv_off, mask=valid[:, None], other=0.0)
+            visible = in_run[:, None] & (j[None, :] <= row_pos[:, None])
+            qk = tl.where(visible, _scores(q, k, QK_SCALE, FP32), float("-inf"))
+            m, l, acc = _online_softmax_step(qk, m, l, acc, v, FP32)
+        tl.store(out_ptr + rows_off, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=in_run[:, None])
+        run += run_len
 
 
 def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -101,15 +220,34 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     """The Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     t, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bt = block_tables.contiguous()
     wrap_triton(_cache_write_kernel)[(t, hkv)](
         k, v, k_cache, v_cache, positions, seq_ids, bt, bt.shape[1], BS=bs, HKV=hkv, D=d)
     out = torch.empty_like(q)
-    wrap_triton(_attention_kernel)[(t, hkv)](
-        q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], SCALE=scale,
-        BS=bs, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, triton.next_power_of_2(hq // hkv)),
-        BLOCK_N=64 if d <= 128 else 32, FP32=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    # Sizes as integer arithmetic on the token count, which is symbolic in the exported
+    # graph (no branch on it): split_rows is t up to SPLIT_TOKENS, else 1 (those kernels
+    # return at once); num_splits shrinks as t grows, to 1 past SPLIT_PROGRAMS / hkv.
+    small = (SPLIT_TOKENS // t + SPLIT_TOKENS) // (SPLIT_TOKENS + 1)  # 1 if t <= SPLIT_TOKENS else 0
+    split_rows = 1 + (t - 1) * small
+    num_splits = 1 + min(SPLIT_PROGRAMS // hkv, SPLIT_TOKENS) // t
+    part_acc = torch.empty(split_rows * num_splits * hq * d, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(split_rows * num_splits * hq * 2, dtype=torch.float32, device=q.device)
+    fp32 = q.dtype == torch.float32
+    common = dict(QK_SCALE=scale * LOG2E, BS=bs, HQ=hq, HKV=hkv, D=d, GROUP=group,
+                  G_PAD=triton.next_power_of_2(group), FP32=fp32)
+    split_n = 64 if d <= 128 else 32
+    wrap_triton(_split_kernel)[(split_rows, hkv, num_splits)](
+        q, k_cache, v_cache, out, part_acc, part_ml, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS,
+        num_splits, **{**common, "G_PAD": max(16, common["G_PAD"])}, BLOCK_N=split_n, num_warps=4, num_stages=2)
+    wrap_triton(_combine_kernel)[(split_rows, hq)](
+        out, part_acc, part_ml, positions, t, SPLIT_TOKENS, num_splits, HQ=hq, D=d, BLOCK_N=split_n, num_warps=1)
+    rows = 128 if d <= 128 else 64  # query rows (tokens x group heads) per tile
+    block_m = max(1, rows // common["G_PAD"])
+    wrap_triton(_tile_kernel)[(triton.cdiv(t, block_m), hkv)](
+        q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS, **common,
+        BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32, num_warps=8, num_stages=2)
     return out
 
 

@@ -1,0 +1,135 @@
+"""paged_attention on the GPU (issue 3): decode against the bandwidth floor, prefill against SDPA.
+
+Qwen3-0.6B's head layout (16 query heads, 8 kv heads, head_dim 128), bf16, block size 16,
+blocks handed out in a shuffled order. Times are medians of CUDA-graph replays (kernels.py's
+`bench`), the cache write included.
+- decode: one new token per sequence, every sequence with the same context; achieved
+  bandwidth = bytes of K and V read / time, against the measured copy bandwidth.
+- prefill: B sequences of N new tokens from position 0; against
+  torch.nn.functional.scaled_dot_product_attention with the flash backend on the same
+  q/k/v, contiguous [B, H, N, D] (k and v expanded to the 16 query heads beforehand).
+
+    PYTHONPATH=src python bench/attention.py --json $OUT/attention.json
+    PYTHONPATH=src python bench/attention.py --sweep     # the decode goals' shapes over SPLIT_PROGRAMS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import bench, copy_bandwidth  # noqa: E402
+
+import qwen3_aot.custom_ops  # noqa: E402,F401
+from qwen3_aot.custom_ops import paged_attention as attention_module  # noqa: E402
+
+HQ, HKV, D, BS = 16, 8, 128, 16
+DT = torch.bfloat16
+DECODE_BATCHES, DECODE_CONTEXTS = [1, 8, 64, 256], [512, 4096, 32768]
+PREFILL_LENGTHS, PREFILL_BATCHES = [512, 2048, 8192], [1, 8]
+
+
+def paged_inputs(batch: int, prior: int, new: int, gen: torch.Generator) -> tuple:
+    """Caches holding `prior` tokens per sequence (shuffled blocks), and `new` tokens per sequence."""
+    per_seq = -(-(prior + new) // BS)
+    num_blocks = batch * per_seq + 1
+    order = torch.randperm(num_blocks - 1, generator=gen) + 1
+    table = order.view(batch, per_seq).to(torch.int32).cuda()
+    k_cache = torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=DT) * 30  # K near Qwen3's ~220 scale
+    v_cache = torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=DT)
+    t = batch * new
+    q = torch.randn(t, HQ, D, device="cuda", dtype=DT)
+    k = torch.randn(t, HKV, D, device="cuda", dtype=DT) * 30
+    v = torch.randn(t, HKV, D, device="cuda", dtype=DT)
+    positions = torch.arange(prior, prior + new, device="cuda").repeat(batch)
+    seq_ids = torch.arange(batch, device="cuda", dtype=torch.int32).repeat_interleave(new)
+    return q, k, v, k_cache, v_cache, positions, seq_ids, table, D ** -0.5
+
+
+def decode_seconds(b: int, ctx: int, gen: torch.Generator) -> float:
+    attention = torch.ops.qwen3_aot.paged_attention
+
+    def call():
+        a = paged_inputs(b, ctx - 1, 1, gen)
+        return lambda: attention(*a)
+
+    return bench(call, 2 * b * ctx * HKV * D * DT.itemsize)
+
+
+def sweep(bw: float, gen: torch.Generator) -> None:
+    """The decode goals' shapes with the split kernels aiming at different program counts."""
+    print(f"{'SPLIT_PROGRAMS':>15}{'batch':>6}{'context':>8}{'us':>9}{'% of bw':>9}")
+    for programs in (256, 512, 1024, 2048, 4096):
+        attention_module.SPLIT_PROGRAMS = programs
+        for b, ctx in ((1, 32768), (1, 4096), (64, 4096)):
+            seconds = decode_seconds(b, ctx, gen)
+            pct = 100 * 2 * b * ctx * HKV * D * DT.itemsize / seconds / bw
+            print(f"{programs:>15}{b:>6}{ctx:>8}{seconds * 1e6:>9.1f}{pct:>8.0f}%", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="only the decode goals' shapes over SPLIT_PROGRAMS")
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    bw = copy_bandwidth()
+    if args.sweep:
+        return sweep(bw, gen)
+    attention = torch.ops.qwen3_aot.paged_attention
+    decode, prefill = [], []
+    for ctx in DECODE_CONTEXTS:
+        for b in DECODE_BATCHES:
+            kv_bytes = 2 * b * ctx * HKV * D * DT.itemsize
+            seconds = decode_seconds(b, ctx, gen)
+            decode.append(dict(batch=b, context=ctx, us=seconds * 1e6, kv_GB=kv_bytes / 1e9,
+                               bw_fraction=kv_bytes / seconds / bw))
+            print(decode[-1], flush=True)
+            torch.cuda.empty_cache()
+    for n in PREFILL_LENGTHS:
+        for b in PREFILL_BATCHES:
+            nbytes = 4 * b * n * HQ * D * DT.itemsize
+
+            def ours():
+                a = paged_inputs(b, 0, n, gen)
+                return lambda: attention(*a)
+
+            def sdpa():
+                q = torch.randn(b, HQ, n, D, device="cuda", dtype=DT)
+                k = (torch.randn(b, HKV, n, D, device="cuda", dtype=DT) * 30).repeat_interleave(HQ // HKV, 1)
+                v = torch.randn(b, HKV, n, D, device="cuda", dtype=DT).repeat_interleave(HQ // HKV, 1)
+
+                def run():
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                scale=D ** -0.5)
+                return run
+
+            t_ours, t_sdpa = bench(ours, nbytes), bench(sdpa, nbytes)
+            prefill.append(dict(batch=b, tokens=n, ours_us=t_ours * 1e6, sdpa_us=t_sdpa * 1e6,
+                                ratio=t_ours / t_sdpa))
+            print(prefill[-1], flush=True)
+            torch.cuda.empty_cache()
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                copy_bandwidth_GBps=bw / 1e9, decode=decode, prefill=prefill)
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=1))
+    print(f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, heads {HQ}/{HKV}x{D}, "
+          f"block size {BS}; copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"{'decode':<8}{'batch':>6}{'context':>8}{'us':>10}{'K/V GB':>8}{'% of bw':>9}")
+    for r in decode:
+        print(f"{'':<8}{r['batch']:>6}{r['context']:>8}{r['us']:>10.1f}{r['kv_GB']:>8.3f}{100 * r['bw_fraction']:>8.0f}%")
+    print(f"{'prefill':<8}{'batch':>6}{'tokens':>8}{'ours us':>10}{'SDPA us':>10}{'ours/SDPA':>10}")
+    for r in prefill:
+        print(f"{'':<8}{r['batch']:>6}{r['tokens']:>8}{r['ours_us']:>10.1f}{r['sdpa_us']:>10.1f}{r['ratio']:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
