@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -212,7 +213,9 @@ def test_stream_returns_the_completion(engine):
 
 class FakeGraph:
     """A CPU stand-in for torch.cuda.CUDAGraph with its semantics: capture records the call
-    on fixed buffers, replay reruns it on whatever they hold now, into the captured output."""
+    on fixed buffers, replay reruns it on whatever they hold now, into the captured output.
+    It keeps only weak references to the buffers, as a real graph keeps only addresses:
+    replaying after one was freed fails."""
 
     capturing = None
     replays = 0
@@ -222,7 +225,10 @@ class FakeGraph:
 
     def replay(self):
         FakeGraph.replays += 1
-        self.out.copy_(self.forward(*self.args))
+        bases = [ref() for ref in self.bases]
+        assert all(b is not None for b in bases), "a captured input buffer was freed"
+        args = [b[:n] for b, n in zip(bases, self.lengths)] + list(self.caches)
+        self.out.copy_(self.forward(*args))
 
 
 @contextlib.contextmanager
@@ -249,7 +255,10 @@ def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, mon
         out = eng.forward(*args)
         if FakeGraph.capturing is not None:
             g = FakeGraph.capturing
-            g.forward, g.args, g.out = eng.forward, args, out
+            # the static buffers the five inputs are views of, and how much of each
+            g.bases = [weakref.ref(a._base if a._base is not None else a) for a in args[:5]]
+            g.lengths, g.caches = [len(a) for a in args[:5]], args[5:]
+            g.forward, g.out = eng.forward, out
         return out
 
     graphs = DecodeGraphs(forward, eng.cache, 6, 512 // eng.block_size, torch.device("cpu"))
@@ -275,18 +284,20 @@ def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, mon
 
 
 @pytest.mark.skipif(RUNTIME_DEVICE != "cuda", reason="needs a CUDA artifact (QWEN3_AOT_RUNTIME_DEVICE=cuda)")
-def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, hf_greedy):
+def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, hf_greedy, recorded):
     max_tokens = [MAX_NEW - 3 * (k % 5) for k in range(16)]  # leaving at different steps: odd batch sizes
     outputs = {}
     for graphs in (True, False):
         eng = runtime.load(runtime_artifact, num_blocks=200, max_num_seqs=16, cuda_graphs=graphs)
         assert (eng.graphs is not None) == graphs
-        replays = []
+        steps, replays = recorded(eng), []
         if graphs:
-            eng.graphs, replay = eng.graphs, eng.graphs.__call__
+            replay = eng.graphs.__call__
             eng.graphs = type("Counted", (), {"max_batch": eng.graphs.max_batch,
                                               "__call__": lambda _s, *a: replays.append(len(a[0])) or replay(*a)})()
         requests = arrive_and_run(eng, max_tokens)
         outputs[graphs] = [r.completion().token_ids for r in requests]
-        assert len(replays) > MAX_NEW if graphs else not replays
+        # every step of decodes only (one token per sequence, its last) is a replay, of its batch size
+        decodes = [len(b) for b in steps if all(n == 1 and start + 1 == length for start, n, length in b)]
+        assert replays == (decodes if graphs else []) and len(set(decodes)) > 3
     assert outputs[True] == outputs[False] == [w[:m] for w, m in zip(hf_greedy, max_tokens)]

@@ -229,7 +229,7 @@ class DecodeGraphs:
     launch per kernel, which dominates small-batch decode. Inputs are copied into static
     buffers; a batch is padded to the next captured size, its padding rows decoding token 0
     at position 0 into the reserved block. The AOTI package must be loaded with
-    run_single_threaded=True to be capturable. UNTESTED on a GPU so far."""
+    run_single_threaded=True to be capturable."""
 
     def __init__(self, forward: CompiledForward, cache: KVCache, max_batch: int, max_blocks_per_seq: int,
                  device: torch.device) -> None:
@@ -238,14 +238,16 @@ class DecodeGraphs:
         self.ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.pos = torch.zeros(n, dtype=torch.int64, device=device)
         self.tables = torch.full((n, max_blocks_per_seq), RESERVED_BLOCK, dtype=torch.int32, device=device)
-        seq_ids = torch.arange(n, dtype=torch.int32, device=device)
-        rows = torch.arange(n, dtype=torch.int64, device=device)
+        # every captured input must outlive the graphs, which replay on their addresses: a
+        # freed one is reused by the next allocation (seen: an illegal memory access)
+        self.seq_ids = torch.arange(n, dtype=torch.int32, device=device)
+        self.rows = torch.arange(n, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         pool = None
         with torch.cuda.device(device), torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
-                args = (self.ids[:b], self.pos[:b], seq_ids[:b], self.tables[:b], rows[:b], cache.k, cache.v)
+                args = (self.ids[:b], self.pos[:b], self.seq_ids[:b], self.tables[:b], self.rows[:b], cache.k, cache.v)
                 forward(*args)  # warm up outside the graph (first-call allocations, kernel loading)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
