@@ -22,6 +22,7 @@ from qwen3_aot.runtime.sampler import Sampler
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
 from qwen3_aot.runtime.scheduler import Batch, Scheduler
 from qwen3_aot.runtime.tokenizer import Tokenizer
+
 CPU_CACHE_BYTES = 1 << 30  # the default KV cache on CPU: 1 GiB, or less if the sequences need less
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
