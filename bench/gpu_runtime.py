@@ -25,6 +25,9 @@ from typing import Callable
 
 import torch
 
+from qwen3_aot import runtime
+from qwen3_aot.runtime import SamplingParams
+
 CHILD = r"""
 import json, sys, time
 t = {"start": time.time()}
@@ -90,7 +93,7 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / t
 
 
-def ours_decode(runtime, SamplingParams, art: Path, graphs: bool, batches: list[int], out: dict) -> tuple[int, int]:
+def ours_decode(art: Path, graphs: bool, batches: list[int], out: dict) -> tuple[int, int]:
     """Our engine's decode rate at each batch size into `out`; returns (weight bytes, vocab size)."""
     eng = runtime.load(art, verify_files=False, cuda_graphs=graphs, max_num_seqs=max(batches),
                        kv_cache_tokens=max(batches) * (PROMPT_LEN + NEW_TOKENS + 16))
@@ -128,13 +131,10 @@ def main() -> None:
     r["python_import_torch_s"] = time.perf_counter() - t
 
     # 2. decode throughput, side by side
-    from qwen3_aot import runtime
-    from qwen3_aot.runtime import SamplingParams
-
     r["gpu"], r["copy_GBps"] = torch.cuda.get_device_name(), copy_bandwidth() / 1e9
     r["decode"] = {}
     for graphs in (True, False):
-        weight_bytes, vocab = ours_decode(runtime, SamplingParams, art, graphs, batches, r["decode"])
+        weight_bytes, vocab = ours_decode(art, graphs, batches, r["decode"])
         gc.collect()
         torch.cuda.empty_cache()
     r["weights_GB"] = weight_bytes / 1e9

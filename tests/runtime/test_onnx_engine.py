@@ -11,6 +11,7 @@ import torch
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.cli import main as cli
 from qwen3_aot.runtime import OnnxEngine, SamplingParams
+import reference
 from reference import GREEDY, MAX_NEW, decode, prompts, tokenizer
 
 pytest.importorskip("onnxruntime")
@@ -23,8 +24,6 @@ def engine(tiny_onnx_artifact) -> OnnxEngine:
 
 @pytest.fixture(scope="module")
 def hf_greedy() -> list[list[int]]:
-    import reference
-
     return reference.hf_greedy()
 
 
