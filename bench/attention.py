@@ -11,6 +11,8 @@ blocks handed out in a shuffled order. Times are medians of CUDA-graph replays (
 
     PYTHONPATH=src python bench/attention.py --json $OUT/attention.json
     PYTHONPATH=src python bench/attention.py --sweep     # the decode goals' shapes over SPLIT_PROGRAMS
+    ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        -k regex:"_split|_combine|_tile" python3 bench/attention.py --once    # the goal shapes, one call each
 """
 
 from __future__ import annotations
@@ -74,12 +76,26 @@ def sweep(bw: float, gen: torch.Generator) -> None:
             print(f"{programs:>15}{b:>6}{ctx:>8}{seconds * 1e6:>9.1f}{pct:>8.0f}%", flush=True)
 
 
+def once(gen: torch.Generator) -> None:
+    """One call of the op for each goal shape, for a profiler to catch: decode batch 1 at 32k and
+    64 at 4k, prefill of 1 x 2k and 8k tokens (a first call compiles, so each runs twice)."""
+    attention = torch.ops.qwen3_aot.paged_attention
+    for b, prior, new in ((1, 32767, 1), (64, 4095, 1), (1, 0, 2048), (1, 0, 8192)):
+        a = paged_inputs(b, prior, new, gen)
+        for _ in range(2):
+            attention(*a)
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true", help="only the decode goals' shapes over SPLIT_PROGRAMS")
+    ap.add_argument("--once", action="store_true", help="only one call per goal shape, for a profiler")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
+    if args.once:
+        return once(gen)
     bw = copy_bandwidth()
     if args.sweep:
         return sweep(bw, gen)

@@ -1,0 +1,537 @@
+"""End-to-end benchmark (issue 7): one command, one table, ours against what a user would
+pick instead and against the physical floor, measured side by side in one run.
+
+    PYTHONPATH=src python bench/e2e.py --json $OUT/e2e.json --png $OUT/e2e_decode.png
+
+It writes a Qwen3-0.6B-shaped checkpoint of seeded random weights (no tokenizer: prompts
+are token ids, so no detokenisation is timed), builds the artifact with scripts/export.py
+(the user's command, verify included) and measures:
+
+- ours: the artifact through `qwen3_aot.runtime` (CUDA graphs on);
+- ours eager: `qwen3_aot.model`, uncompiled, as the forward of the same engine;
+- transformers eager (bf16, sdpa);
+- the floor: the bytes a step must read (weights, plus K/V) over the copy bandwidth
+  measured in this run; for prefill, the larger of that and the matmul FLOPs at the bf16
+  matmul rate measured in this run.
+
+Figures: decode tokens/s at batch 1, 8, 64, 256 (512-token prompts, 64 new tokens, greedy,
+eos ignored; decode isolated as generate(65) - generate(1)); prefill time of one 128,
+2,048 and 8,192-token prompt to its first token; a new process to the first token; peak
+GPU memory during the decode runs (weights, cache, activations); build time; and the
+nano-vllm workload (256 sequences, input and output lengths uniform in 100..1024, seeded,
+temperature 0.6, ignore_eos) as output tokens/s. --profile adds where a decode step's time
+goes (host work, graph replay, kernels). --tiny runs the same on a tiny model on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import random_checkpoint  # noqa: E402
+
+from qwen3_aot import runtime  # noqa: E402
+from qwen3_aot.model import Qwen3ForCausalLM  # noqa: E402
+from qwen3_aot.runtime import SamplingParams  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Plan:
+    batches: tuple[int, ...] = (1, 8, 64, 256)
+    prompt_len: int = 512
+    new_tokens: int = 64
+    prefill: tuple[int, ...] = (128, 2048, 8192)
+    workload: tuple[int, int, int] = (256, 100, 1024)  # sequences, shortest and longest input/output
+    repeats: int = 2
+
+
+TINY_PLAN = Plan(batches=(1, 4), prompt_len=16, new_tokens=8, prefill=(8, 64), workload=(8, 4, 24), repeats=1)
+TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+GOALS = {  # issue 7, Qwen3-0.6B shape on the GPU machine: (figure, at least or at most, value)
+    "decode batch 1": ("tok/s", ">=", 1000), "decode batch 64": ("tok/s", ">=", 15000),
+    "prefill 2048": ("ms", "<=", 15), "new process -> first token": ("s", "<=", 3),
+    "nano-vllm workload": ("tok/s", ">=", 20000)}
+
+TTFT_CHILD = r"""
+import json, sys, time
+t = {"start": time.time()}
+import torch
+from qwen3_aot import runtime
+from qwen3_aot.runtime import SamplingParams
+t["import"] = time.time()
+engine = runtime.load(sys.argv[1], **json.loads(sys.argv[2]))
+t["load"] = time.time()
+engine.generate([list(range(100, 132))], SamplingParams(max_tokens=1, temperature=0))
+t["first_token"] = time.time()
+print("CHILD" + json.dumps(t))
+"""
+
+
+# ---- measuring ----
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def best_of(n: int, fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write), the ceiling of a memory-bound step."""
+    x = torch.empty(1 << (30 if device.type == "cuda" else 26), dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / best_of(10, lambda: y.copy_(x))
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of an 8192^3 matmul (2048^3 on the CPU), the ceiling of a compute-bound prefill."""
+    n = 8192 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / best_of(5, lambda: a @ b)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_memory(fn: Callable[[], object]) -> tuple[object, float | None]:
+    """fn()'s result and the most GPU memory allocated while it ran, over what was allocated before (GB)."""
+    free_memory()
+    if not torch.cuda.is_available():
+        return fn(), None
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    return out, (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
+def time_to_first_token(artifact: Path, options: dict) -> dict:
+    """A new interpreter: import, runtime.load, generate one token of a 32-token prompt."""
+    spawn = time.time()
+    p = subprocess.run([sys.executable, "-c", TTFT_CHILD, str(artifact), json.dumps(options)], capture_output=True,
+                       text=True, timeout=600)
+    lines = [x[5:] for x in p.stdout.splitlines() if x.startswith("CHILD")]
+    if not lines:
+        raise RuntimeError(f"the first-token child failed:\n{p.stderr[-3000:]}")
+    t = json.loads(lines[0])
+    return {"total_s": t["first_token"] - spawn, "interpreter_s": t["start"] - spawn,
+            "import_s": t["import"] - t["start"], "load_s": t["load"] - t["import"],
+            "first_token_s": t["first_token"] - t["load"]}
+
+
+# ---- the systems ----
+
+class System:
+    """Something that generates from token-id prompts: decode(prompts, n) makes n greedy tokens
+    per prompt, eos ignored; prefill(prompt) makes the first token of one prompt."""
+
+    name = ""
+
+    def decode(self, prompts: list[list[int]], n: int) -> object:
+        raise NotImplementedError
+
+    def prefill(self, prompt: list[int]) -> object:
+        return self.decode([prompt], 1)
+
+
+class Ours(System):
+    def __init__(self, engine: runtime.Engine, name: str) -> None:
+        self.engine, self.name = engine, name
+
+    def decode(self, prompts: list[list[int]], n: int) -> object:
+        return self.engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
+
+class Transformers(System):
+    name = "transformers eager"
+
+    def __init__(self, checkpoint: Path, dtype: torch.dtype, device: torch.device) -> None:
+        from transformers import Qwen3ForCausalLM as HF
+
+        self.model = HF.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def decode(self, prompts: list[list[int]], n: int) -> object:
+        ids = torch.tensor(prompts, device=self.device)
+        return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int]) -> object:
+        ids = torch.tensor([prompt], device=self.device)
+        return self.model(ids, logits_to_keep=1).logits.argmax(-1)  # what generate's first step computes
+
+
+def load_ours(artifact: Path, plan: Plan, **options) -> runtime.Engine:
+    return runtime.load(artifact, verify_files=False, max_num_seqs=max(plan.batches),
+                        kv_cache_tokens=max(plan.batches) * (plan.prompt_len + plan.new_tokens + 16) + max(plan.prefill),
+                        **options)
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def measure(make: Callable[[], System], plan: Plan, vocab: int) -> tuple[System, dict]:
+    """Load a system, then its decode tok/s and ms/step per batch size, prefill ms per prompt
+    length, and the peak GPU memory of loading it and decoding (weights, cache, activations)."""
+    out: dict = {"decode": {}, "prefill_ms": {}}
+
+    def load_and_decode() -> System:
+        system = make()
+        for b in plan.batches:
+            ps = random_prompts(b, plan.prompt_len, vocab, seed=b)
+            system.decode(ps, 2)  # warm-up: allocations, kernel loading, graph pools
+            t1 = best_of(plan.repeats, lambda: system.decode(ps, 1))
+            tn = best_of(plan.repeats, lambda: system.decode(ps, plan.new_tokens + 1))
+            step = (tn - t1) / plan.new_tokens
+            out["decode"][b] = {"tok_s": b / step, "step_ms": step * 1e3}
+            print(f"  {system.name}, decode batch {b}: {b / step:.0f} tok/s, {step * 1e3:.2f} ms/step", flush=True)
+        return system
+
+    system, out["peak_memory_GB"] = peak_memory(load_and_decode)
+    for n in plan.prefill:
+        prompt = random_prompts(1, n, vocab, seed=n)[0]
+        system.prefill(prompt)
+        out["prefill_ms"][n] = best_of(plan.repeats + 1, lambda: system.prefill(prompt)) * 1e3
+        print(f"  {system.name}, prefill {n}: {out['prefill_ms'][n]:.2f} ms", flush=True)
+    return system, out
+
+
+def workload(plan: Plan, vocab: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """nano-vllm's bench.py: random token ids (below 10,000), lengths uniform in [lo, hi]."""
+    n, lo, hi = plan.workload
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, min(10000, vocab - 1)) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(lo, hi)) for _ in range(n)]
+    return prompts, params
+
+
+def run_workload(engine: runtime.Engine, plan: Plan, vocab: int) -> dict:
+    prompts, params = workload(plan, vocab)
+    engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))  # nano-vllm's warm-up
+    sync()
+    t = time.perf_counter()
+    done = engine.generate(prompts, params)
+    sync()
+    t = time.perf_counter() - t
+    tokens = sum(c.output_tokens for c in done)
+    assert tokens == sum(p.max_tokens for p in params), "ignore_eos: every request runs to max_tokens"
+    return {"output_tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "seconds": t, "tok_s": tokens / t,
+            "preemptions": engine.scheduler.num_preemptions}
+
+
+def run_workload_transformers(hf: Transformers, plan: Plan, vocab: int) -> dict:
+    """The same requests through transformers' generate: one left-padded batch, sampled until
+    the longest request's max_tokens (generate has no per-row length); only requested tokens count."""
+    prompts, params = workload(plan, vocab)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
+    n = max(p.max_tokens for p in params)
+    sync()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        hf.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=True,
+                          temperature=0.6, top_k=0, top_p=1.0, pad_token_id=0)
+    sync()
+    t = time.perf_counter() - t
+    tokens = sum(p.max_tokens for p in params)
+    return {"output_tokens": tokens, "seconds": t, "tok_s": tokens / t}
+
+
+# ---- the floor ----
+
+def model_sizes(config: dict, weight_bytes: int, dtype: torch.dtype) -> dict:
+    c = config
+    h, L = c["hidden_size"], c["num_hidden_layers"]
+    per_layer = h * (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * c["head_dim"] \
+        + c["num_attention_heads"] * c["head_dim"] * h + 3 * h * c["intermediate_size"]
+    return {"weight_bytes": weight_bytes, "layer_params": L * per_layer, "vocab": c["vocab_size"], "hidden": h,
+            "kv_bytes_per_token": 2 * L * c["num_key_value_heads"] * c["head_dim"] * dtype.itemsize,
+            "attn_flops_per_pair": 4 * L * c["num_attention_heads"] * c["head_dim"]}
+
+
+def decode_floor_ms(s: dict, batch: int, context: float, bandwidth: float) -> float:
+    return (s["weight_bytes"] + batch * context * s["kv_bytes_per_token"]) / bandwidth * 1e3
+
+
+def prefill_floor_ms(s: dict, n: int, bandwidth: float, flops: float) -> float:
+    work = 2 * n * s["layer_params"] + s["attn_flops_per_pair"] * n * (n + 1) / 2 + 2 * s["vocab"] * s["hidden"]
+    return max(s["weight_bytes"] / bandwidth, work / flops) * 1e3
+
+
+# ---- the profile of a decode step ----
+
+def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -> dict:
+    """Where a decode step of `batch` sequences goes: host time of each part of Engine.step
+    (the sampler's share includes waiting for the GPU), the CUDA-graph replay alone, and the
+    kernels of one forward (torch.profiler on the eager call of the compiled graph)."""
+    spent: dict[str, float] = {}
+
+    wrapped: list[tuple[object, str, object]] = []
+
+    def timed(obj: object, attr: str, label: str) -> None:
+        fn = getattr(obj, attr)
+        wrapped.append((obj, attr, vars(obj).get(attr)))
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
+        setattr(obj, attr, wrapper)
+
+    prompts = random_prompts(batch, plan.prompt_len, vocab, seed=batch)
+    sp = SamplingParams(max_tokens=plan.new_tokens + 1, temperature=0, ignore_eos=True)
+    engine.generate(prompts, sp)
+    for obj, attr, label in [(engine.scheduler, "schedule", "schedule"), (engine, "_forward", "inputs + launch"),
+                             (engine, "sampler", "sampler (waits for the GPU)"), (engine, "_append", "accept tokens")]:
+        timed(obj, attr, label)
+    steps = [0]
+    timed(engine, "step", "step")
+    reqs = [engine.add_request(p, sp) for p in prompts]
+    while any(r.seq.num_computed < len(r.seq.token_ids) - 1 for r in reqs):  # the prefill steps, not counted
+        engine.step()
+    spent.clear()
+    while engine.has_unfinished():
+        engine.step()
+        steps[0] += 1
+    for obj, attr, original in wrapped:  # an instance attribute (the sampler) back, or the class's method
+        setattr(obj, attr, original) if original is not None else delattr(obj, attr)
+    out: dict = {"batch": batch, "steps": steps[0], "host_ms_per_step": {k: v / steps[0] * 1e3 for k, v in spent.items()}}
+
+    g, cache = engine.graphs, engine.cache
+    if g is not None:
+        b = next(s for s in g.sizes if s >= batch)
+        args = (g.ids[:b], g.pos[:b], g.seq_ids[:b], g.tables[:b], g.rows[:b], cache.k, cache.v)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.graphs[b].replay()
+        start.record()
+        for _ in range(50):
+            g.graphs[b].replay()
+        end.record()
+        sync()
+        out["graph_replay_ms"] = start.elapsed_time(end) / 50
+        with torch.inference_mode():
+            out["compiled_call_ms"] = best_of(20, lambda: engine.forward(*args)) * 1e3
+        for label, fn in (("eager call", lambda: engine.forward(*args)), ("graph replay", g.graphs[b].replay)):
+            try:
+                out[label] = kernel_table(fn)
+            except Exception as e:  # the profiler's event API moves between torch versions; keep the rest
+                out[label] = {"error": repr(e)}
+    return out
+
+
+def kernel_table(fn: Callable[[], object], calls: int = 10) -> dict:
+    """The kernels of fn (one forward), by total GPU time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+               and e.self_device_time_total > 0]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    return {"kernels_per_call": sum(e.count for e in kernels) / calls,
+            "kernel_ms_per_call": sum(e.self_device_time_total for e in kernels) / calls / 1e3,
+            "top_kernels": [{"name": e.key[:90], "per_call": e.count / calls,
+                             "us_per_call": e.self_device_time_total / calls} for e in kernels[:25]]}
+
+
+# ---- the run ----
+
+def build(plan: Plan, work: Path, device: str, dtype: str, tiny: bool) -> tuple[Path, Path, float]:
+    ckpt, art = work / "checkpoint", work / "artifact"
+    random_checkpoint.write(ckpt, seed=0, **(TINY_MODEL if tiny else {}), dtype=dtype)
+    limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
+                    "--dtype", dtype, "--force", *limits], check=True)
+    return ckpt, art, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_e2e"))
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--png", type=Path, default=None, help="chart of decode tok/s against batch size")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and plan (a CPU smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true", help="also profile decode steps of batch 1 and 64")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: eager, transformers, "
+                                               "workload, transformers-workload")
+    a = ap.parse_args()
+    plan = TINY_PLAN if a.tiny else Plan()
+    skip = set(filter(None, a.skip.split(",")))
+    device = torch.device(a.device)
+    dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = getattr(torch, dtype_name)
+    r: dict = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+               "dtype": dtype_name, "plan": asdict(plan), "model": "tiny" if a.tiny else "Qwen3-0.6B shape"}
+    print(f"[build] {r['model']}, {dtype_name}, {device.type}", flush=True)
+    ckpt, art, r["build_s"] = build(plan, a.work, device.type, dtype_name, a.tiny)
+    print(f"[build] {r['build_s']:.1f} s", flush=True)
+
+    # fresh processes first, while this one holds no GPU memory; the first warms the page cache
+    time_to_first_token(art, {})
+    r["ttft"] = time_to_first_token(art, {})
+    r["ttft_unchecked"] = time_to_first_token(art, {"verify_files": False, "cuda_graphs": False})
+    r["import_torch_s"] = best_of(1, lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))
+    print(f"[first token] {r['ttft']}", flush=True)
+
+    r["copy_GBps"] = copy_bandwidth(device) / 1e9
+    r["matmul_TFLOPs"] = matmul_rate(device, dtype) / 1e12
+    systems: dict[str, dict] = {}
+    vocab = json.loads((art / "manifest.json").read_text())["model_config"]["vocab_size"]
+    ours, systems["ours"] = measure(lambda: Ours(load_ours(art, plan), "ours"), plan, vocab)
+    engine = ours.engine
+    sizes = model_sizes(engine.config, sum(w.nbytes for w in engine.forward._weights.values()), dtype)
+    if a.profile:
+        r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 64) if b <= max(plan.batches)]
+    del ours, engine
+    if "eager" not in skip:
+        def eager() -> Ours:  # the same engine, the eager model as its forward
+            engine = load_ours(art, plan, cuda_graphs=False)
+            engine.forward = Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=device)
+            return Ours(engine, "ours eager")
+        _, systems["ours eager"] = measure(eager, plan, vocab)
+    if "workload" not in skip:
+        free_memory()
+        engine = runtime.load(art, verify_files=False)  # the defaults: the cache takes 90% of the GPU
+        r["workload"] = run_workload(engine, plan, vocab)
+        print(f"[workload] {r['workload']}", flush=True)
+        del engine
+    if "transformers" not in skip:
+        free_memory()
+        hf, systems["transformers eager"] = measure(lambda: Transformers(ckpt, dtype, device), plan, vocab)
+        if "transformers-workload" not in skip and "workload" not in skip:
+            r["workload_transformers"] = run_workload_transformers(hf, plan, vocab)
+            print(f"[workload] transformers {r['workload_transformers']}", flush=True)
+        del hf
+    bw, flops = r["copy_GBps"] * 1e9, r["matmul_TFLOPs"] * 1e12
+    context = plan.prompt_len + plan.new_tokens / 2
+    systems["floor"] = {"decode": {b: {"step_ms": decode_floor_ms(sizes, b, context, bw)} for b in plan.batches},
+                        "prefill_ms": {n: prefill_floor_ms(sizes, n, bw, flops) for n in plan.prefill}}
+    for b, d in systems["floor"]["decode"].items():
+        d["tok_s"] = b / d["step_ms"] * 1e3
+    r["systems"], r["sizes"] = systems, sizes
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=1))
+    if a.png:
+        chart(r, a.png)
+    report(r, plan)
+
+
+def chart(r: dict, path: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, s in r["systems"].items():
+        bs = sorted(s["decode"], key=int)
+        ax.plot([int(b) for b in bs], [s["decode"][b]["tok_s"] for b in bs], marker="o",
+                linestyle="--" if name == "floor" else "-", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="batch size (sequences decoding together)", ylabel="decode tokens/s",
+           title=f"{r['model']}, {r['dtype']}, {r['gpu']}\n{r['plan']['prompt_len']}-token prompts, torch {r['torch']}")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks([int(b) for b in r["plan"]["batches"]], [str(b) for b in r["plan"]["batches"]])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def report(r: dict, plan: Plan) -> None:
+    s = r["systems"]
+    hf, floor = s.get("transformers eager"), s["floor"]
+    names = [n for n in ("ours", "ours eager", "transformers eager") if n in s]
+    print(f"\n{r['gpu']}, torch {r['torch']}, {r['model']}, {r['dtype']}, random weights; copy "
+          f"{r['copy_GBps']:.0f} GB/s, matmul {r['matmul_TFLOPs']:.1f} TFLOP/s")
+    head = f"{'figure':28s}" + "".join(f"{n:>19s}" for n in names) + f"{'floor':>10s}{'ours/HF':>9s}{'floor/ours':>11s}"
+    print(head)
+    rows = []
+    for b in plan.batches:
+        rows.append((f"decode batch {b} (tok/s)", [s[n]["decode"][b]["tok_s"] for n in names],
+                     floor["decode"][b]["tok_s"], True))
+    for n in plan.prefill:
+        rows.append((f"prefill {n} (ms)", [s[x]["prefill_ms"][n] for x in names], floor["prefill_ms"][n], False))
+    rows.append(("peak GPU memory (GB)", [s[x]["peak_memory_GB"] for x in names], None, False))
+    for label, vals, fl, higher_better in rows:
+        line = f"{label:28s}" + "".join(f"{v:19.2f}" if v is not None else f"{'-':>19s}" for v in vals)
+        line += f"{fl:10.2f}" if fl is not None else f"{'':10s}"
+        if hf and vals[0] is not None and vals[-1]:
+            line += f"{(vals[0] / vals[-1] if higher_better else vals[-1] / vals[0]):8.1f}x"
+        if fl is not None:
+            line += f"{(vals[0] / fl if higher_better else fl / vals[0]):10.0%}"
+        print(line)
+    t = r["ttft"]
+    print(f"new process -> first token: {t['total_s']:.2f} s (interpreter {t['interpreter_s']:.2f}, import "
+          f"{t['import_s']:.2f}, load {t['load_s']:.2f}, first token {t['first_token_s']:.3f}); "
+          f"verify_files=False, cuda_graphs=False: {r['ttft_unchecked']['total_s']:.2f} s; "
+          f"python -c 'import torch' alone: {r['import_torch_s']:.2f} s")
+    print(f"build (scripts/export.py, verify included): {r['build_s']:.1f} s")
+    if "workload" in r:
+        w = r["workload"]
+        line = f"nano-vllm workload: {w['tok_s']:.0f} output tok/s ({w['output_tokens']} tokens in {w['seconds']:.1f} s)"
+        if "workload_transformers" in r:
+            wt = r["workload_transformers"]
+            line += f"; transformers {wt['tok_s']:.0f} tok/s ({w['tok_s'] / wt['tok_s']:.1f}x)"
+        print(line)
+    for p in r.get("profile", []):
+        print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps): host ms/step "
+              + ", ".join(f"{k} {v:.3f}" for k, v in p["host_ms_per_step"].items()))
+        if "graph_replay_ms" in p:
+            print(f"  graph replay {p['graph_replay_ms']:.3f} ms; compiled call without graph {p['compiled_call_ms']:.3f} ms")
+        for label in ("eager call", "graph replay"):
+            k = p.get(label, {})
+            if "error" in k or not k:
+                print(f"  kernels of one {label}: {k.get('error', 'none recorded')}")
+                continue
+            print(f"  kernels of one {label}: {k['kernels_per_call']:.0f}, {k['kernel_ms_per_call']:.3f} ms")
+            for e in k["top_kernels"][:12 if label == "eager call" else 0]:
+                print(f"  {e['us_per_call']:8.1f} us {e['per_call']:5.0f}x  {e['name']}")
+    if r["model"] != "tiny":
+        figures = {"decode batch 1": s["ours"]["decode"][1]["tok_s"], "decode batch 64": s["ours"]["decode"][64]["tok_s"],
+                   "prefill 2048": s["ours"]["prefill_ms"][2048], "new process -> first token": t["total_s"],
+                   "nano-vllm workload": r.get("workload", {}).get("tok_s")}
+        for goal, (unit, op, want) in GOALS.items():
+            got = figures[goal]
+            if got is not None:
+                met = got >= want if op == ">=" else got <= want
+                print(f"goal {goal}: {got:.1f} {unit} {op} {want}: {'met' if met else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
