@@ -39,6 +39,10 @@ def run(sched: Scheduler, arrivals: dict[int, list[Sequence]], max_new: int) -> 
         for seq, n in batch:
             assert seq in sched.running and n >= 1
             assert len(seq.block_table) * BLOCK >= seq.num_computed + n
+        tables = sched.block_tables([seq for seq, _ in batch])  # what the engine feeds the forward
+        for row, (seq, _) in zip(tables, batch):
+            assert row[:len(seq.block_table)].tolist() == seq.block_table
+        assert sorted(s.slot for s in sched.running) == sorted(set(s.slot for s in sched.running))
         steps.append([(seq, seq.num_computed, n) for seq, n in batch])
         for seq, n in batch:
             seq.num_computed += n

@@ -57,8 +57,9 @@ class Engine:
                              limits["max_num_blocks"])
         num_blocks = _within("num_blocks", num_blocks, num_blocks, limits["max_num_blocks"], "max_num_blocks")
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, device)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens)
-        self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, -(-self.max_model_len // self.block_size),
+        max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens, max_blocks_per_seq)
+        self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq,
                                    device) if use_graphs else None
         self._requests: dict[int, Request] = {}  # in flight, by sequence id
         self._ids = itertools.count()
@@ -136,15 +137,13 @@ class Engine:
             seq_ids += [i] * n
             if start + n == len(seq.token_ids):
                 rows.append(len(ids) - 1)
-        tables = [seq.block_table for seq, _ in batch]
+        tables = torch.from_numpy(self.scheduler.block_tables([seq for seq, _ in batch]))
         if self.graphs is not None and len(ids) == len(rows) <= self.graphs.max_batch:
             return self.graphs(ids, pos, tables)  # a decode step: one token per sequence
-        width = max(map(len, tables))
         dev = self.device
         return self.forward(
             torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
-            torch.tensor(seq_ids, dtype=torch.int32, device=dev),
-            torch.tensor([t + [RESERVED_BLOCK] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            torch.tensor(seq_ids, dtype=torch.int32, device=dev), tables.to(dev),
             torch.tensor(rows or [len(ids) - 1], dtype=torch.int64, device=dev),  # the graph wants >= 1 row
             self.cache.k, self.cache.v)
 
@@ -257,16 +256,17 @@ class DecodeGraphs:
                 pool = graph.pool()
                 self.graphs[b] = graph
 
-    def __call__(self, ids: list[int], pos: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def __call__(self, ids: list[int], pos: list[int], tables: torch.Tensor) -> torch.Tensor:
+        """One decode step: ids and positions of n sequences, their block tables [n, width] (CPU)."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
-        width = max(map(len, tables))
         self.ids[:n].copy_(torch.tensor(ids))
         self.pos[:n].copy_(torch.tensor(pos))
-        self.tables[:n, :width].copy_(torch.tensor([t + [RESERVED_BLOCK] * (width - len(t)) for t in tables]))
-        self.ids[n:b] = 0
-        self.pos[n:b] = 0
-        self.tables[n:b, 0] = RESERVED_BLOCK  # a padding row reads and writes only block 0
+        self.tables[:n, :tables.shape[1]].copy_(tables)
+        if n < b:
+            self.ids[n:b] = 0
+            self.pos[n:b] = 0
+            self.tables[n:b, 0] = RESERVED_BLOCK  # a padding row reads and writes only block 0
         self.graphs[b].replay()
         return self.logits[b][:n]
 

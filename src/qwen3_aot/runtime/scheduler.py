@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from qwen3_aot.runtime.kv_cache import KVCache
+import numpy as np
+
+from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK, KVCache
 
 
 class Sequence:
@@ -26,6 +28,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt)
         self.num_computed = 0
         self.block_table: list[int] = []
+        self.slot: int | None = None  # its row of Scheduler.tables while running
 
     @property
     def output_ids(self) -> list[int]:
@@ -41,12 +44,20 @@ Batch = list[tuple[Sequence, int]]
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    """`tables` mirrors the block tables of the running sequences, one row (slot) each, kept
+    up to date as blocks are handed out: a step gathers its rows in one numpy indexing
+    instead of converting nested lists (1.2 ms at 256 sequences)."""
+
+    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_blocks_per_seq: int | None = None) -> None:
         self.cache = cache
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        width = min(max_blocks_per_seq or cache.num_blocks, cache.num_blocks)
+        self.tables = np.full((max_num_seqs, width), RESERVED_BLOCK, dtype=np.int32)
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -60,8 +71,13 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.cache.free(seq.block_table)
-        seq.block_table = []
+        self._release(seq)
+
+    def block_tables(self, seqs: list[Sequence]) -> np.ndarray:
+        """[len(seqs), longest table] int32: the running sequences' block tables, in order
+        (entries past a sequence's own blocks are unspecified: no kernel reads them)."""
+        width = max(len(s.block_table) for s in seqs)
+        return self.tables[[s.slot for s in seqs], :width]
 
     def schedule(self) -> Batch:
         batch: Batch = []
@@ -84,6 +100,8 @@ class Scheduler:
             if not self._grow(seq, n):
                 break
             self.running.append(self.waiting.popleft())
+            seq.slot = self._free_slots.pop()
+            self.tables[seq.slot, :len(seq.block_table)] = seq.block_table
             batch.append((seq, n))
             budget -= n
         return batch
@@ -103,12 +121,25 @@ class Scheduler:
         need = self.cache.blocks_for(seq.num_computed + n) - len(seq.block_table)
         if need > self.cache.num_free:
             return False
-        seq.block_table += self.cache.allocate(max(need, 0))
+        if need > 0:
+            new = self.cache.allocate(need)
+            if seq.slot is not None:
+                self.tables[seq.slot, len(seq.block_table):len(seq.block_table) + need] = new
+            seq.block_table += new
         return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.cache.free(seq.block_table)
-        seq.block_table, seq.num_computed = [], 0
+        self._release(seq)
+        seq.num_computed = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        """Free a sequence's blocks and its slot."""
+        self.cache.free(seq.block_table)
+        seq.block_table = []
+        if seq.slot is not None:
+            self.tables[seq.slot] = RESERVED_BLOCK
+            self._free_slots.append(seq.slot)
+            seq.slot = None
