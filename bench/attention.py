@@ -10,7 +10,7 @@ blocks handed out in a shuffled order. Times are medians of CUDA-graph replays (
   q/k/v, contiguous [B, H, N, D] (k and v expanded to the 16 query heads beforehand).
 
     PYTHONPATH=src python bench/attention.py --json $OUT/attention.json
-    PYTHONPATH=src python bench/attention.py --sweep     # the decode goals' shapes over SPLIT_PROGRAMS
+    PYTHONPATH=src python bench/attention.py --sweep     # the goal shapes over the launch parameters
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
         -k regex:"_split|_combine|_tile" python3 bench/attention.py --once    # the goal shapes, one call each
 """
@@ -66,14 +66,54 @@ def decode_seconds(b: int, ctx: int, gen: torch.Generator) -> float:
 
 
 def sweep(bw: float, gen: torch.Generator) -> None:
-    """The decode goals' shapes with the split kernels aiming at different program counts."""
-    print(f"{'SPLIT_PROGRAMS':>15}{'batch':>6}{'context':>8}{'us':>9}{'% of bw':>9}")
-    for programs in (256, 512, 1024, 2048, 4096):
-        attention_module.SPLIT_PROGRAMS = programs
-        for b, ctx in ((1, 32768), (1, 4096), (64, 4096)):
-            seconds = decode_seconds(b, ctx, gen)
-            pct = 100 * 2 * b * ctx * HKV * D * DT.itemsize / seconds / bw
-            print(f"{programs:>15}{b:>6}{ctx:>8}{seconds * 1e6:>9.1f}{pct:>8.0f}%", flush=True)
+    """The goal shapes over the op's launch parameters (module constants, restored after)."""
+    saved = {k: getattr(attention_module, k) for k in ("SPLIT_PROGRAMS", "KEYS_PER_STEP", "SPLIT_STAGES",
+                                                       "TILE_STAGES")}
+    print(f"{'SPLIT_PROGRAMS':>15}{'keys':>5}{'stages':>7}{'batch':>6}{'context':>8}{'us':>9}{'% of bw':>9}")
+    for programs in (512, 1024, 2048):
+        for keys in (64, 128):
+            for stages in (2, 3):
+                for k, v in (("SPLIT_PROGRAMS", programs), ("KEYS_PER_STEP", keys), ("SPLIT_STAGES", stages)):
+                    setattr(attention_module, k, v)
+                for b, ctx in ((1, 32768), (64, 4096)):
+                    seconds = decode_seconds(b, ctx, gen)
+                    pct = 100 * 2 * b * ctx * HKV * D * DT.itemsize / seconds / bw
+                    print(f"{programs:>15}{keys:>5}{stages:>7}{b:>6}{ctx:>8}{seconds * 1e6:>9.1f}{pct:>8.0f}%",
+                          flush=True)
+    attention_module.SPLIT_PROGRAMS = saved["SPLIT_PROGRAMS"]
+    print(f"{'prefill keys':>15}{'stages':>7}{'batch':>6}{'tokens':>8}{'ours us':>9}{'SDPA us':>9}{'ratio':>7}")
+    for b, n in ((1, 2048), (1, 8192), (8, 2048)):
+        t_sdpa = prefill_seconds(b, n, gen)[1]
+        for keys in (64, 128):
+            for stages in (2, 3):
+                attention_module.KEYS_PER_STEP, attention_module.TILE_STAGES = keys, stages
+                t_ours = prefill_seconds(b, n, gen, sdpa=False)[0]
+                print(f"{keys:>15}{stages:>7}{b:>6}{n:>8}{t_ours * 1e6:>9.1f}{t_sdpa * 1e6:>9.1f}"
+                      f"{t_ours / t_sdpa:>6.2f}x", flush=True)
+    for k, v in saved.items():
+        setattr(attention_module, k, v)
+
+
+def prefill_seconds(b: int, n: int, gen: torch.Generator, sdpa: bool = True) -> tuple[float, float | None]:
+    """(ours, SDPA flash) seconds for b sequences of n new tokens from position 0."""
+    attention = torch.ops.qwen3_aot.paged_attention
+    nbytes = 4 * b * n * HQ * D * DT.itemsize
+
+    def ours():
+        a = paged_inputs(b, 0, n, gen)
+        return lambda: attention(*a)
+
+    def flash():
+        q = torch.randn(b, HQ, n, D, device="cuda", dtype=DT)
+        k = (torch.randn(b, HKV, n, D, device="cuda", dtype=DT) * 30).repeat_interleave(HQ // HKV, 1)
+        v = torch.randn(b, HKV, n, D, device="cuda", dtype=DT).repeat_interleave(HQ // HKV, 1)
+
+        def run():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5)
+        return run
+
+    return bench(ours, nbytes), bench(flash, nbytes) if sdpa else None
 
 
 def once(gen: torch.Generator) -> None:
@@ -90,7 +130,7 @@ def once(gen: torch.Generator) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--sweep", action="store_true", help="only the decode goals' shapes over SPLIT_PROGRAMS")
+    ap.add_argument("--sweep", action="store_true", help="only the goal shapes over the launch parameters")
     ap.add_argument("--once", action="store_true", help="only one call per goal shape, for a profiler")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -99,7 +139,6 @@ def main() -> None:
     bw = copy_bandwidth()
     if args.sweep:
         return sweep(bw, gen)
-    attention = torch.ops.qwen3_aot.paged_attention
     decode, prefill = [], []
     for ctx in DECODE_CONTEXTS:
         for b in DECODE_BATCHES:
@@ -111,24 +150,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     for n in PREFILL_LENGTHS:
         for b in PREFILL_BATCHES:
-            nbytes = 4 * b * n * HQ * D * DT.itemsize
-
-            def ours():
-                a = paged_inputs(b, 0, n, gen)
-                return lambda: attention(*a)
-
-            def sdpa():
-                q = torch.randn(b, HQ, n, D, device="cuda", dtype=DT)
-                k = (torch.randn(b, HKV, n, D, device="cuda", dtype=DT) * 30).repeat_interleave(HQ // HKV, 1)
-                v = torch.randn(b, HKV, n, D, device="cuda", dtype=DT).repeat_interleave(HQ // HKV, 1)
-
-                def run():
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                                scale=D ** -0.5)
-                return run
-
-            t_ours, t_sdpa = bench(ours, nbytes), bench(sdpa, nbytes)
+            t_ours, t_sdpa = prefill_seconds(b, n, gen)
             prefill.append(dict(batch=b, tokens=n, ours_us=t_ours * 1e6, sdpa_us=t_sdpa * 1e6,
                                 ratio=t_ours / t_sdpa))
             print(prefill[-1], flush=True)

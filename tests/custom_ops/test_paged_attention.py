@@ -58,14 +58,15 @@ CASES = {
     "decode-batch-long": (8, 1, 128, 64, [300, 129, 511], [1, 1, 1]),  # group 8; ends on / past a block
     "block-128-hd64-mha": (4, 4, 64, 128, [127, 128], [1, 2]),
     "group-5": (10, 2, 64, 16, [33, 0], [1, 20]),  # Qwen3-14B's 40/8: a group that is not a power of two
+    "decode-long-context": (4, 2, 64, 16, [1500], [1]),  # 47 partials with many-splits: the combine's chunks
 }
 
 
-# which kernels run: (SPLIT_TOKENS, SPLIT_PROGRAMS); the cases are small, so these are forced
+# which kernels run: (SPLIT_TOKENS, SPLIT_PROGRAMS, KEYS_PER_STEP); the cases are small, so these are forced
 PATHS = {
-    "split": (256, 1024),          # the default for small batches: a few splits per token
-    "many-splits": (256, 1 << 20),  # a split per BLOCK_N keys: the combine merges many partials
-    "tiles": (0, 1024),            # the prefill tiles for every batch, runs of several sequences per tile
+    "split": (256, 1024, 64),          # the default for small batches: a few splits per token
+    "many-splits": (256, 1 << 20, 32),  # a split per 32 keys: the combine merges many partials
+    "tiles": (0, 1024, 64),            # the prefill tiles for every batch, runs of several sequences per tile
 }
 
 
@@ -76,9 +77,10 @@ def test_paged_attention_matches_float64(impl, case, dtype, kernel_device, monke
     if impl != "reference" and dtype not in KERNEL_DTYPES:
         pytest.skip("bf16 tl.dot is wrong under the Triton interpreter; covered on the GPU")
     if impl != "reference":
-        split_tokens, split_programs = PATHS[impl.removeprefix("triton-")]
+        split_tokens, split_programs, keys = PATHS[impl.removeprefix("triton-")]
         monkeypatch.setattr(attention, "SPLIT_TOKENS", split_tokens)
         monkeypatch.setattr(attention, "SPLIT_PROGRAMS", split_programs)
+        monkeypatch.setattr(attention, "KEYS_PER_STEP", keys)
     device = "cpu" if impl == "reference" else kernel_device
     args = _batch(*CASES[case], dtype=dtype, device=device, seed=len(case))
     q, k, v, k_cache, v_cache, positions, seq_ids, table, scale = args

@@ -61,6 +61,12 @@ def _cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, seq_ptr, bt_ptr, 
 
 SPLIT_TOKENS = 256     # batches up to this many tokens take the split (decode) kernels, larger ones the tiles
 SPLIT_PROGRAMS = 1024  # (token, kv head, split) programs the split kernels aim for
+# Launch parameters (any value is correct; these were measured best on an H200 with
+# bench/attention.py --sweep): keys per inner step for head_dim <= 128 (half that for 256),
+# pipeline stages of the K/V loads in the split and the tile kernels.
+KEYS_PER_STEP = 64
+SPLIT_STAGES = 2
+TILE_STAGES = 2
 LOG2E = 1.4426950408889634
 
 
@@ -142,8 +148,9 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, pos
 
 @triton.jit
 def _combine_kernel(out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, num_tokens, split_tokens, num_splits,
-                    HQ: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (token, query head): merge the partial softmaxes of the splits that ran."""
+                    HQ: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (token, query head): merge the partial softmaxes of the splits that ran,
+    CHUNK splits per load (one split at a time took 31 us for 129 splits at batch 1, 32k)."""
     if (num_tokens > split_tokens) | (num_splits == 1):
         return
     t = tl.program_id(0).to(tl.int64)
@@ -152,19 +159,23 @@ def _combine_kernel(out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, num_tokens, spl
     chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     ran = tl.cdiv(ctx, chunk)
     base = t * num_splits * HQ + h
-    m_max = tl.load(part_ml_ptr + 2 * base)
-    for i in range(1, ran):
-        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + 2 * (base + i * HQ)))
+    c = tl.arange(0, CHUNK)
     d = tl.arange(0, D)
-    w = tl.exp2(tl.load(part_ml_ptr + 2 * base) - m_max)
-    l_sum = w * tl.load(part_ml_ptr + 2 * base + 1)
-    acc = w * tl.load(part_acc_ptr + base * D + d)
-    for i in range(1, ran):
-        part = base + i * HQ
-        w = tl.exp2(tl.load(part_ml_ptr + 2 * part) - m_max)
-        l_sum += w * tl.load(part_ml_ptr + 2 * part + 1)
-        acc += w * tl.load(part_acc_ptr + part * D + d)
-    tl.store(out_ptr + (t * HQ + h) * D + d, (acc / l_sum).to(out_ptr.dtype.element_ty))
+    m_max = tl.full([CHUNK], float("-inf"), tl.float32)
+    for i in range(0, ran, CHUNK):
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + 2 * (base + (i + c) * HQ), mask=i + c < ran,
+                                          other=float("-inf")))
+    m_top = tl.max(m_max, 0)  # every split that ran saw at least one key: finite
+    l_sum = tl.zeros([CHUNK], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for i in range(0, ran, CHUNK):
+        ok = i + c < ran
+        part = base + (i + c) * HQ
+        w = tl.where(ok, tl.exp2(tl.load(part_ml_ptr + 2 * part, mask=ok, other=0.0) - m_top), 0.0)
+        l_sum += w * tl.load(part_ml_ptr + 2 * part + 1, mask=ok, other=0.0)
+        acc += tl.sum(w[:, None] * tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=ok[:, None],
+                                           other=0.0), 0)
+    tl.store(out_ptr + (t * HQ + h) * D + d, (acc / tl.sum(l_sum, 0)).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -197,13 +208,25 @@ def _tile_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_st
         in_run = row_ok & (row_seq == seq) & (tok >= run)
         run_len = tl.sum((in_run & (g == 0)).to(tl.int32))  # a sequence's tokens are contiguous
         last = tl.max(tl.where(in_run, row_pos, -1))
+        first = tl.min(tl.where(in_run, row_pos, last))
         m = tl.full([BLOCK_M * G_PAD], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M * G_PAD], tl.float32)
         acc = tl.zeros([BLOCK_M * G_PAD, D], tl.float32)
-        for start in range(0, last + 1, BLOCK_N):
+        # keys up to the run's first position are seen by all its rows: no mask (rows outside the
+        # run are not stored; their q is a real or zero row, so their scores stay finite)
+        unmasked = (first + 1) // BLOCK_N * BLOCK_N
+        seq_table = bt_ptr + seq.to(tl.int64) * bt_stride
+        for start in range(0, unmasked, BLOCK_N):
+            j = start + n
+            blk = tl.load(seq_table + j // BS).to(tl.int64)
+            kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
+            k = tl.load(kc_ptr + kv_off)
+            v = tl.load(vc_ptr + kv_off)
+            m, l, acc = _online_softmax_step(_scores(q, k, QK_SCALE, FP32), m, l, acc, v, FP32)
+        for start in range(unmasked, last + 1, BLOCK_N):
             j = start + n
             valid = j <= last
-            blk = tl.load(bt_ptr + seq.to(tl.int64) * bt_stride + j // BS, mask=valid, other=0).to(tl.int64)
+            blk = tl.load(seq_table + j // BS, mask=valid, other=0).to(tl.int64)
             kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
             k = tl.load(kc_ptr + kv_off, mask=valid[:, None], other=0.0)
             v = tl.load(vc_ptr + kv_off, mask=valid[:, None], other=0.0)
@@ -235,19 +258,20 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     part_acc = torch.empty(split_rows * num_splits * hq * d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(split_rows * num_splits * hq * 2, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
-    common = dict(QK_SCALE=scale * LOG2E, BS=bs, HQ=hq, HKV=hkv, D=d, GROUP=group,
-                  G_PAD=triton.next_power_of_2(group), FP32=fp32)
-    split_n = 64 if d <= 128 else 32
+    common = dict(QK_SCALE=scale * LOG2E, BS=bs, HQ=hq, HKV=hkv, D=d, GROUP=group, FP32=fp32)
+    keys = KEYS_PER_STEP if d <= 128 else KEYS_PER_STEP // 2
+    g_pad = triton.next_power_of_2(group)
     wrap_triton(_split_kernel)[(split_rows, hkv, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS,
-        num_splits, **{**common, "G_PAD": max(16, common["G_PAD"])}, BLOCK_N=split_n, num_warps=4, num_stages=2)
+        num_splits, **common, G_PAD=max(16, g_pad), BLOCK_N=keys, num_warps=4, num_stages=SPLIT_STAGES)
     wrap_triton(_combine_kernel)[(split_rows, hq)](
-        out, part_acc, part_ml, positions, t, SPLIT_TOKENS, num_splits, HQ=hq, D=d, BLOCK_N=split_n, num_warps=1)
+        out, part_acc, part_ml, positions, t, SPLIT_TOKENS, num_splits, HQ=hq, D=d, BLOCK_N=keys, CHUNK=32,
+        num_warps=4)
     rows = 128 if d <= 128 else 64  # query rows (tokens x group heads) per tile
-    block_m = max(1, rows // common["G_PAD"])
+    block_m = max(1, rows // g_pad)
     wrap_triton(_tile_kernel)[(triton.cdiv(t, block_m), hkv)](
-        q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS, **common,
-        BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32, num_warps=8, num_stages=2)
+        q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS, **common, G_PAD=g_pad,
+        BLOCK_M=block_m, BLOCK_N=keys, num_warps=8, num_stages=TILE_STAGES)
     return out
 
 
