@@ -332,6 +332,7 @@ def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -
     if g is not None:
         b = next(s for s in g.sizes if s >= batch)
         args = (g.ids[:b], g.pos[:b], g.seq_ids[:b], g.tables[:b], g.rows[:b], cache.k, cache.v)
+        out["replayed_context"] = int(g.pos[:batch].max()) + 1  # the last step's, which the replays repeat
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.graphs[b].replay()
         start.record()
@@ -386,7 +387,7 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=None, help="chart of decode tok/s against batch size")
     ap.add_argument("--tiny", action="store_true", help="a tiny model and plan (a CPU smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--profile", action="store_true", help="also profile decode steps of batch 1 and 64")
+    ap.add_argument("--profile", action="store_true", help="also profile decode steps of batch 1, 64 and 256")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: eager, transformers, "
                                                "workload, transformers-workload")
     a = ap.parse_args()
@@ -416,7 +417,7 @@ def main() -> None:
     engine = ours.engine
     sizes = model_sizes(engine.config, sum(w.nbytes for w in engine.forward._weights.values()), dtype)
     if a.profile:
-        r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 64) if b <= max(plan.batches)]
+        r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 64, 256) if b <= max(plan.batches)]
     del ours, engine
     if "eager" not in skip:
         def eager() -> Ours:  # the same engine, the eager model as its forward
@@ -513,7 +514,8 @@ def report(r: dict, plan: Plan) -> None:
         print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps): host ms/step "
               + ", ".join(f"{k} {v:.3f}" for k, v in p["host_ms_per_step"].items()))
         if "graph_replay_ms" in p:
-            print(f"  graph replay {p['graph_replay_ms']:.3f} ms; compiled call without graph {p['compiled_call_ms']:.3f} ms")
+            print(f"  graph replay {p['graph_replay_ms']:.3f} ms (context {p['replayed_context']}); "
+                  f"compiled call without graph {p['compiled_call_ms']:.3f} ms")
         for label in ("eager call", "graph replay"):
             k = p.get(label, {})
             if "error" in k or not k:
