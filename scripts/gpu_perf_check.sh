@@ -14,5 +14,5 @@ python3 bench/e2e.py --profile --skip "${E2E_SKIP-transformers-workload}" --json
     --png "$OUT/e2e_decode.png" > "$OUT/e2e.log" 2>&1
 e2e_rc=$?
 tail -3 "$OUT/kernel_tests.txt"; cat "$OUT/skinny.txt" "$OUT/attention_sweep.txt" | grep -v Warning
-grep -v "^\[\|Loading\|^  " "$OUT/e2e.log" | tail -45
+grep -v "^\[\|Loading\|^  ours\|^  transformers" "$OUT/e2e.log" | tail -60
 echo "kernel tests exit code: $tests_rc, e2e exit code: $e2e_rc"
