@@ -5,7 +5,6 @@ tokens. Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagra
 and writes JSON to --json.
 
     PYTHONPATH=src python bench/kernels.py --json $OUT/kernels.json
-    PYTHONPATH=src python bench/kernels.py --skinny    # skinny_linear against cuBLAS, and its launch sweep
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import torch
 import triton
 
 import qwen3_aot.custom_ops  # noqa: F401
-from qwen3_aot.custom_ops import skinny_linear as skinny_module
 from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin
 
 H, HQ, HKV, D, EPS = 1024, 16, 8, 128, 1e-6
@@ -63,47 +61,12 @@ def torch_qkv_rope(x, w, qn, kn, cos, sin, t):
     return rope(q), rope(k), v.view(t, HKV, D)
 
 
-# Qwen3-0.6B's projections (N, K): qkv, o, gate_up, down, lm_head
-PROJECTIONS = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
-               "lm_head": (151936, 1024)}
-
-
-def skinny(bw: float) -> None:
-    """skinny_linear against F.linear (cuBLAS) on decode shapes, as % of the bandwidth needed to
-    read the weight once; first a sweep of its launch parameters at one row."""
-    dt = torch.bfloat16
-
-    def calls(m: int, n: int, k: int, ours: bool):
-        x, w = torch.randn(m, k, device="cuda", dtype=dt), torch.randn(n, k, device="cuda", dtype=dt)
-        return (lambda: torch.ops.qwen3_aot.skinny_linear(x, w)) if ours else (lambda: torch.nn.functional.linear(x, w))
-
-    saved = (skinny_module.BLOCK_N, skinny_module.BLOCK_K, skinny_module.STAGES)
-    print(f"{'BLOCK_N':>8}{'BLOCK_K':>8}{'STAGES':>7}" + "".join(f"{p:>9}" for p in PROJECTIONS) + "   (% of bw, 1 row)")
-    for block_n in (16, 32):
-        for block_k in (128, 256, 512):
-            for stages in (3, 4):
-                skinny_module.BLOCK_N, skinny_module.BLOCK_K, skinny_module.STAGES = block_n, block_k, stages
-                pct = [100 * n * k * 2 / bench(lambda: calls(1, n, k, True), n * k * 2) / bw
-                       for n, k in PROJECTIONS.values()]
-                print(f"{block_n:>8}{block_k:>8}{stages:>7}" + "".join(f"{x:>8.0f}%" for x in pct), flush=True)
-    skinny_module.BLOCK_N, skinny_module.BLOCK_K, skinny_module.STAGES = saved
-    print(f"\n{'projection':<11}{'rows':>5}{'ours us':>9}{'cuBLAS us':>10}{'ours bw':>9}{'cuBLAS bw':>10}")
-    for name, (n, k) in PROJECTIONS.items():
-        for m in (1, 4, 16):
-            t_ours, t_cublas = bench(lambda: calls(m, n, k, True), n * k * 2), bench(lambda: calls(m, n, k, False), n * k * 2)
-            print(f"{name:<11}{m:>5}{t_ours * 1e6:>9.1f}{t_cublas * 1e6:>10.1f}{100 * n * k * 2 / t_ours / bw:>8.0f}%"
-                  f"{100 * n * k * 2 / t_cublas / bw:>9.0f}%", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--skinny", action="store_true", help="only skinny_linear against cuBLAS, and its sweep")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     bw = copy_bandwidth()
-    if args.skinny:
-        return skinny(bw)
     ops = torch.ops.qwen3_aot
     rows = []
     cs = rope_cos_sin(D, 1e6, 8192, dev)

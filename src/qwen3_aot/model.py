@@ -19,7 +19,6 @@ from torch import nn
 import qwen3_aot.custom_ops  # noqa: F401  (registers torch.ops.qwen3_aot.*)
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin
-from qwen3_aot.custom_ops.skinny_linear import linear
 from qwen3_aot.driver import FlatBatchDriver, KVCache
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.weights import load_checkpoint, parse_dtype
@@ -111,12 +110,12 @@ class Qwen3ForCausalLM(nn.Module):
             q, k, v = ops.qkv_rope(h, layer.qkv_proj, layer.q_norm, layer.k_norm, self.cos_sin, positions,
                                    cfg.num_attention_heads, cfg.num_key_value_heads, eps)
             a = ops.paged_attention(q, k, v, k_caches[i], v_caches[i], positions, seq_ids, block_tables, scale)
-            x = linear(a.flatten(1), layer.o_proj)
+            x = F.linear(a.flatten(1), layer.o_proj)
             h, residual = ops.add_rms_norm(x, residual, layer.post_norm, eps)
-            gate, up = linear(h, layer.gate_up_proj).chunk(2, dim=-1)
-            x = linear(F.silu(gate) * up, layer.down_proj)
+            gate, up = F.linear(h, layer.gate_up_proj).chunk(2, dim=-1)
+            x = F.linear(F.silu(gate) * up, layer.down_proj)
         h, _ = ops.add_rms_norm(x[logits_indices], residual[logits_indices], self.norm, eps)
-        return linear(h, self.lm_head_weight()).float()
+        return F.linear(h, self.lm_head_weight()).float()
 
     # ---- eager use: tests, parity and the uncompiled baseline ----
 

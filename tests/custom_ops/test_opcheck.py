@@ -30,7 +30,6 @@ CASES = {
     "add_rms_norm": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(3, 48).to(dt), torch.randn(48).to(dt), 1e-6),
     "qkv_rope": _qkv_args,
     "paged_attention": _attention_args,
-    "skinny_linear": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(40, 48).to(dt)),
 }
 
 
