@@ -62,11 +62,12 @@ CASES = {
 }
 
 
-# which kernels run: (SPLIT_TOKENS, SPLIT_PROGRAMS, KEYS_PER_STEP); the cases are small, so these are forced
+# which kernels run: (SPLIT_TOKENS, SPLIT_PROGRAMS, KEYS_PER_STEP or None for the default); the
+# cases are small, so these are forced
 PATHS = {
-    "split": (256, 1024, 64),          # the default for small batches: a few splits per token
+    "split": (256, 1024, None),         # the default for small batches: a few splits per token
     "many-splits": (256, 1 << 20, 32),  # a split per 32 keys: the combine merges many partials
-    "tiles": (0, 1024, 64),            # the prefill tiles for every batch, runs of several sequences per tile
+    "tiles": (0, 1024, None),           # the prefill tiles for every batch, runs of several sequences per tile
 }
 
 
@@ -80,7 +81,8 @@ def test_paged_attention_matches_float64(impl, case, dtype, kernel_device, monke
         split_tokens, split_programs, keys = PATHS[impl.removeprefix("triton-")]
         monkeypatch.setattr(attention, "SPLIT_TOKENS", split_tokens)
         monkeypatch.setattr(attention, "SPLIT_PROGRAMS", split_programs)
-        monkeypatch.setattr(attention, "KEYS_PER_STEP", keys)
+        if keys is not None:
+            monkeypatch.setattr(attention, "KEYS_PER_STEP", keys)
     device = "cpu" if impl == "reference" else kernel_device
     args = _batch(*CASES[case], dtype=dtype, device=device, seed=len(case))
     q, k, v, k_cache, v_cache, positions, seq_ids, table, scale = args
