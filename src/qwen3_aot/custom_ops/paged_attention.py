@@ -64,7 +64,9 @@ SPLIT_PROGRAMS = 512   # (token, kv head, split) programs the split kernels aim 
 # Launch parameters (any value is correct; measured on an H200 with bench/attention.py
 # --sweep, where 128 keys beat 64 everywhere: batch 1 at 32k 64% of bandwidth against 57%,
 # prefill 1 x 8k 0.94x SDPA's time against 1.20x; a third stage gained under 3%): keys per
-# inner step for head_dim <= 128 (half that for 256), pipeline stages of the K/V loads.
+# inner step for 16-bit K/V and head_dim <= 128, fewer for wider heads and for fp32 so that
+# a tile keeps its bytes (128 fp32 keys of head_dim 128 failed there, 64 passed), and
+# pipeline stages of the K/V loads.
 KEYS_PER_STEP = 128
 SPLIT_STAGES = 2
 TILE_STAGES = 2
@@ -260,7 +262,7 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     part_ml = torch.empty(split_rows * num_splits * hq * 2, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
     common = dict(QK_SCALE=scale * LOG2E, BS=bs, HQ=hq, HKV=hkv, D=d, GROUP=group, FP32=fp32)
-    keys = KEYS_PER_STEP if d <= 128 else KEYS_PER_STEP // 2
+    keys = max(16, KEYS_PER_STEP * 128 // max(d, 128) // (2 if fp32 else 1))
     g_pad = triton.next_power_of_2(group)
     wrap_triton(_split_kernel)[(split_rows, hkv, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS,
