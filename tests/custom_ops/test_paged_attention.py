@@ -71,7 +71,7 @@ PATHS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("impl", ["triton-" + p for p in PATHS] + ["reference"])
 def test_paged_attention_matches_float64(impl, case, dtype, kernel_device, monkeypatch):
