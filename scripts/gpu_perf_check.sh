@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The performance command (issues 3 and 7): the attention tests on CUDA (every dtype, the
-# default launch parameters; about 3 minutes), the attention benchmark, then the end-to-end
-# benchmark with its decode-step profile. Logs, JSON and the chart under $OUT; tables last.
+# default launch parameters), the attention benchmark, then the end-to-end benchmark with
+# its decode-step profile. Logs, JSON and the chart under $OUT; the tables last.
 #     bash scripts/gpu_perf_check.sh
 #     E2E_SKIP= bash scripts/gpu_perf_check.sh    # transformers on the nano-vllm workload too (~1 min)
 set -uo pipefail
