@@ -100,14 +100,14 @@ def best_of(n: int, fn: Callable[[], object]) -> float:
 
 
 def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write), the ceiling of a memory-bound step."""
+    """Bytes/s of a 1 GiB (64 MiB on the CPU) copy, read + write counted: the ceiling of a memory-bound step."""
     x = torch.empty(1 << (30 if device.type == "cuda" else 26), dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     return 2 * x.numel() / best_of(10, lambda: y.copy_(x))
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of an 8192^3 matmul (2048^3 on the CPU), the ceiling of a compute-bound prefill."""
+    """FLOP/s of an 8192^3 matmul (512^3 on the CPU), the ceiling of a compute-bound prefill."""
     n = 8192 if device.type == "cuda" else 512
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / best_of(5, lambda: a @ b)
@@ -313,26 +313,34 @@ def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -
     sp = SamplingParams(max_tokens=plan.new_tokens + 1, temperature=0, ignore_eos=True)
     engine.generate(prompts, sp)
     for obj, attr, label in [(engine.scheduler, "schedule", "schedule"), (engine, "_forward", "inputs + launch"),
-                             (engine, "sampler", "sampler (waits for the GPU)"), (engine, "_append", "accept tokens")]:
+                             (engine, "sampler", "sampler (waits for the GPU)"), (engine, "_append", "accept tokens"),
+                             (engine, "step", "step")]:
         timed(obj, attr, label)
-    steps = [0]
-    timed(engine, "step", "step")
     reqs = [engine.add_request(p, sp) for p in prompts]
     while any(r.seq.num_computed < len(r.seq.token_ids) - 1 for r in reqs):  # the prefill steps, not counted
         engine.step()
+    # chunked prefill staggers the sequences, so they finish over the last steps: keep the
+    # inputs of the first decode step, whole, for the replays below
+    first_step = [(len(seq.token_ids) - 1, seq.token_ids[-1], list(seq.block_table)) for seq in engine.scheduler.running]
     spent.clear()
+    steps = sequences = 0
     while engine.has_unfinished():
+        sequences += len(engine.scheduler.running)
         engine.step()
-        steps[0] += 1
+        steps += 1
     for obj, attr, original in wrapped:  # an instance attribute (the sampler) back, or the class's method
         setattr(obj, attr, original) if original is not None else delattr(obj, attr)
-    out: dict = {"batch": batch, "steps": steps[0], "host_ms_per_step": {k: v / steps[0] * 1e3 for k, v in spent.items()}}
+    out: dict = {"batch": batch, "steps": steps, "mean_batch": sequences / steps,
+                 "host_ms_per_step": {k: v / steps * 1e3 for k, v in spent.items()}}
 
     g, cache = engine.graphs, engine.cache
     if g is not None:
+        pos, ids, tables = zip(*first_step)
+        width = max(map(len, tables))
+        g(list(ids), list(pos), torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32))
         b = next(s for s in g.sizes if s >= batch)
         args = (g.ids[:b], g.pos[:b], g.seq_ids[:b], g.tables[:b], g.rows[:b], cache.k, cache.v)
-        out["replayed_context"] = int(g.pos[:batch].max()) + 1  # the last step's, which the replays repeat
+        out["replayed_context"] = int(g.pos[:batch].max()) + 1
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.graphs[b].replay()
         start.record()
@@ -511,7 +519,8 @@ def report(r: dict, plan: Plan) -> None:
             line += f"; transformers {wt['tok_s']:.0f} tok/s ({w['tok_s'] / wt['tok_s']:.1f}x)"
         print(line)
     for p in r.get("profile", []):
-        print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps): host ms/step "
+        print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps, {p['mean_batch']:.0f} sequences on average): "
+              "host ms/step "
               + ", ".join(f"{k} {v:.3f}" for k, v in p["host_ms_per_step"].items()))
         if "graph_replay_ms" in p:
             print(f"  graph replay {p['graph_replay_ms']:.3f} ms (context {p['replayed_context']}); "
