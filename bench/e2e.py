@@ -270,17 +270,43 @@ def workload(plan: Plan, vocab: int) -> tuple[list[list[int]], list[SamplingPara
 
 
 def run_workload(engine: runtime.Engine, plan: Plan, vocab: int) -> dict:
+    """Output tokens/s of the workload, and where its time went: steps that only decode
+    (one token per sequence: CUDA graphs) against steps that prefill, alone or mixed with
+    decodes (one flat batch through the compiled graph), by count, seconds and tokens."""
     prompts, params = workload(plan, vocab)
     engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))  # nano-vllm's warm-up
-    sync()
-    t = time.perf_counter()
-    done = engine.generate(prompts, params)
-    sync()
-    t = time.perf_counter() - t
+    kinds = {k: {"steps": 0, "seconds": 0.0, "tokens": 0, "sequences": 0} for k in ("decode only", "with prefill")}
+    forward, step = engine._forward, engine.step
+    shape = {}
+
+    def forward_noting_shape(batch):
+        shape["tokens"], shape["sequences"] = sum(n for _, n in batch), len(batch)
+        return forward(batch)
+
+    def timed_step() -> None:
+        shape.clear()
+        t = time.perf_counter()
+        step()
+        if shape:
+            k = kinds["decode only" if shape["tokens"] == shape["sequences"] else "with prefill"]
+            k["steps"] += 1
+            k["seconds"] += time.perf_counter() - t
+            k["tokens"] += shape["tokens"]
+            k["sequences"] += shape["sequences"]
+
+    engine._forward, engine.step = forward_noting_shape, timed_step
+    try:
+        sync()
+        t = time.perf_counter()
+        done = engine.generate(prompts, params)
+        sync()
+        t = time.perf_counter() - t
+    finally:
+        del engine._forward, engine.step
     tokens = sum(c.output_tokens for c in done)
     assert tokens == sum(p.max_tokens for p in params), "ignore_eos: every request runs to max_tokens"
     return {"output_tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "seconds": t, "tok_s": tokens / t,
-            "preemptions": engine.scheduler.num_preemptions}
+            "preemptions": engine.scheduler.num_preemptions, "steps": kinds}
 
 
 def run_workload_transformers(hf: Transformers, plan: Plan, vocab: int) -> dict:
@@ -554,6 +580,11 @@ def report(r: dict, plan: Plan) -> None:
             wt = r["workload_transformers"]
             line += f"; transformers {wt['tok_s']:.0f} tok/s ({w['tok_s'] / wt['tok_s']:.1f}x)"
         print(line)
+        for kind, k in w["steps"].items():
+            if k["steps"]:
+                print(f"  {kind}: {k['steps']} steps, {k['seconds']:.2f} s ({k['seconds'] / k['steps'] * 1e3:.2f} ms "
+                      f"a step), {k['tokens'] / k['steps']:.0f} tokens of {k['sequences'] / k['steps']:.0f} "
+                      "sequences a step")
     for p in r.get("profile", []):
         print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps, {p['mean_batch']:.0f} sequences on average): "
               "host ms/step "

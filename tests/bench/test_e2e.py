@@ -32,6 +32,10 @@ def test_e2e_tiny_run_fills_every_figure(tmp_path):
         assert all(s["prefill_ms"][n] > floor["prefill_ms"][n] for n in s["prefill_ms"]), name
     w, wt = r["workload"], r["workload_transformers"]
     assert w["output_tokens"] == wt["output_tokens"] > 0 and w["tok_s"] > 0 and wt["tok_s"] > 0
+    steps = w["steps"]  # every prompt token is fed once, every output token but the last of each request
+    assert steps["with prefill"]["tokens"] + steps["decode only"]["tokens"] == (
+        w["prompt_tokens"] + w["output_tokens"] - plan["workload"][0])
+    assert 0 < steps["decode only"]["seconds"] + steps["with prefill"]["seconds"] <= w["seconds"]
     t = r["ttft"]
     assert 0 < t["import_s"] < t["total_s"] and t["load_s"] > 0 and r["build_s"] > 0
     assert r["profile"][0]["steps"] == plan["new_tokens"] and r["profile"][0]["host_ms_per_step"]["step"] > 0
