@@ -186,8 +186,7 @@ class Ours(System):
             sp = SamplingParams(max_tokens=2 * n + 1, temperature=0, ignore_eos=True)  # none ends while timed
             reqs = [self.engine.add_request(p, sp) for p in prompts]
             try:
-                while any(r.seq.num_computed < len(r.seq.token_ids) - 1 for r in reqs):
-                    self.engine.step()
+                prefill_requests(self.engine, reqs)
                 assert len(self.engine.scheduler.running) == len(reqs), "the whole batch decodes together"
                 preemptions = self.engine.scheduler.num_preemptions
                 sync()
@@ -225,6 +224,13 @@ class Transformers(System):
     def prefill(self, prompt: list[int]) -> object:
         ids = torch.tensor([prompt], device=self.device)
         return self.model(ids, logits_to_keep=1).logits.argmax(-1)  # what generate's first step computes
+
+
+def prefill_requests(engine: runtime.Engine, requests: list[runtime.Request]) -> None:
+    """Step until every request has its prompt in the cache (chunked: the first ones are then
+    already decoding)."""
+    while any(r.seq.num_computed < len(r.seq.token_ids) - 1 for r in requests):
+        engine.step()
 
 
 def load_ours(artifact: Path, plan: Plan, **options) -> runtime.Engine:
@@ -379,8 +385,7 @@ def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -
                              (engine, "step", "step")]:
         timed(obj, attr, label)
     reqs = [engine.add_request(p, sp) for p in prompts]
-    while any(r.seq.num_computed < len(r.seq.token_ids) - 1 for r in reqs):  # the prefill steps, not counted
-        engine.step()
+    prefill_requests(engine, reqs)  # not counted
     # chunked prefill staggers the sequences, so they finish over the last steps: keep the
     # inputs of the first decode step, whole, for the replays below
     first_step = [(len(seq.token_ids) - 1, seq.token_ids[-1], list(seq.block_table)) for seq in engine.scheduler.running]
