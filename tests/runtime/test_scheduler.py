@@ -42,6 +42,7 @@ def run(sched: Scheduler, arrivals: dict[int, list[Sequence]], max_new: int) -> 
         tables = sched.block_tables([seq for seq, _ in batch])  # what the engine feeds the forward
         for row, (seq, _) in zip(tables, batch):
             assert row[:len(seq.block_table)].tolist() == seq.block_table
+            assert (row[len(seq.block_table):] == RESERVED_BLOCK).all()
         assert sorted(s.slot for s in sched.running) == sorted(set(s.slot for s in sched.running))
         steps.append([(seq, seq.num_computed, n) for seq, n in batch])
         for seq, n in batch:
