@@ -8,6 +8,7 @@ blocks handed out in a shuffled order. Times are medians of CUDA-graph replays (
 - prefill: B sequences of N new tokens from position 0; against
   torch.nn.functional.scaled_dot_product_attention with the flash backend on the same
   q/k/v, contiguous [B, H, N, D] (k and v expanded to the 16 query heads beforehand).
+- mixed: one call that decodes a batch and prefills a prompt, against the two run apart.
 
     PYTHONPATH=src python bench/attention.py --json $OUT/attention.json
     PYTHONPATH=src python bench/attention.py --sweep     # the goal shapes over the launch parameters
@@ -40,19 +41,42 @@ PREFILL_LENGTHS, PREFILL_BATCHES = [512, 2048, 8192], [1, 8]
 
 def paged_inputs(batch: int, prior: int, new: int, gen: torch.Generator) -> tuple:
     """Caches holding `prior` tokens per sequence (shuffled blocks), and `new` tokens per sequence."""
-    per_seq = -(-(prior + new) // BS)
-    num_blocks = batch * per_seq + 1
-    order = torch.randperm(num_blocks - 1, generator=gen) + 1
-    table = order.view(batch, per_seq).to(torch.int32).cuda()
+    return varlen_inputs([prior] * batch, [new] * batch, gen)
+
+
+def varlen_inputs(prior: list[int], new: list[int], gen: torch.Generator) -> tuple:
+    """Sequence s holds prior[s] cached tokens and brings new[s] tokens; blocks in shuffled order."""
+    per_seq = [-(-(p + n) // BS) for p, n in zip(prior, new)]
+    num_blocks = sum(per_seq) + 1
+    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).to(torch.int32)
+    table = torch.zeros(len(prior), max(per_seq), dtype=torch.int32)
+    for s, start in enumerate(torch.tensor([0] + per_seq).cumsum(0)[:-1].tolist()):
+        table[s, :per_seq[s]] = order[start:start + per_seq[s]]
     k_cache = torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=DT) * 30  # K near Qwen3's ~220 scale
     v_cache = torch.randn(num_blocks, BS, HKV, D, device="cuda", dtype=DT)
-    t = batch * new
+    t = sum(new)
     q = torch.randn(t, HQ, D, device="cuda", dtype=DT)
     k = torch.randn(t, HKV, D, device="cuda", dtype=DT) * 30
     v = torch.randn(t, HKV, D, device="cuda", dtype=DT)
-    positions = torch.arange(prior, prior + new, device="cuda").repeat(batch)
-    seq_ids = torch.arange(batch, device="cuda", dtype=torch.int32).repeat_interleave(new)
-    return q, k, v, k_cache, v_cache, positions, seq_ids, table, D ** -0.5
+    positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prior, new)]).cuda()
+    seq_ids = torch.cat([torch.full((n,), s, dtype=torch.int32) for s, n in enumerate(new)]).cuda()
+    return q, k, v, k_cache, v_cache, positions, seq_ids, table.cuda(), D ** -0.5
+
+
+def mixed_seconds(decodes: int, ctx: int, prompt: int, gen: torch.Generator) -> dict:
+    """A step that decodes `decodes` sequences at `ctx` and prefills one `prompt`-token sequence,
+    against the same two batches run apart."""
+    attention = torch.ops.qwen3_aot.paged_attention
+
+    def timed(prior: list[int], new: list[int]) -> float:
+        def call():
+            a = varlen_inputs(prior, new, gen)
+            return lambda: attention(*a)
+        return bench(call, 2 * (sum(prior) + sum(new)) * HKV * D * DT.itemsize)
+
+    both = timed([ctx - 1] * decodes + [0], [1] * decodes + [prompt])
+    apart = timed([ctx - 1] * decodes, [1] * decodes) + timed([0], [prompt])
+    return dict(decodes=decodes, context=ctx, prompt=prompt, mixed_us=both * 1e6, apart_us=apart * 1e6)
 
 
 def decode_seconds(b: int, ctx: int, gen: torch.Generator) -> float:
@@ -155,8 +179,10 @@ def main() -> None:
                                 ratio=t_ours / t_sdpa))
             print(prefill[-1], flush=True)
             torch.cuda.empty_cache()
+    mixed = [mixed_seconds(256, 1024, 4096, gen), mixed_seconds(64, 1024, 2048, gen)]
+    print(mixed, flush=True)
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_bandwidth_GBps=bw / 1e9, decode=decode, prefill=prefill)
+                copy_bandwidth_GBps=bw / 1e9, decode=decode, prefill=prefill, mixed=mixed)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, heads {HQ}/{HKV}x{D}, "
@@ -167,6 +193,9 @@ def main() -> None:
     print(f"{'prefill':<8}{'batch':>6}{'tokens':>8}{'ours us':>10}{'SDPA us':>10}{'ours/SDPA':>10}")
     for r in prefill:
         print(f"{'':<8}{r['batch']:>6}{r['tokens']:>8}{r['ours_us']:>10.1f}{r['sdpa_us']:>10.1f}{r['ratio']:>9.2f}x")
+    print(f"{'mixed':<8}{'decodes':>8}{'context':>8}{'prompt':>7}{'one call us':>12}{'apart us':>10}")
+    for r in mixed:
+        print(f"{'':<8}{r['decodes']:>8}{r['context']:>8}{r['prompt']:>7}{r['mixed_us']:>12.1f}{r['apart_us']:>10.1f}")
 
 
 if __name__ == "__main__":

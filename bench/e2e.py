@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -404,7 +405,8 @@ def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -
     if g is not None:
         pos, ids, tables = zip(*first_step)
         width = max(map(len, tables))
-        g(list(ids), list(pos), torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32))
+        tables = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32)
+        g(list(ids), list(pos), tables)
         b = next(s for s in g.sizes if s >= batch)
         args = (g.ids[:b], g.pos[:b], g.seq_ids[:b], g.tables[:b], g.rows[:b], cache.k, cache.v)
         out["replayed_context"] = int(g.pos[:batch].max()) + 1
@@ -416,6 +418,10 @@ def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -
         end.record()
         sync()
         out["graph_replay_ms"] = start.elapsed_time(end) / 50
+        # host time alone (the GPU idle before each): the replay's launch, and the whole decode
+        # call (inputs to pinned memory, two copies, the launch)
+        out["replay_launch_host_ms"] = host_ms(g.graphs[b].replay)
+        out["decode_call_host_ms"] = host_ms(lambda: g(list(ids), list(pos), tables))
         with torch.inference_mode():
             out["compiled_call_ms"] = best_of(20, lambda: engine.forward(*args)) * 1e3
         for label, fn in (("eager call", lambda: engine.forward(*args)), ("graph replay", g.graphs[b].replay)):
@@ -424,6 +430,29 @@ def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -
             except Exception as e:  # the profiler's event API moves between torch versions; keep the rest
                 out[label] = {"error": repr(e)}
     return out
+
+
+def host_ms(fn: Callable[[], object], calls: int = 20) -> float:
+    """Median host milliseconds of fn() returning, the GPU idle before each call."""
+    times = []
+    for _ in range(calls):
+        sync()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    sync()
+    return sorted(times)[calls // 2] * 1e3
+
+
+def import_profile(top: int = 12) -> list[dict]:
+    """`python -X importtime -c 'import torch'`: the modules with the largest cumulative import times."""
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c", "import torch"], capture_output=True, text=True)
+    rows = []
+    for line in p.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append({"module": parts[2].rstrip(), "cumulative_s": int(parts[1]) / 1e6})
+    return sorted(rows, key=lambda r: -r["cumulative_s"])[:top]
 
 
 def kernel_table(fn: Callable[[], object], calls: int = 10) -> dict:
@@ -482,6 +511,7 @@ def main() -> None:
     r["ttft"] = time_to_first_token(art, {})
     r["ttft_unchecked"] = time_to_first_token(art, {"verify_files": False, "cuda_graphs": False})
     r["import_torch_s"] = best_of(1, lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))
+    r["import_profile"] = import_profile()
     print(f"[first token] {r['ttft']}", flush=True)
 
     r["copy_GBps"] = copy_bandwidth(device) / 1e9
@@ -577,6 +607,8 @@ def report(r: dict, plan: Plan) -> None:
           f"{t['import_s']:.2f}, load {t['load_s']:.2f}, first token {t['first_token_s']:.3f}); "
           f"verify_files=False, cuda_graphs=False: {r['ttft_unchecked']['total_s']:.2f} s; "
           f"python -c 'import torch' alone: {r['import_torch_s']:.2f} s")
+    print("  import torch, largest cumulative: " + ", ".join(f"{m['module'].strip()} {m['cumulative_s']:.2f}"
+                                                           for m in r["import_profile"][:8]))
     print(f"build (scripts/export.py, verify included): {r['build_s']:.1f} s")
     if "workload" in r:
         w = r["workload"]
@@ -596,7 +628,8 @@ def report(r: dict, plan: Plan) -> None:
               + ", ".join(f"{k} {v:.3f}" for k, v in p["host_ms_per_step"].items()))
         if "graph_replay_ms" in p:
             print(f"  graph replay {p['graph_replay_ms']:.3f} ms (context {p['replayed_context']}); "
-                  f"compiled call without graph {p['compiled_call_ms']:.3f} ms")
+                  f"compiled call without graph {p['compiled_call_ms']:.3f} ms; host: replay launch "
+                  f"{p['replay_launch_host_ms']:.3f} ms, decode call {p['decode_call_host_ms']:.3f} ms")
         for label in ("eager call", "graph replay"):
             k = p.get(label, {})
             if "error" in k or not k:

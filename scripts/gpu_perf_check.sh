@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
-# The performance command (issues 3 and 7): the attention tests on CUDA (every dtype, the
-# default launch parameters), the attention benchmark, then the end-to-end benchmark with
-# its decode-step profile. Logs, JSON and the chart under $OUT; the tables last.
-#     bash scripts/gpu_perf_check.sh
-#     E2E_SKIP= bash scripts/gpu_perf_check.sh    # transformers on the nano-vllm workload too (~1 min)
+# The performance command (issues 3 and 7), in two parts that each fit one 10-minute GPU call:
+#   kernels: the attention tests on CUDA (every dtype) beside the runtime tests on a CUDA
+#            artifact (real CUDA graphs), then the attention benchmark and an ncu profile of
+#            its goal shapes;
+#   e2e:     the end-to-end benchmark with its decode-step profile.
+# Logs, JSON and the chart under $OUT; the tables last.
+#     bash scripts/gpu_perf_check.sh [kernels|e2e|all]      (default all)
+#     E2E_SKIP= bash scripts/gpu_perf_check.sh e2e           # transformers on the nano-vllm workload too (~1 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0
-python3 -m pytest -q -p no:cacheprovider tests/custom_ops/test_paged_attention.py > "$OUT/attention_tests.txt" 2>&1
-tests_rc=$?
-timeout 200 python3 bench/attention.py --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
-python3 bench/e2e.py --profile --skip "${E2E_SKIP-transformers-workload}" --json "$OUT/e2e.json" \
-    --png "$OUT/e2e_decode.png" > "$OUT/e2e.log" 2>&1
-e2e_rc=$?
-tail -1 "$OUT/attention_tests.txt"; grep -v Warning "$OUT/attention.txt" | tail -22
-grep -v "^\[\|Loading\|^  ours\|^  transformers" "$OUT/e2e.log" | tail -60
-echo "attention tests exit code: $tests_rc, e2e exit code: $e2e_rc"
+part=${1:-all}
+rc=0
+if [[ $part == kernels || $part == all ]]; then
+    python3 -m pytest -q -p no:cacheprovider tests/custom_ops/test_paged_attention.py > "$OUT/attention_tests.txt" 2>&1 &
+    attention_pid=$!
+    QWEN3_AOT_RUNTIME_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/runtime > "$OUT/runtime_tests.txt" 2>&1
+    runtime_rc=$?
+    wait $attention_pid; attention_rc=$?
+    timeout 200 python3 bench/attention.py --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
+    timeout 120 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+        -k regex:"_split|_combine|_tile|_cache_write" python3 bench/attention.py --once > "$OUT/ncu.txt" 2>&1
+    grep -E "^  _|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Dynamic Shared|Waves Per" "$OUT/ncu.txt" \
+        | head -80 > "$OUT/ncu_summary.txt"
+    tail -3 "$OUT/runtime_tests.txt"; tail -1 "$OUT/attention_tests.txt"; grep -v Warning "$OUT/attention.txt" | tail -25
+    echo "attention tests exit code: $attention_rc, runtime tests exit code: $runtime_rc"
+    (( attention_rc || runtime_rc )) && rc=1
+fi
+if [[ $part == e2e || $part == all ]]; then
+    python3 bench/e2e.py --profile --skip "${E2E_SKIP-transformers-workload}" --json "$OUT/e2e.json" \
+        --png "$OUT/e2e_decode.png" > "$OUT/e2e.log" 2>&1
+    e2e_rc=$?
+    grep -v "^\[\|Loading\|^  ours\|^  transformers" "$OUT/e2e.log" | tail -60
+    echo "e2e exit code: $e2e_rc"
+    (( e2e_rc )) && rc=1
+fi
+exit $rc

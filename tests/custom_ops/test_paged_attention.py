@@ -59,6 +59,7 @@ CASES = {
     "block-128-hd64-mha": (4, 4, 64, 128, [127, 128], [1, 2]),
     "group-5": (10, 2, 64, 16, [33, 0], [1, 20]),  # Qwen3-14B's 40/8: a group that is not a power of two
     "decode-long-context": (4, 2, 64, 16, [1500], [1]),  # 47 partials with many-splits: the combine's chunks
+    "decodes-around-prefill": (4, 2, 64, 16, [40, 0, 17, 5], [1, 30, 1, 1]),  # a step that decodes and prefills
 }
 
 
@@ -68,6 +69,7 @@ PATHS = {
     "split": (256, 1024, None),         # the default for small batches: a few splits per token
     "many-splits": (256, 1 << 20, 32),  # a split per 32 keys: the combine merges many partials
     "tiles": (0, 1024, None),           # the prefill tiles for every batch, runs of several sequences per tile
+    "mixed": (2, 1024, None),           # a large batch: decodes among its first 2 tokens split, the rest tiles
 }
 
 

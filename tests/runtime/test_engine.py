@@ -227,7 +227,7 @@ class FakeGraph:
         FakeGraph.replays += 1
         bases = [ref() for ref in self.bases]
         assert all(b is not None for b in bases), "a captured input buffer was freed"
-        args = [b[:n] for b, n in zip(bases, self.lengths)] + list(self.caches)
+        args = [b.as_strided(*view) for b, view in zip(bases, self.views)] + list(self.caches)
         self.out.copy_(self.forward(*args))
 
 
@@ -255,9 +255,9 @@ def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, mon
         out = eng.forward(*args)
         if FakeGraph.capturing is not None:
             g = FakeGraph.capturing
-            # the static buffers the five inputs are views of, and how much of each
+            # the static buffers the five inputs are views of, and where in them
             g.bases = [weakref.ref(a._base if a._base is not None else a) for a in args[:5]]
-            g.lengths, g.caches = [len(a) for a in args[:5]], args[5:]
+            g.views, g.caches = [(a.shape, a.stride(), a.storage_offset()) for a in args[:5]], args[5:]
             g.forward, g.out = eng.forward, out
         return out
 

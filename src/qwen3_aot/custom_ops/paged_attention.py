@@ -23,17 +23,22 @@
     6e-5..65504; Qwen3's V are far inside), accumulated in fp32; fp32 inputs stay
     fp32 throughout. One rounding, of the output.
 
-The write happens first, so a prefill's tokens see each other. Triton, three
+The write happens first, so a prefill's tokens see each other. Triton, up to three
 kernels after the write, each key finding its block in the table (any block
-size); every kernel is launched and the ones not meant for this batch return at once:
-- a batch of at most SPLIT_TOKENS tokens (decode, small mixed steps): one
-  program per (token, kv head, split), flash-decoding: the keys of a long
-  context are split over NUM_SPLITS programs (more the fewer tokens there are,
-  so that batch 1 at 32k still fills the GPU), whose partial softmaxes a
-  combine kernel merges; the query heads of a group share each K/V load;
-- a larger batch (prefill): one program per (tile of BLOCK_M tokens, kv head),
-  flash attention with the tile's queries (times their group's heads) sharing
-  each K/V tile; a tile spanning several sequences takes them in turn.
+size); a kernel with nothing to do in this batch gets an empty grid, which
+AOTInductor and Triton do not launch:
+- split (flash-decoding): one program per (token, kv head, split); the keys of a
+  long context are split over num_splits programs (more the fewer tokens there
+  are, so that batch 1 at 32k still fills the GPU), whose partial softmaxes the
+  combine kernel merges; the query heads of a group share each K/V load. It
+  takes every token of a batch of at most SPLIT_TOKENS tokens (decode, small
+  mixed steps) and, in a larger batch, the tokens among its first SPLIT_TOKENS
+  that are alone in their sequence (the decodes of a step that also prefills);
+- tiles (flash attention): one program per (tile of BLOCK_M tokens, kv head),
+  the tile's queries (times their group's heads) sharing each K/V tile; a tile
+  spanning several sequences takes them in turn, skipping the split kernel's.
+  A decode in a tile costs a whole run over its context for one row of the
+  tile: that is why a large batch's decodes go to the split kernel.
 """
 
 from __future__ import annotations
@@ -102,15 +107,25 @@ def _online_softmax_step(qk, m, l, acc, v, FP32: tl.constexpr):
 
 
 @triton.jit
+def _shares_sequence(seq_ptr, t, seq, num_tokens):
+    """Whether token t has a neighbour of its own sequence in the batch (a sequence's tokens are contiguous)."""
+    prev = tl.load(seq_ptr + t - 1, mask=t > 0, other=-1)
+    nxt = tl.load(seq_ptr + t + 1, mask=t + 1 < num_tokens, other=-1)
+    return (prev == seq) | (nxt == seq)
+
+
+@triton.jit
 def _split_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, seq_ptr, bt_ptr, bt_stride,
                   num_tokens, split_tokens, num_splits, QK_SCALE: tl.constexpr, BS: tl.constexpr, HQ: tl.constexpr,
                   HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
                   BLOCK_N: tl.constexpr, FP32: tl.constexpr):
     """Program (token, kv head, split): the split's share of the token's keys for the
-    group's query heads; the whole answer if num_splits == 1, else a partial for _combine_kernel."""
-    if num_tokens > split_tokens:
-        return
+    group's query heads; the whole answer if num_splits == 1, else a partial for _combine_kernel.
+    In a batch of more than split_tokens tokens, only tokens alone in their sequence (the tiles take the rest)."""
     t = tl.program_id(0).to(tl.int64)
+    seq = tl.load(seq_ptr + t)
+    if (num_tokens > split_tokens) & _shares_sequence(seq_ptr, t, seq, num_tokens):
+        return
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(pos_ptr + t) + 1
@@ -119,7 +134,7 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, pos
     if lo >= ctx:  # a short context needs fewer splits; _combine_kernel skips this one
         return
     hi = tl.minimum(lo + chunk, ctx)
-    seq = tl.load(seq_ptr + t).to(tl.int64)
+    seq = seq.to(tl.int64)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
     n = tl.arange(0, BLOCK_N)
@@ -150,12 +165,11 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, pos
 
 
 @triton.jit
-def _combine_kernel(out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, num_tokens, split_tokens, num_splits,
-                    HQ: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """Program (token, query head): merge the partial softmaxes of the splits that ran,
-    CHUNK splits per load (one split at a time took 31 us for 129 splits at batch 1, 32k)."""
-    if (num_tokens > split_tokens) | (num_splits == 1):
-        return
+def _combine_kernel(out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, num_splits, HQ: tl.constexpr, D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (token, query head), launched only when num_splits > 1: merge the partial softmaxes
+    of the splits that ran, CHUNK splits per load (one split at a time took 31 us for 129 splits
+    at batch 1, 32k)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ctx = tl.load(pos_ptr + t) + 1
@@ -186,11 +200,11 @@ def _tile_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_st
                  QK_SCALE: tl.constexpr, BS: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                  GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  FP32: tl.constexpr):
-    """Program (tile of BLOCK_M tokens, kv head): rows are (token, head of the group). The
-    tile's tokens are taken one sequence (a contiguous run) at a time, each run streaming
-    its sequence's keys up to its last position, causally masked per row."""
-    if num_tokens <= split_tokens:
-        return
+    """Program (tile of BLOCK_M tokens, kv head), launched for batches of more than
+    split_tokens tokens: rows are (token, head of the group). The tile's tokens are taken one
+    sequence (a contiguous run) at a time, each run streaming its sequence's keys up to its
+    last position, causally masked per row; a token alone in its sequence among the first
+    split_tokens is the split kernel's and skipped."""
     kvh = tl.program_id(1)
     t0 = tl.program_id(0) * BLOCK_M
     r = tl.arange(0, BLOCK_M * G_PAD)
@@ -199,7 +213,6 @@ def _tile_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_st
     in_batch = tok < num_tokens
     row_ok = in_batch & (g < GROUP)
     d = tl.arange(0, D)
-    n = tl.arange(0, BLOCK_N)
     rows_off = (tok.to(tl.int64) * HQ + kvh * GROUP + g)[:, None] * D + d[None, :]
     q = tl.load(q_ptr + rows_off, mask=row_ok[:, None], other=0.0)
     row_seq = tl.load(seq_ptr + tok, mask=in_batch, other=-1)
@@ -210,34 +223,45 @@ def _tile_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_st
         seq = tl.load(seq_ptr + run)
         in_run = row_ok & (row_seq == seq) & (tok >= run)
         run_len = tl.sum((in_run & (g == 0)).to(tl.int32))  # a sequence's tokens are contiguous
-        last = tl.max(tl.where(in_run, row_pos, -1))
-        first = tl.min(tl.where(in_run, row_pos, last))
-        m = tl.full([BLOCK_M * G_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_M * G_PAD], tl.float32)
-        acc = tl.zeros([BLOCK_M * G_PAD, D], tl.float32)
-        # keys up to the run's first position are seen by all its rows: no mask (rows outside the
-        # run are not stored; their q is a real or zero row, so their scores stay finite)
-        unmasked = (first + 1) // BLOCK_N * BLOCK_N
-        seq_table = bt_ptr + seq.to(tl.int64) * bt_stride
-        for start in range(0, unmasked, BLOCK_N):
-            j = start + n
-            blk = tl.load(seq_table + j // BS).to(tl.int64)
-            kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
-            k = tl.load(kc_ptr + kv_off)
-            v = tl.load(vc_ptr + kv_off)
-            m, l, acc = _online_softmax_step(_scores(q, k, QK_SCALE, FP32), m, l, acc, v, FP32)
-        for start in range(unmasked, last + 1, BLOCK_N):
-            j = start + n
-            valid = j <= last
-            blk = tl.load(seq_table + j // BS, mask=valid, other=0).to(tl.int64)
-            kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
-            k = tl.load(kc_ptr + kv_off, mask=valid[:, None], other=0.0)
-            v = tl.load(vc_ptr + kv_off, mask=valid[:, None], other=0.0)
-            visible = in_run[:, None] & (j[None, :] <= row_pos[:, None])
-            qk = tl.where(visible, _scores(q, k, QK_SCALE, FP32), float("-inf"))
-            m, l, acc = _online_softmax_step(qk, m, l, acc, v, FP32)
-        tl.store(out_ptr + rows_off, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=in_run[:, None])
+        if (run >= split_tokens) | _shares_sequence(seq_ptr, run, seq, num_tokens):
+            _tile_run(q, kc_ptr, vc_ptr, out_ptr, rows_off, bt_ptr + seq.to(tl.int64) * bt_stride, in_run, row_pos,
+                      kvh, QK_SCALE, BS, HKV, D, BLOCK_M * G_PAD, BLOCK_N, FP32)
         run += run_len
+
+
+@triton.jit
+def _tile_run(q, kc_ptr, vc_ptr, out_ptr, rows_off, seq_table, in_run, row_pos, kvh, QK_SCALE: tl.constexpr,
+              BS: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+              FP32: tl.constexpr):
+    """The rows `in_run` of a tile (one sequence's tokens) over their sequence's keys."""
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    last = tl.max(tl.where(in_run, row_pos, -1))
+    first = tl.min(tl.where(in_run, row_pos, last))
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    # keys up to the run's first position are seen by all its rows: no mask (rows outside the
+    # run are not stored; their q is a real or zero row, so their scores stay finite)
+    unmasked = (first + 1) // BLOCK_N * BLOCK_N
+    for start in range(0, unmasked, BLOCK_N):
+        j = start + n
+        blk = tl.load(seq_table + j // BS).to(tl.int64)
+        kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
+        k = tl.load(kc_ptr + kv_off)
+        v = tl.load(vc_ptr + kv_off)
+        m, l, acc = _online_softmax_step(_scores(q, k, QK_SCALE, FP32), m, l, acc, v, FP32)
+    for start in range(unmasked, last + 1, BLOCK_N):
+        j = start + n
+        valid = j <= last
+        blk = tl.load(seq_table + j // BS, mask=valid, other=0).to(tl.int64)
+        kv_off = ((blk * BS + j % BS) * HKV + kvh)[:, None] * D + d[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(vc_ptr + kv_off, mask=valid[:, None], other=0.0)
+        visible = in_run[:, None] & (j[None, :] <= row_pos[:, None])
+        qk = tl.where(visible, _scores(q, k, QK_SCALE, FP32), float("-inf"))
+        m, l, acc = _online_softmax_step(qk, m, l, acc, v, FP32)
+    tl.store(out_ptr + rows_off, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=in_run[:, None])
 
 
 def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -252,14 +276,18 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     wrap_triton(_cache_write_kernel)[(t, hkv)](
         k, v, k_cache, v_cache, positions, seq_ids, bt, bt.shape[1], BS=bs, HKV=hkv, D=d)
     out = torch.empty_like(q)
-    # Sizes as integer arithmetic on the token count, which is symbolic in the exported
-    # graph (no branch on it): split_rows is t up to SPLIT_TOKENS, else 1 (those kernels
-    # return at once); num_splits shrinks as t grows, to 1 past SPLIT_PROGRAMS / hkv.
+    # Grids as integer arithmetic on the token count, which is symbolic in the exported graph
+    # (no branch on it); an empty first grid dimension is not launched. The split kernel looks
+    # at the first min(t, SPLIT_TOKENS) tokens, with num_splits shrinking as t grows, to 1 past
+    # `most` tokens (then no combine); the tiles run only for t > SPLIT_TOKENS.
     small = (SPLIT_TOKENS // t + SPLIT_TOKENS) // (SPLIT_TOKENS + 1)  # 1 if t <= SPLIT_TOKENS else 0
-    split_rows = 1 + (t - 1) * small
-    num_splits = 1 + min(SPLIT_PROGRAMS // hkv, SPLIT_TOKENS) // t
-    part_acc = torch.empty(split_rows * num_splits * hq * d, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(split_rows * num_splits * hq * 2, dtype=torch.float32, device=q.device)
+    most = min(SPLIT_PROGRAMS // hkv, SPLIT_TOKENS)
+    several = (most // t + most) // (most + 1)  # 1 if t <= most (num_splits > 1) else 0
+    split_rows = t * small + SPLIT_TOKENS * (1 - small)
+    num_splits = 1 + most // t
+    partials = t * several * num_splits * hq + 1  # one spare row: never an empty tensor
+    part_acc = torch.empty(partials * d, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(partials * 2, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
     common = dict(QK_SCALE=scale * LOG2E, BS=bs, HQ=hq, HKV=hkv, D=d, GROUP=group, FP32=fp32)
     keys = max(16, KEYS_PER_STEP * 128 // max(d, 128) // (2 if fp32 else 1))
@@ -267,12 +295,11 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     wrap_triton(_split_kernel)[(split_rows, hkv, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS,
         num_splits, **common, G_PAD=max(16, g_pad), BLOCK_N=keys, num_warps=4, num_stages=SPLIT_STAGES)
-    wrap_triton(_combine_kernel)[(split_rows, hq)](
-        out, part_acc, part_ml, positions, t, SPLIT_TOKENS, num_splits, HQ=hq, D=d, BLOCK_N=keys, CHUNK=32,
-        num_warps=4)
+    wrap_triton(_combine_kernel)[(t * several, hq)](
+        out, part_acc, part_ml, positions, num_splits, HQ=hq, D=d, BLOCK_N=keys, CHUNK=32, num_warps=4)
     rows = 128 if d <= 128 else 64  # query rows (tokens x group heads) per tile
     block_m = max(1, rows // g_pad)
-    wrap_triton(_tile_kernel)[(triton.cdiv(t, block_m), hkv)](
+    wrap_triton(_tile_kernel)[(triton.cdiv(t, block_m) * (1 - small), hkv)](
         q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS, **common, G_PAD=g_pad,
         BLOCK_M=block_m, BLOCK_N=keys, num_warps=8, num_stages=TILE_STAGES)
     return out

@@ -12,6 +12,7 @@ import itertools
 from pathlib import Path
 from typing import Generator
 
+import numpy as np
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
@@ -129,6 +130,12 @@ class Engine:
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """Logits of the last token of each sequence that reaches its end in this batch."""
+        seqs = [seq for seq, _ in batch]
+        if (self.graphs is not None and len(batch) <= self.graphs.max_batch
+                and all(n == 1 and seq.num_computed + 1 == len(seq.token_ids) for seq, n in batch)):
+            # a decode step (one token per sequence, its last): lists built directly, no per-token loop
+            return self.graphs([s.token_ids[-1] for s in seqs], [s.num_computed for s in seqs],
+                               self.scheduler.block_tables(seqs))
         ids, pos, seq_ids, rows = [], [], [], []
         for i, (seq, n) in enumerate(batch):
             start = seq.num_computed
@@ -137,9 +144,7 @@ class Engine:
             seq_ids += [i] * n
             if start + n == len(seq.token_ids):
                 rows.append(len(ids) - 1)
-        tables = torch.from_numpy(self.scheduler.block_tables([seq for seq, _ in batch]))
-        if self.graphs is not None and len(ids) == len(rows) <= self.graphs.max_batch:
-            return self.graphs(ids, pos, tables)  # a decode step: one token per sequence
+        tables = torch.from_numpy(self.scheduler.block_tables(seqs))
         dev = self.device
         return self.forward(
             torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
@@ -235,9 +240,14 @@ class DecodeGraphs:
                  device: torch.device) -> None:
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.max_batch = n = self.sizes[-1]
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.pos = torch.zeros(n, dtype=torch.int64, device=device)
+        # ids and positions are the two rows of one tensor, filled by one copy from pinned host
+        # memory (asynchronous: the host rewrites it only after the step's tokens came back)
+        self.ids_pos = torch.zeros(2, n, dtype=torch.int64, device=device)
+        self.ids, self.pos = self.ids_pos[0], self.ids_pos[1]
         self.tables = torch.full((n, max_blocks_per_seq), RESERVED_BLOCK, dtype=torch.int32, device=device)
+        pinned = device.type == "cuda"
+        self._host_ids_pos = torch.zeros(2, n, dtype=torch.int64, pin_memory=pinned)
+        self._host_tables = torch.zeros(n * max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned)
         # every captured input must outlive the graphs, which replay on their addresses: a
         # freed one is reused by the next allocation (seen: an illegal memory access)
         self.seq_ids = torch.arange(n, dtype=torch.int32, device=device)
@@ -256,17 +266,18 @@ class DecodeGraphs:
                 pool = graph.pool()
                 self.graphs[b] = graph
 
-    def __call__(self, ids: list[int], pos: list[int], tables: torch.Tensor) -> torch.Tensor:
-        """One decode step: ids and positions of n sequences, their block tables [n, width] (CPU)."""
-        n = len(ids)
+    def __call__(self, ids: list[int], pos: list[int], tables: np.ndarray) -> torch.Tensor:
+        """One decode step: ids and positions of n sequences, their block tables [n, width]."""
+        n, width = len(ids), tables.shape[1]
         b = next(s for s in self.sizes if s >= n)
-        self.ids[:n].copy_(torch.tensor(ids))
-        self.pos[:n].copy_(torch.tensor(pos))
-        self.tables[:n, :tables.shape[1]].copy_(tables)
-        if n < b:
-            self.ids[n:b] = 0
-            self.pos[n:b] = 0
-            self.tables[n:b, 0] = RESERVED_BLOCK  # a padding row reads and writes only block 0
+        host = self._host_ids_pos.numpy()
+        host[0, :n], host[1, :n] = ids, pos
+        host[:, n:b] = 0  # padding rows decode token 0 at position 0 ...
+        host_tables = self._host_tables[:b * width].view(b, width)
+        host_tables.numpy()[:n] = tables
+        host_tables.numpy()[n:] = RESERVED_BLOCK  # ... reading and writing only the reserved block
+        self.ids_pos[:, :b].copy_(self._host_ids_pos[:, :b], non_blocking=True)
+        self.tables[:b, :width].copy_(host_tables, non_blocking=True)
         self.graphs[b].replay()
         return self.logits[b][:n]
 
