@@ -8,7 +8,8 @@ blocks handed out in a shuffled order. Times are medians of CUDA-graph replays (
 - prefill: B sequences of N new tokens from position 0; against
   torch.nn.functional.scaled_dot_product_attention with the flash backend on the same
   q/k/v, contiguous [B, H, N, D] (k and v expanded to the 16 query heads beforehand).
-- mixed: one call that decodes a batch and prefills a prompt, against the two run apart.
+- mixed: one call that decodes a batch and prefills a prompt, against the two run apart and
+  against the same call with every token in the prefill tiles (SPLIT_TOKENS = 0).
 
     PYTHONPATH=src python bench/attention.py --json $OUT/attention.json
     PYTHONPATH=src python bench/attention.py --sweep     # the goal shapes over the launch parameters
@@ -74,9 +75,16 @@ def mixed_seconds(decodes: int, ctx: int, prompt: int, gen: torch.Generator) -> 
             return lambda: attention(*a)
         return bench(call, 2 * (sum(prior) + sum(new)) * HKV * D * DT.itemsize)
 
-    both = timed([ctx - 1] * decodes + [0], [1] * decodes + [prompt])
+    mixed = ([ctx - 1] * decodes + [0], [1] * decodes + [prompt])
+    both = timed(*mixed)
     apart = timed([ctx - 1] * decodes, [1] * decodes) + timed([0], [prompt])
-    return dict(decodes=decodes, context=ctx, prompt=prompt, mixed_us=both * 1e6, apart_us=apart * 1e6)
+    split_tokens, attention_module.SPLIT_TOKENS = attention_module.SPLIT_TOKENS, 0
+    try:
+        tiles = timed(*mixed)  # every token in the tiles, as a large batch's decodes were until 2026-12-01
+    finally:
+        attention_module.SPLIT_TOKENS = split_tokens
+    return dict(decodes=decodes, context=ctx, prompt=prompt, mixed_us=both * 1e6, apart_us=apart * 1e6,
+                tiles_only_us=tiles * 1e6)
 
 
 def decode_seconds(b: int, ctx: int, gen: torch.Generator) -> float:
@@ -193,9 +201,11 @@ def main() -> None:
     print(f"{'prefill':<8}{'batch':>6}{'tokens':>8}{'ours us':>10}{'SDPA us':>10}{'ours/SDPA':>10}")
     for r in prefill:
         print(f"{'':<8}{r['batch']:>6}{r['tokens']:>8}{r['ours_us']:>10.1f}{r['sdpa_us']:>10.1f}{r['ratio']:>9.2f}x")
-    print(f"{'mixed':<8}{'decodes':>8}{'context':>8}{'prompt':>7}{'one call us':>12}{'apart us':>10}")
+    print(f"{'mixed':<8}{'decodes':>8}{'context':>8}{'prompt':>7}{'one call us':>12}{'apart us':>10}"
+          f"{'tiles only us':>14}")
     for r in mixed:
-        print(f"{'':<8}{r['decodes']:>8}{r['context']:>8}{r['prompt']:>7}{r['mixed_us']:>12.1f}{r['apart_us']:>10.1f}")
+        print(f"{'':<8}{r['decodes']:>8}{r['context']:>8}{r['prompt']:>7}{r['mixed_us']:>12.1f}{r['apart_us']:>10.1f}"
+              f"{r['tiles_only_us']:>14.1f}")
 
 
 if __name__ == "__main__":

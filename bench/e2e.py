@@ -279,16 +279,23 @@ def workload(plan: Plan, vocab: int) -> tuple[list[list[int]], list[SamplingPara
 def run_workload(engine: runtime.Engine, plan: Plan, vocab: int) -> dict:
     """Output tokens/s of the workload, and where its time went: steps that only decode
     (one token per sequence: CUDA graphs) against steps that prefill, alone or mixed with
-    decodes (one flat batch through the compiled graph), by count, seconds and tokens."""
+    decodes (one flat batch through the compiled graph), by count, seconds and tokens (a step
+    is an Engine.step call, named by what it queued; with overlap it also waits for the one before)."""
     prompts, params = workload(plan, vocab)
     engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))  # nano-vllm's warm-up
     kinds = {k: {"steps": 0, "seconds": 0.0, "tokens": 0, "sequences": 0} for k in ("decode only", "with prefill")}
-    forward, step = engine._forward, engine.step
+    launch, ahead, step = engine._launch, engine._decode_ahead, engine.step
     shape = {}
 
-    def forward_noting_shape(batch):
+    def launch_noting_shape(batch):
         shape["tokens"], shape["sequences"] = sum(n for _, n in batch), len(batch)
-        return forward(batch)
+        return launch(batch)
+
+    def ahead_noting_shape(previous):
+        launched = ahead(previous)
+        if launched is not None:
+            shape["tokens"] = shape["sequences"] = len(launched.requests)
+        return launched
 
     def timed_step() -> None:
         shape.clear()
@@ -301,7 +308,7 @@ def run_workload(engine: runtime.Engine, plan: Plan, vocab: int) -> dict:
             k["tokens"] += shape["tokens"]
             k["sequences"] += shape["sequences"]
 
-    engine._forward, engine.step = forward_noting_shape, timed_step
+    engine._launch, engine._decode_ahead, engine.step = launch_noting_shape, ahead_noting_shape, timed_step
     try:
         sync()
         t = time.perf_counter()
@@ -309,7 +316,7 @@ def run_workload(engine: runtime.Engine, plan: Plan, vocab: int) -> dict:
         sync()
         t = time.perf_counter() - t
     finally:
-        del engine._forward, engine.step
+        del engine._launch, engine._decode_ahead, engine.step
     tokens = sum(c.output_tokens for c in done)
     assert tokens == sum(p.max_tokens for p in params), "ignore_eos: every request runs to max_tokens"
     return {"output_tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "seconds": t, "tok_s": tokens / t,
@@ -360,7 +367,7 @@ def prefill_floor_ms(s: dict, n: int, bandwidth: float, flops: float) -> float:
 
 def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -> dict:
     """Where a decode step of `batch` sequences goes: host time of each part of Engine.step
-    (the sampler's share includes waiting for the GPU), the CUDA-graph replay alone, and the
+    (waiting for the GPU is in "wait + take tokens"), the CUDA-graph replay alone, and the
     kernels of one forward (torch.profiler on the eager call of the compiled graph)."""
     spent: dict[str, float] = {}
 
@@ -381,8 +388,10 @@ def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -
     prompts = random_prompts(batch, plan.prompt_len, vocab, seed=batch)
     sp = SamplingParams(max_tokens=plan.new_tokens + 1, temperature=0, ignore_eos=True)
     engine.generate(prompts, sp)
-    for obj, attr, label in [(engine.scheduler, "schedule", "schedule"), (engine, "_forward", "inputs + launch"),
-                             (engine, "sampler", "sampler (waits for the GPU)"), (engine, "_append", "accept tokens"),
+    for obj, attr, label in [(engine.scheduler, "schedule", "schedule"),
+                             (engine, "_forward", "scheduled inputs + launch"),
+                             (engine, "_decode_ahead", "decode ahead: inputs + launch"),
+                             (engine, "_sample", "sampling launch"), (engine, "_take", "wait + take tokens"),
                              (engine, "step", "step")]:
         timed(obj, attr, label)
     reqs = [engine.add_request(p, sp) for p in prompts]
@@ -396,7 +405,7 @@ def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -
         sequences += len(engine.scheduler.running)
         engine.step()
         steps += 1
-    for obj, attr, original in wrapped:  # an instance attribute (the sampler) back, or the class's method
+    for obj, attr, original in wrapped:  # an instance attribute back, or the class's method
         setattr(obj, attr, original) if original is not None else delattr(obj, attr)
     out: dict = {"batch": batch, "steps": steps, "mean_batch": sequences / steps,
                  "host_ms_per_step": {k: v / steps * 1e3 for k, v in spent.items()}}

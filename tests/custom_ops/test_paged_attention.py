@@ -58,7 +58,7 @@ CASES = {
     "decode-batch-long": (8, 1, 128, 64, [300, 129, 511], [1, 1, 1]),  # group 8; ends on / past a block
     "block-128-hd64-mha": (4, 4, 64, 128, [127, 128], [1, 2]),
     "group-5": (10, 2, 64, 16, [33, 0], [1, 20]),  # Qwen3-14B's 40/8: a group that is not a power of two
-    "decode-long-context": (4, 2, 64, 16, [1500], [1]),  # 47 partials with many-splits: the combine's chunks
+    "decode-long-context": (4, 2, 64, 16, [2500], [1]),  # 79 partials with many-splits: two of the combine's chunks
     "decodes-around-prefill": (4, 2, 64, 16, [40, 0, 17, 5], [1, 30, 1, 1]),  # a step that decodes and prefills
 }
 

@@ -263,41 +263,53 @@ def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, mon
 
     graphs = DecodeGraphs(forward, eng.cache, 6, 512 // eng.block_size, torch.device("cpu"))
     assert graphs.sizes == [1, 2, 4, 6]
-    batch_sizes = []
+    batch_sizes, ahead = [], []
+    replay, from_device = graphs._replay, graphs.decode_from_device
 
-    def decode_step(ids, pos, tables):
-        batch_sizes.append(len(ids))
-        logits = graphs(ids, pos, tables)
-        n, b = len(ids), next(s for s in graphs.sizes if s >= len(ids))
+    def checked_replay(pos, tables, with_ids):
+        batch_sizes.append(len(pos))
+        logits = replay(pos, tables, with_ids)
+        n, b = len(pos), next(s for s in graphs.sizes if s >= len(pos))
         # padding rows: position 0 of the reserved block, never a live sequence's block
         assert (graphs.tables[n:b, 0] == RESERVED_BLOCK).all() and (graphs.pos[n:b] == 0).all()
+        assert (graphs.ids[n:b] == 0).all()
         return logits
 
-    eng.graphs = decode_step
-    decode_step.max_batch = graphs.max_batch
+    def counted_from_device(ids, rows, pos, tables):
+        ahead.append((len(pos), rows is not None))
+        return from_device(ids, rows, pos, tables)
+
+    graphs._replay, graphs.decode_from_device = checked_replay, counted_from_device
+    eng.graphs = graphs
     FakeGraph.replays = 0
     max_tokens = [MAX_NEW - 3 * (k % 5) for k in range(16)]  # leaving at different steps: odd batch sizes
     requests = arrive_and_run(eng, max_tokens)
     assert [r.completion().token_ids for r in requests] == [w[:m] for w, m in zip(hf_greedy, max_tokens)]
     assert FakeGraph.replays == len(batch_sizes) > MAX_NEW
     assert {3, 5} & set(batch_sizes)  # padded to 4 or 6, the padding rows decoding into the reserved block
+    # with overlap, most decode steps were queued before the step before gave its tokens,
+    # some of them after a request had ended there (its row gathered out of the ids)
+    assert len(ahead) > MAX_NEW // 2 and len({n for n, _ in ahead}) > 3 and any(g for _, g in ahead)
 
 
 @pytest.mark.skipif(RUNTIME_DEVICE != "cuda", reason="needs a CUDA artifact (QWEN3_AOT_RUNTIME_DEVICE=cuda)")
 def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, hf_greedy, recorded):
     max_tokens = [MAX_NEW - 3 * (k % 5) for k in range(16)]  # leaving at different steps: odd batch sizes
     outputs = {}
-    for graphs in (True, False):
-        eng = runtime.load(runtime_artifact, num_blocks=200, max_num_seqs=16, cuda_graphs=graphs)
+    for graphs, overlap in ((True, True), (True, False), (False, True)):
+        eng = runtime.load(runtime_artifact, num_blocks=200, max_num_seqs=16, cuda_graphs=graphs, overlap=overlap)
         assert (eng.graphs is not None) == graphs
-        steps, replays = recorded(eng), []
+        steps, replays, ahead = recorded(eng), [], []
         if graphs:
-            replay = eng.graphs.__call__
-            eng.graphs = type("Counted", (), {"max_batch": eng.graphs.max_batch,
-                                              "__call__": lambda _s, *a: replays.append(len(a[0])) or replay(*a)})()
+            replay, from_device = eng.graphs._replay, eng.graphs.decode_from_device
+            eng.graphs._replay = lambda pos, *a, **k: replays.append(len(pos)) or replay(pos, *a, **k)
+            eng.graphs.decode_from_device = lambda *a: ahead.append(len(a[2])) or from_device(*a)
         requests = arrive_and_run(eng, max_tokens)
-        outputs[graphs] = [r.completion().token_ids for r in requests]
-        # every step of decodes only (one token per sequence, its last) is a replay, of its batch size
+        outputs[graphs, overlap] = [r.completion().token_ids for r in requests]
+        # every step of decodes only (one token per sequence, its last) is a replay, of its batch
+        # size: the scheduled ones, and with overlap the ones queued ahead of their inputs
         decodes = [len(b) for b in steps if all(n == 1 and start + 1 == length for start, n, length in b)]
-        assert replays == (decodes if graphs else []) and len(set(decodes)) > 3
-    assert outputs[True] == outputs[False] == [w[:m] for w, m in zip(hf_greedy, max_tokens)]
+        assert sorted(replays) == sorted(decodes + ahead if graphs else [])
+        assert len(set(replays if graphs else decodes)) > 3 and (len(ahead) > MAX_NEW // 2) == (graphs and overlap)
+    want = [w[:m] for w, m in zip(hf_greedy, max_tokens)]
+    assert outputs[True, True] == outputs[True, False] == outputs[False, True] == want

@@ -166,33 +166,34 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, pos
 
 @triton.jit
 def _combine_kernel(out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, num_splits, HQ: tl.constexpr, D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """Program (token, query head), launched only when num_splits > 1: merge the partial softmaxes
-    of the splits that ran, CHUNK splits per load (one split at a time took 31 us for 129 splits
-    at batch 1, 32k)."""
+                    D_PART: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (token, query head, D_PART of the head's dims), launched only when num_splits > 1:
+    merge the partial softmaxes of the splits that ran in one pass, CHUNK splits per load,
+    rescaling by the running maximum (a pass for the maximum, then one for the sums, one split
+    at a time, took 31 us for 129 splits at batch 1, 32k: a chain of dependent loads)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    d = tl.program_id(2) * D_PART + tl.arange(0, D_PART)
     ctx = tl.load(pos_ptr + t) + 1
     chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     ran = tl.cdiv(ctx, chunk)
     base = t * num_splits * HQ + h
     c = tl.arange(0, CHUNK)
-    d = tl.arange(0, D)
-    m_max = tl.full([CHUNK], float("-inf"), tl.float32)
-    for i in range(0, ran, CHUNK):
-        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + 2 * (base + (i + c) * HQ), mask=i + c < ran,
-                                          other=float("-inf")))
-    m_top = tl.max(m_max, 0)  # every split that ran saw at least one key: finite
-    l_sum = tl.zeros([CHUNK], tl.float32)
-    acc = tl.zeros([D], tl.float32)
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D_PART], tl.float32)
     for i in range(0, ran, CHUNK):
         ok = i + c < ran
         part = base + (i + c) * HQ
-        w = tl.where(ok, tl.exp2(tl.load(part_ml_ptr + 2 * part, mask=ok, other=0.0) - m_top), 0.0)
-        l_sum += w * tl.load(part_ml_ptr + 2 * part + 1, mask=ok, other=0.0)
-        acc += tl.sum(w[:, None] * tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=ok[:, None],
-                                           other=0.0), 0)
-    tl.store(out_ptr + (t * HQ + h) * D + d, (acc / tl.sum(l_sum, 0)).to(out_ptr.dtype.element_ty))
+        m = tl.load(part_ml_ptr + 2 * part, mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m, 0))  # finite: every split that ran saw at least one key
+        w = tl.where(ok, tl.exp2(m - m_new), 0.0)
+        alpha = tl.exp2(m_run - m_new)
+        l_run = l_run * alpha + tl.sum(w * tl.load(part_ml_ptr + 2 * part + 1, mask=ok, other=0.0), 0)
+        acc = acc * alpha + tl.sum(w[:, None] * tl.load(part_acc_ptr + part[:, None] * D + d[None, :],
+                                                        mask=ok[:, None], other=0.0), 0)
+        m_run = m_new
+    tl.store(out_ptr + (t * HQ + h) * D + d, (acc / l_run).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -295,8 +296,10 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     wrap_triton(_split_kernel)[(split_rows, hkv, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS,
         num_splits, **common, G_PAD=max(16, g_pad), BLOCK_N=keys, num_warps=4, num_stages=SPLIT_STAGES)
-    wrap_triton(_combine_kernel)[(t * several, hq)](
-        out, part_acc, part_ml, positions, num_splits, HQ=hq, D=d, BLOCK_N=keys, CHUNK=32, num_warps=4)
+    d_part = min(d, 32)
+    wrap_triton(_combine_kernel)[(t * several, hq, d // d_part)](
+        out, part_acc, part_ml, positions, num_splits, HQ=hq, D=d, D_PART=d_part, BLOCK_N=keys, CHUNK=64,
+        num_warps=4)
     rows = 128 if d <= 128 else 64  # query rows (tokens x group heads) per tile
     block_m = max(1, rows // g_pad)
     wrap_triton(_tile_kernel)[(triton.cdiv(t, block_m) * (1 - small), hkv)](

@@ -22,7 +22,7 @@ __all__ = ["CompiledForward", "Completion", "Engine", "OnnxEngine", "Qwen3AotErr
 
 
 ENGINE_OPTIONS = {"pt2": {"num_blocks", "kv_cache_tokens", "gpu_memory_utilization", "max_num_seqs",
-                            "max_num_batched_tokens", "cuda_graphs"},
+                            "max_num_batched_tokens", "cuda_graphs", "overlap"},
                   "onnx": {"max_batch_size"}}
 
 
@@ -35,7 +35,7 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
     format: which graph to serve, "pt2" (an Engine, continuous batching) or "onnx" (an
     OnnxEngine on onnxruntime, static batching); default pt2 when the artifact has one.
     `options` are the engine's: for pt2 num_blocks, kv_cache_tokens, gpu_memory_utilization,
-    max_num_seqs, max_num_batched_tokens, cuda_graphs; for onnx max_batch_size."""
+    max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap; for onnx max_batch_size."""
     path, man = _read(path, verify_files)
     graphs = {"pt2": "forward", "onnx": "onnx"}
     if format is None:

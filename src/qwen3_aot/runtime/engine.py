@@ -37,12 +37,15 @@ class Engine:
     max_num_seqs: sequences in flight (default 256); max_num_batched_tokens: tokens in one
         step (default 8192). Both at most the artifact's compiled limits.
     cuda_graphs: on CUDA, replay decode steps from CUDA graphs (batch 1, 2, 4, ... max_num_seqs).
+    overlap: queue each step on the device before reading the tokens of the one before, so
+        that the host's bookkeeping (tokens taken, stop checks, the next inputs) runs while the
+        device computes instead of between its steps (see `step`).
     """
 
     def __init__(self, artifact: Path, manifest: dict, device: torch.device, *, num_blocks: int | None = None,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, overlap: bool = True) -> None:
         limits, self.config = manifest["limits"], manifest["model_config"]
         self.device, self.max_model_len = device, limits["max_model_len"]
         self.dtype, self.block_size = DTYPES[manifest["dtype"]], manifest["kv_cache"]["block_size"]
@@ -64,6 +67,8 @@ class Engine:
                                    device) if use_graphs else None
         self._requests: dict[int, Request] = {}  # in flight, by sequence id
         self._ids = itertools.count()
+        self.overlap = overlap
+        self._in_flight: Launched | None = None  # a step queued on the device, its tokens not yet taken
 
     # ---- the public API ----
 
@@ -103,7 +108,7 @@ class Engine:
             request.finish_reason = "abort"
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work()  # an in-flight step's live requests are running there too
 
     @property
     def num_free_blocks(self) -> int:
@@ -111,22 +116,69 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One forward over the tokens the scheduler picks; then a new token for every
-        sequence whose tokens are now all in the cache (the others are mid-prompt)."""
-        batch = self.scheduler.schedule()
-        if not batch:
-            return
+        """Queue one forward on the device and take the tokens of the step before it.
+
+        The forward is over the tokens the scheduler picks, or, when the step in flight was a
+        decode of every running sequence and nothing waits to join, the next such decode, its
+        input ids the in-flight step's samples, still on the device (`_decode_ahead`). The
+        in-flight step's tokens are then read and taken while the device computes the next
+        one; a request that ends on one of them had a row of that next step computed in vain.
+        With overlap=False each step's tokens are taken before `step` returns."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._in_flight = self._decode_ahead(previous)
+            self._take(previous)
+        if self._in_flight is None:
+            batch = self.scheduler.schedule()
+            if batch:
+                self._in_flight = self._launch(batch)
+        if not self.overlap and self._in_flight is not None:
+            self._take(self._in_flight)
+            self._in_flight = None
+
+    # ---- inside a step ----
+
+    def _launch(self, batch: Batch) -> Launched | None:
+        """The scheduled batch's forward, and a sample for each sequence whose tokens are now
+        all in the cache (the others are mid-prompt; None if every one is)."""
         logits = self._forward(batch)
         for seq, n in batch:
             seq.num_computed += n
         done = [self._requests[seq.seq_id] for seq, _ in batch if seq.num_computed == len(seq.token_ids)]
-        if not done:
-            return
-        ids, logprobs = self.sampler(logits, [r.params for r in done], [r.generator for r in done])
-        for i, (r, token) in enumerate(zip(done, ids)):
-            self._append(r, token, logprobs[i] if logprobs else None)
+        return self._sample(logits, done) if done else None
 
-    # ---- inside a step ----
+    def _decode_ahead(self, previous: Launched) -> Launched | None:
+        """The next decode step, queued before `previous`'s tokens are known, when it is sure to
+        be one: overlap on, CUDA graphs, no sequence waiting, every running sequence sampled in
+        `previous` (so decoding), and a block for each one's next position. Its input ids are
+        `previous`'s samples on the device; its positions follow the ones computed."""
+        if not self.overlap or self.graphs is None or self.scheduler.waiting:
+            return None
+        rows = [i for i, r in enumerate(previous.requests) if not r.finished]
+        seqs = [previous.requests[i].seq for i in rows]
+        running = self.scheduler.running
+        if not seqs or len(seqs) != len(running) or len(seqs) > self.graphs.max_batch \
+                or any(a is not b for a, b in zip(seqs, running)):
+            return None
+        if not all(self.scheduler.reserve(seq, 1) for seq in seqs):
+            return None  # the cache is full: the scheduler preempts, once the tokens are in
+        logits = self.graphs.decode_from_device(previous.ids, None if len(rows) == len(previous.requests) else rows,
+                                                [seq.num_computed for seq in seqs], self.scheduler.block_tables(seqs))
+        for seq in seqs:
+            seq.num_computed += 1
+        return self._sample(logits, [previous.requests[i] for i in rows])
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> Launched:
+        ids, logprobs = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        return Launched(requests, ids, logprobs)
+
+    def _take(self, launched: Launched) -> None:
+        """Wait for a step's tokens and give each to its request, unless it has ended since
+        (on an earlier token, or aborted)."""
+        ids, logprobs = launched.results()
+        for i, r in enumerate(launched.requests):
+            if not r.finished:
+                self._append(r, ids[i], logprobs[i] if logprobs else None)
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """Logits of the last token of each sequence that reaches its end in this batch."""
@@ -228,26 +280,59 @@ class Engine:
         return int(total * utilization - (total - free) - peak)
 
 
+class Launched:
+    """A step queued on the device: the request of each sampled row, the ids (and logprobs)
+    on the device, and their copies on their way to pinned host memory."""
+
+    def __init__(self, requests: list[Request], ids: torch.Tensor, logprobs: torch.Tensor | None) -> None:
+        self.requests, self.ids = requests, ids
+        self._host = [_to_host(t) for t in (ids, logprobs) if t is not None]
+        self._ready = None
+        if ids.device.type == "cuda":
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def results(self) -> tuple[list[int], list[float] | None]:
+        """The ids and logprobs as lists, once the device has them (waits)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        ids = self._host[0].tolist()
+        return ids, self._host[1].tolist() if len(self._host) > 1 else None
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class DecodeGraphs:
     """CUDA graphs of the decode step (one token per sequence) for batch sizes 1, 2, 4, ...
     up to max_batch: a replay launches the whole forward at once, where the eager call pays a
     launch per kernel, which dominates small-batch decode. Inputs are copied into static
-    buffers; a batch is padded to the next captured size, its padding rows decoding token 0
-    at position 0 into the reserved block. The AOTI package must be loaded with
+    buffers (the ids from the host, or on the device from the samples of the step before);
+    a batch is padded to the next captured size, its padding rows decoding token 0 at
+    position 0 into the reserved block. The AOTI package must be loaded with
     run_single_threaded=True to be capturable."""
 
     def __init__(self, forward: CompiledForward, cache: KVCache, max_batch: int, max_blocks_per_seq: int,
                  device: torch.device) -> None:
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.max_batch = n = self.sizes[-1]
-        # ids and positions are the two rows of one tensor, filled by one copy from pinned host
-        # memory (asynchronous: the host rewrites it only after the step's tokens came back)
+        # Inputs are copied from pinned host memory, asynchronously; with overlap a step's
+        # inputs are written while the step before may not have read its own yet: two sets of
+        # host buffers, taken in turn (a set is rewritten two steps on, once the step that
+        # used it has given its tokens)
         self.ids_pos = torch.zeros(2, n, dtype=torch.int64, device=device)
         self.ids, self.pos = self.ids_pos[0], self.ids_pos[1]
         self.tables = torch.full((n, max_blocks_per_seq), RESERVED_BLOCK, dtype=torch.int32, device=device)
         pinned = device.type == "cuda"
-        self._host_ids_pos = torch.zeros(2, n, dtype=torch.int64, pin_memory=pinned)
-        self._host_tables = torch.zeros(n * max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned)
+        self._host = [(torch.zeros(2, n, dtype=torch.int64, pin_memory=pinned),
+                       torch.zeros(n * max_blocks_per_seq, dtype=torch.int32, pin_memory=pinned),
+                       torch.zeros(n, dtype=torch.int64, pin_memory=pinned)) for _ in range(2)]
+        self._turn = 0
+        self._rows = torch.zeros(n, dtype=torch.int64, device=device)
         # every captured input must outlive the graphs, which replay on their addresses: a
         # freed one is reused by the next allocation (seen: an illegal memory access)
         self.seq_ids = torch.arange(n, dtype=torch.int32, device=device)
@@ -268,15 +353,41 @@ class DecodeGraphs:
 
     def __call__(self, ids: list[int], pos: list[int], tables: np.ndarray) -> torch.Tensor:
         """One decode step: ids and positions of n sequences, their block tables [n, width]."""
-        n, width = len(ids), tables.shape[1]
+        host_ids_pos = self._host[self._turn][0].numpy()
+        host_ids_pos[0, :len(ids)] = ids
+        return self._replay(pos, tables, with_ids=True)
+
+    def decode_from_device(self, ids: torch.Tensor, rows: list[int] | None, pos: list[int],
+                           tables: np.ndarray) -> torch.Tensor:
+        """As __call__, the input ids taken on the device from `ids` (the rows `rows` of it, or all)."""
+        n = len(pos)
+        if rows is None:
+            self.ids[:n].copy_(ids)
+        else:
+            host_rows = self._host[self._turn][2][:n]
+            host_rows.numpy()[:] = rows
+            self._rows[:n].copy_(host_rows, non_blocking=True)
+            torch.index_select(ids, 0, self._rows[:n], out=self.ids[:n])
+        return self._replay(pos, tables, with_ids=False)
+
+    def _replay(self, pos: list[int], tables: np.ndarray, with_ids: bool) -> torch.Tensor:
+        n, width = len(pos), tables.shape[1]
         b = next(s for s in self.sizes if s >= n)
-        host = self._host_ids_pos.numpy()
-        host[0, :n], host[1, :n] = ids, pos
+        host_ids_pos, host_tables, _ = self._host[self._turn]
+        self._turn ^= 1
+        host = host_ids_pos.numpy()
+        host[1, :n] = pos
         host[:, n:b] = 0  # padding rows decode token 0 at position 0 ...
-        host_tables = self._host_tables[:b * width].view(b, width)
+        host_tables = host_tables[:b * width].view(b, width)
         host_tables.numpy()[:n] = tables
         host_tables.numpy()[n:] = RESERVED_BLOCK  # ... reading and writing only the reserved block
-        self.ids_pos[:, :b].copy_(self._host_ids_pos[:, :b], non_blocking=True)
+        # contiguous host sources only: copy_ makes a non-contiguous one contiguous in pageable
+        # memory, and a copy from there waits for the device
+        if with_ids:
+            self.ids[:b].copy_(host_ids_pos[0, :b], non_blocking=True)
+        elif n < b:
+            self.ids[n:b].zero_()
+        self.pos[:b].copy_(host_ids_pos[1, :b], non_blocking=True)
         self.tables[:b, :width].copy_(host_tables, non_blocking=True)
         self.graphs[b].replay()
         return self.logits[b][:n]

@@ -24,23 +24,29 @@ class Sampler:
                  generators: list[torch.Generator | None]) -> tuple[list[int], list[float] | None]:
         """logits [N, vocab] fp32, one row per request; returns the N ids and, if any request
         asks for them, the N logprobs."""
+        ids, logprobs = self.sample(logits, params, generators)
+        return ids.tolist(), None if logprobs is None else logprobs.tolist()
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As __call__, the results left on the logits' device: nothing here waits for it (the
+        per-row parameters go over from pinned memory), so the host can queue more work."""
         ids = logits.argmax(-1)
         if not all(p.greedy for p in params):
-            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            greedy = _on_device([p.greedy for p in params], torch.bool, logits.device)
             ids = torch.where(greedy, ids, self._sample(logits, params, generators))
         if not any(p.logprobs for p in params):
-            return ids.tolist(), None
-        logprobs = torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
-        return ids.tolist(), logprobs.tolist()
+            return ids, None
+        return ids, torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0]
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
         dev = logits.device
-        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        temperature = _on_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
         probs = torch.softmax(logits / temperature[:, None], -1)
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            probs = top_k_top_p(probs, torch.tensor([p.top_k for p in params], device=dev),
-                                torch.tensor([p.top_p for p in params], device=dev))
+            probs = top_k_top_p(probs, _on_device([p.top_k for p in params], torch.int64, dev),
+                                _on_device([p.top_p for p in params], torch.float32, dev))
         noise = torch.empty_like(probs).exponential_()
         for row, g in enumerate(generators):
             if g is not None:
@@ -59,3 +65,11 @@ def top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -
     mass = torch.where(top_p[:, None] < 1, top_p[:, None] * cum[:, -1:], float("inf"))  # 1: keep all
     sorted_p = sorted_p.masked_fill(cum - sorted_p >= mass, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor on `device` without waiting for it: torch.tensor(..., device="cuda")
+    copies from pageable memory and synchronises the stream, i.e. waits for every queued kernel."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

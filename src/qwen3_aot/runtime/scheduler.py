@@ -79,6 +79,11 @@ class Scheduler:
         width = max(len(s.block_table) for s in seqs)
         return self.tables[[s.slot for s in seqs], :width]
 
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Blocks for `n` more tokens of a running sequence, without preempting; False (nothing
+        changed) when too few are free."""
+        return self._grow(seq, n)
+
     def schedule(self) -> Batch:
         batch: Batch = []
         budget = self.max_num_batched_tokens
