@@ -290,6 +290,11 @@ def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, mon
     # with overlap, most decode steps were queued before the step before gave its tokens,
     # some of them after a request had ended there (its row gathered out of the ids)
     assert len(ahead) > MAX_NEW // 2 and len({n for n, _ in ahead}) > 3 and any(g for _, g in ahead)
+    # no step is queued for a request that ends by max_tokens on the token in flight
+    for max_tokens, queued in ((1, []), (2, [(1, False)])):
+        ahead.clear()
+        eng.generate(prompts()[0], dataclasses.replace(GREEDY, max_tokens=max_tokens))
+        assert ahead == queued
 
 
 @pytest.mark.skipif(RUNTIME_DEVICE != "cuda", reason="needs a CUDA artifact (QWEN3_AOT_RUNTIME_DEVICE=cuda)")

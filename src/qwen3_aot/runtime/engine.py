@@ -151,14 +151,20 @@ class Engine:
         """The next decode step, queued before `previous`'s tokens are known, when it is sure to
         be one: overlap on, CUDA graphs, no sequence waiting, every running sequence sampled in
         `previous` (so decoding), and a block for each one's next position. Its input ids are
-        `previous`'s samples on the device; its positions follow the ones computed."""
+        `previous`'s samples on the device; its positions follow the ones computed. A request
+        that will end on its `previous` token by max_tokens gets no row; one that ends by eos
+        or a stop string (not known yet) gets one computed in vain."""
         if not self.overlap or self.graphs is None or self.scheduler.waiting:
             return None
-        rows = [i for i, r in enumerate(previous.requests) if not r.finished]
-        seqs = [previous.requests[i].seq for i in rows]
+        live = [r for r in previous.requests if not r.finished]
         running = self.scheduler.running
-        if not seqs or len(seqs) != len(running) or len(seqs) > self.graphs.max_batch \
-                or any(a is not b for a, b in zip(seqs, running)):
+        if len(live) != len(running) or any(r.seq is not seq for r, seq in zip(live, running)):
+            return None
+        # a request whose next token is its max_tokens-th ends on it: no row for it
+        rows = [i for i, r in enumerate(previous.requests)
+                if not r.finished and r.seq.num_output_tokens + 1 < r.params.max_tokens]
+        seqs = [previous.requests[i].seq for i in rows]
+        if not seqs or len(seqs) > self.graphs.max_batch:
             return None
         if not all(self.scheduler.reserve(seq, 1) for seq in seqs):
             return None  # the cache is full: the scheduler preempts, once the tokens are in
