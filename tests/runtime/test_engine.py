@@ -313,7 +313,7 @@ def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, 
         outputs[graphs, overlap] = [r.completion().token_ids for r in requests]
         # every step of decodes only (one token per sequence, its last) is a replay, of its batch
         # size: the scheduled ones, and with overlap the ones queued ahead of their inputs
-        decodes = [len(b) for b in steps if all(n == 1 and start + 1 == length for start, n, length in b)]
+        decodes = [len(b) for b in steps if b and all(n == 1 and start + 1 == length for start, n, length in b)]
         assert sorted(replays) == sorted(decodes + ahead if graphs else [])
         assert len(set(replays if graphs else decodes)) > 3 and (len(ahead) > MAX_NEW // 2) == (graphs and overlap)
     want = [w[:m] for w, m in zip(hf_greedy, max_tokens)]
