@@ -12,7 +12,7 @@ import torch
 from qwen3_aot import manifest as _manifest
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.compiled import CompiledForward
-from qwen3_aot.runtime.engine import Engine
+from qwen3_aot.runtime.core import Engine
 from qwen3_aot.runtime.onnx_engine import OnnxEngine
 from qwen3_aot.runtime.requests import Request
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
