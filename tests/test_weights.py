@@ -98,3 +98,19 @@ def test_config_roundtrip(good):
     cfg = Qwen3Config.from_checkpoint(good)
     assert Qwen3Config.from_dict(cfg.to_dict()) == cfg
     assert cfg.rope_theta == 1e6 and cfg.head_dim == 32 and cfg.tie_word_embeddings
+
+
+def _truncate(f, keep: float) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: _truncate(f, 0.5),                    # the header promises more bytes than the file has
+    lambda f: _truncate(f, 0.0005),                 # not even the whole header
+    lambda f: f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"),
+], ids=["truncated", "header cut", "garbage header"])
+def test_damaged_safetensors_is_named_in_our_error(ckpt, damage):
+    damage(ckpt / "model.safetensors")
+    with pytest.raises(Qwen3AotError, match="model.safetensors"):
+        load_checkpoint(ckpt)

@@ -9,11 +9,13 @@ unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
@@ -61,11 +63,25 @@ def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@contextlib.contextmanager
+def open_safetensors(f: Path) -> Iterator:
+    """safe_open, with a damaged file (truncated, bad header, unreadable) turned into our error naming it."""
+    try:
+        with safe_open(str(f), "pt") as sf:
+            yield sf
+    except (SafetensorError, OSError) as e:
+        raise Qwen3AotError(f"{f} is not a readable safetensors file ({e}); it may be truncated or damaged: "
+                            "download or copy it again.") from e
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file that holds it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise Qwen3AotError(f"{index} is not a valid safetensors index ({e}); download it again.") from e
         for f in set(weight_map.values()):
             if not (path / f).is_file():
                 raise Qwen3AotError(f"{index} names shard {f}, which is missing from {path}.")
@@ -81,7 +97,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         raise Qwen3AotError(f"{path} has no *.safetensors weights.")
     out: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), "pt") as sf:
+        with open_safetensors(f) as sf:
             for name in sf.keys():
                 out[name] = f
     return out
@@ -106,7 +122,7 @@ def load_hf_tensors(path: str | Path, cfg: Qwen3Config) -> dict[str, torch.Tenso
     for n in expected:
         by_file.setdefault(files[n], []).append(n)
     for f, ns in by_file.items():
-        with safe_open(str(f), "pt") as sf:
+        with open_safetensors(f) as sf:
             for n in ns:
                 t = sf.get_tensor(n)
                 if tuple(t.shape) != expected[n]:

@@ -10,6 +10,9 @@ from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
 
 
+EXAMPLE_TOKENS, EXAMPLE_SEQS, EXAMPLE_BLOCKS = 6, 2, 4  # the sizes of example_inputs' batch
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphLimits:
     """The dynamic ranges compiled into the graph; the runtime must stay inside them."""
@@ -20,10 +23,25 @@ class GraphLimits:
     max_model_len: int = 0       # 0: the model's max_position_embeddings
     max_num_blocks: int = 1 << 22
 
+    def __post_init__(self) -> None:
+        # export traces one example batch (EXAMPLE_*): every range must hold it, or torch.export
+        # fails deep inside with a constraint violation
+        least = {"block_size": 1, "max_num_tokens": EXAMPLE_TOKENS, "max_num_seqs": EXAMPLE_SEQS,
+                 "max_model_len": 0, "max_num_blocks": EXAMPLE_BLOCKS}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                flag = "--" + name.replace("_", "-")
+                raise Qwen3AotError(f"{flag} {value!r} is not allowed: it must be an integer of at least {low}"
+                                    + (" (0: the model's max_position_embeddings)." if name == "max_model_len" else "."))
+
     def resolved(self, model_max_len: int) -> "GraphLimits":
         n = self.max_model_len or model_max_len
         if n > model_max_len:
             raise Qwen3AotError(f"max_model_len {n} exceeds the model's max_position_embeddings {model_max_len}")
+        if n <= self.block_size:
+            raise Qwen3AotError(f"max_model_len {n} must exceed the block size {self.block_size} (the graph is "
+                                "traced with sequences of two blocks); lower --block-size.")
         return dataclasses.replace(self, max_model_len=n)
 
     @property
