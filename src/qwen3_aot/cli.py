@@ -1,4 +1,4 @@
-"""`qwen3-aot export | generate`: the command line."""
+"""`qwen3-aot export | generate | serve`: the command line."""
 
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ def _generate(a: argparse.Namespace) -> None:
     for piece in engine.stream(a.prompt, params):
         print(piece, end="", flush=True)
     print()
+
+
+def _serve(a: argparse.Namespace) -> None:
+    try:
+        from qwen3_aot.serve import run
+    except ImportError as e:
+        raise Qwen3AotError(f"`qwen3-aot serve` needs the serve extra ({e.name} is not installed): "
+                            "pip install 'qwen3-aot[serve]'") from e
+    options = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("num_blocks", a.num_blocks)) if v is not None}
+    run(a.artifact, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
+        max_queue=a.max_queue, grace_s=a.grace_period, device=a.device, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--ignore-eos", action="store_true")
     ge.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (on CUDA)")
     ge.set_defaults(func=_generate)
+
+    se = sub.add_parser("serve", help="serve an artifact over HTTP with the OpenAI API (needs the serve extra)")
+    se.add_argument("artifact")
+    se.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    se.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
+                                                              "artifact directory's name)")
+    se.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one batch (the engine's default)")
+    se.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
+    se.add_argument("--max-queue", type=int, default=1024,
+                    help="most requests running or waiting at once; more get HTTP 429")
+    se.add_argument("--grace-period", type=float, default=10.0,
+                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
+    se.add_argument("--device", default=None)
+    se.set_defaults(func=_serve)
     return ap
 
 

@@ -1,0 +1,216 @@
+"""The OpenAI API's request and response shapes, and their translation to and from the engine.
+
+Requests are pydantic models with OpenAI's field names (plus vLLM's extra sampling fields
+top_k, ignore_eos, stop_token_ids), validated strictly: "0.5" is not a temperature. A field
+we accept but cannot honour (logit_bias, penalties, echo, tools, ...) is refused with a message
+rather than ignored; values are checked by SamplingParams, so a bad one gets the engine's own
+message. Responses are plain dicts in OpenAI's JSON layout.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.sampling import SamplingParams
+
+Prompt = Union[str, list[int]]
+
+
+class _Request(BaseModel):
+    # extra="allow" keeps unknown fields in model_extra, so that the server can name them in its log
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    """The fields both endpoints share."""
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extra sampling fields
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _refuse_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise Qwen3AotError(f"{name} is not supported by this server; leave it out or set it to 0.")
+        if self.logit_bias:
+            raise Qwen3AotError("logit_bias is not supported by this server; leave it out.")
+        if self.n < 1:
+            raise Qwen3AotError(f"n must be >= 1, got {self.n}.")
+        if self.stream_options is not None and not self.stream:
+            raise Qwen3AotError("stream_options is only allowed with stream=true.")
+
+    def sampling(self, max_tokens: int, logprobs: bool, choice: int) -> SamplingParams:
+        """The engine's parameters for choice number `choice` of n: with a seed, choice j samples
+        with seed + j, so that n > 1 gives n different (and reproducible) samples."""
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        top_k = 0 if self.top_k in (None, -1) else self.top_k  # vLLM's -1: no top-k cut
+        seed = None if self.seed is None else self.seed + choice
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                              top_k=top_k, top_p=1.0 if self.top_p is None else self.top_p, seed=seed, stop=stop,
+                              stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+                              logprobs=logprobs)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[Prompt]:
+        """One prompt (text or token ids) or a list of them, as a list."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise Qwen3AotError("prompt is empty; give a string, a list of token ids, or a list of those.")
+        return list(p)
+
+    def check(self) -> None:
+        self._refuse_unsupported()
+        if self.echo:
+            raise Qwen3AotError("echo is not supported by this server; leave it out.")
+        if self.suffix:
+            raise Qwen3AotError("suffix is not supported by this server; leave it out.")
+        if self.best_of not in (None, self.n):
+            raise Qwen3AotError(f"best_of other than n is not supported (got best_of={self.best_of}, n={self.n}).")
+        if self.logprobs not in (None, 0):
+            raise Qwen3AotError(f"logprobs={self.logprobs} asks for the top alternatives of each token, which this "
+                                "server does not compute; use logprobs=0 for the chosen tokens' log-probabilities.")
+
+
+class ChatRequest(_Sampling):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = None  # default: the rest of the context
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self._refuse_unsupported()
+        if self.tools:
+            raise Qwen3AotError("tools (function calling) are not supported by this server; leave them out.")
+        if self.response_format not in (None, {"type": "text"}):
+            raise Qwen3AotError("response_format other than {\"type\": \"text\"} is not supported by this server.")
+        if self.top_logprobs not in (None, 0):
+            raise Qwen3AotError(f"top_logprobs={self.top_logprobs} asks for the top alternatives of each token, "
+                                "which this server does not compute; use logprobs=true alone.")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise Qwen3AotError("top_logprobs needs logprobs=true.")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise Qwen3AotError("give max_tokens or max_completion_tokens, not both.")
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template reads them: content as one string (OpenAI's list of
+        text parts joined), every other field as sent (Qwen3's template reads reasoning_content)."""
+        out = []
+        for i, m in enumerate(self.messages):
+            if not isinstance(m.get("role"), str):
+                raise Qwen3AotError(f"messages[{i}] has no role; each message needs a role and a content.")
+            content = m.get("content")
+            if isinstance(content, list):
+                if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                    raise Qwen3AotError(f"messages[{i}].content: only text parts ({{\"type\": \"text\", ...}}) "
+                                        "are supported by this server.")
+                content = "".join(str(p.get("text", "")) for p in content)
+            elif content is not None and not isinstance(content, str):
+                raise Qwen3AotError(f"messages[{i}].content must be a string or a list of text parts.")
+            out.append({**m, "content": content})
+        return out
+
+
+# ---- responses ----
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict:
+    """OpenAI's error JSON; type and code as vLLM fills them (the error's class and status)."""
+    kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError",
+             500: "InternalServerError", 503: "ServiceUnavailableError"}
+    return {"error": {"message": message, "type": kinds.get(status, "Error"), "param": param, "code": status}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class Response:
+    """What every response and chunk of one request has in common."""
+    id: str
+    model: str
+    object: str
+    created: int
+
+    @classmethod
+    def new(cls, prefix: str, model: str, object: str) -> "Response":
+        return cls(new_id(prefix), model, object, int(time.time()))
+
+    def body(self, choices: list[dict], **more: Any) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **more}
+
+
+class TokenText:
+    """Each token's text, for logprobs (OpenAI gives a string per token)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._decode = tokenizer.decode
+
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[float], offset: int = 0) -> dict:
+        """The completions endpoint's layout: parallel lists, top_logprobs holding the chosen token
+        alone (logprobs=0), text_offset counted from `offset` (where the text of a stream's
+        earlier chunks ended) over the tokens' own texts."""
+        tokens = [self._decode([t]) for t in token_ids]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": list(logprobs),
+                "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+
+    def chat_logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict:
+        """The chat endpoint's layout: one entry per token with its UTF-8 bytes."""
+        return {"content": [{"token": (t := self._decode([i])), "logprob": lp, "bytes": list(t.encode()),
+                             "top_logprobs": []} for i, lp in zip(token_ids, logprobs)]}
+
