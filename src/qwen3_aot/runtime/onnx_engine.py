@@ -75,7 +75,8 @@ class OnnxEngine:
             live = [requests[i] for i in rows]
             ids, logprobs = self.sampler(logits[rows], [r.params for r in live], [r.generator for r in live])
             for i, (r, token) in enumerate(zip(live, ids)):
-                r.accept(token, logprobs[i] if logprobs else None)
+                r.seq.token_ids.append(token)
+                r.take(token, logprobs[i] if logprobs else None)
             yield
             if all(r.finished for r in requests):
                 return

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Union
 
+import numpy as np
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.sampling import Completion, SamplingParams
+from qwen3_aot.runtime.sampling import Completion, SamplingParams, _is_int
 from qwen3_aot.runtime.scheduler import Sequence
 from qwen3_aot.runtime.tokenizer import TextStream, Tokenizer
 
@@ -28,16 +29,21 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, token: int, logprob: float | None) -> bool:
-        """Take the next token; True when it ends the request (finish_reason is then set)."""
-        self.seq.token_ids.append(token)
+    @property
+    def tokens_left(self) -> int:
+        """Output tokens it may still take before max_tokens ends it."""
+        return self.params.max_tokens - self.seq.num_output_tokens
+
+    def take(self, token: int, logprob: float | None) -> bool:
+        """The sequence's newest token (already appended to it): its text, its logprob and the
+        stop checks. True when it ends the request (finish_reason is then set)."""
         if self.logprobs is not None:
             self.logprobs.append(logprob)
         if token in self.stop_ids:  # eos or a stop token: kept in token_ids, not in the text
             reason = "stop"
         elif self.text.push(token):
             reason = "stop"
-        elif self.seq.num_output_tokens == self.params.max_tokens:
+        elif self.tokens_left == 0:
             reason = "length"
         else:
             return False
@@ -59,16 +65,14 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise Qwen3AotError(f"sampling must be a SamplingParams, got {type(params).__name__}.")
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt) if prompt else []
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-        ids = list(prompt)
-    else:
-        raise Qwen3AotError(f"a prompt is a string or a list of token ids (ints), got {type(prompt).__name__}.")
+    ids = prompt_ids(prompt, tokenizer)
     if not ids:
         raise Qwen3AotError("the prompt is empty; give at least one token.")
     if min(ids) < 0 or max(ids) >= vocab_size:
         raise Qwen3AotError(f"token ids must be in [0, {vocab_size}), got {min(ids)}..{max(ids)}.")
+    outside = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
+    if outside:
+        raise Qwen3AotError(f"stop_token_ids {outside} are outside the vocabulary [0, {vocab_size}).")
     total = len(ids) + params.max_tokens
     for most, what in limits:
         if total > most:
@@ -83,19 +87,41 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
     return Request(Sequence(seq_id, ids), params, stop_ids, TextStream(tokenizer, params.stop), generator)
 
 
+def prompt_ids(prompt: object, tokenizer: Tokenizer) -> list[int]:
+    """A prompt's token ids: text is encoded, token ids (ints, numpy's too) taken as they are."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt) if prompt else []
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
+        return prompt.tolist()
+    if isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
+        return [int(t) for t in prompt]
+    if isinstance(prompt, dict) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict)):
+        raise Qwen3AotError("a prompt is a string or a list of token ids; chat messages ({'role': ..., "
+                            "'content': ...}) go through chat(messages) or apply_chat_template(messages).")
+    raise Qwen3AotError(f"a prompt is a string or a list of token ids (ints), got {type(prompt).__name__}"
+                        f"{'' if not isinstance(prompt, (list, tuple)) else ' holding ' + type(prompt[0]).__name__}.")
+
+
 def pair_up(prompts: Prompt | list[Prompt],
             sampling: SamplingParams | list[SamplingParams] | None) -> list[tuple[Prompt, SamplingParams | None]]:
     """generate()'s arguments as (prompt, params) pairs: one prompt or many, one
-    SamplingParams for all or one per prompt."""
-    prompts = [prompts] if _is_one_prompt(prompts) else list(prompts)
+    SamplingParams for all or one per prompt. What is not a prompt is left for make_request
+    to refuse with its reason."""
+    if _is_one_prompt(prompts) or not isinstance(prompts, (list, tuple)):
+        prompts = [prompts]
+    prompts = list(prompts)
     if not prompts:
         raise Qwen3AotError("no prompts given: pass a string, a list of token ids, or a list of those.")
-    params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-    if len(params) != len(prompts):
-        raise Qwen3AotError(f"{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt.")
+    if isinstance(sampling, (list, tuple)):
+        params = list(sampling)
+        if len(params) != len(prompts):
+            raise Qwen3AotError(f"{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one per "
+                                "prompt.")
+    else:
+        params = [sampling] * len(prompts)
     return list(zip(prompts, params))
 
 
 def _is_one_prompt(prompts: object) -> bool:
-    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
-                                        and all(isinstance(t, int) for t in prompts))
+    return isinstance(prompts, (str, np.ndarray)) or (
+        isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(_is_int(t) for t in prompts))

@@ -42,7 +42,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
         dev = logits.device
-        temperature = _on_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
+        temperature = _on_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
         probs = torch.softmax(logits / temperature[:, None], -1)
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             probs = top_k_top_p(probs, _on_device([p.top_k for p in params], torch.int64, dev),

@@ -7,6 +7,10 @@ token, one whose prompt is still being read takes as much of it as the token bud
 running sequence needs a block and none is free, the newest running sequence is preempted:
 its blocks are freed and it goes back to the front of the queue, to be recomputed later
 from its prompt and the tokens generated so far (nothing it generated is lost).
+
+The scheduler alone changes a sequence: which of its tokens are computed, its blocks, its
+tokens (`append`) and its end (`remove`). The engine asks it what to run (`schedule`,
+`schedule_ahead`) and hands it what came back (`computed`, `append`).
 """
 
 from __future__ import annotations
@@ -79,10 +83,28 @@ class Scheduler:
         width = max(len(s.block_table) for s in seqs)
         return self.tables[[s.slot for s in seqs], :width]
 
-    def reserve(self, seq: Sequence, n: int) -> bool:
-        """Blocks for `n` more tokens of a running sequence, without preempting; False (nothing
-        changed) when too few are free."""
-        return self._grow(seq, n)
+    def computed(self, batch: Batch) -> None:
+        """The batch's tokens are in the cache now (its forward is queued on the device)."""
+        for seq, n in batch:
+            seq.num_computed += n
+
+    def append(self, seq: Sequence, token: int) -> None:
+        """A token sampled for the sequence: it is fed to a later step."""
+        seq.token_ids.append(token)
+
+    def schedule_ahead(self, live: list[Sequence], continuing: list[Sequence]) -> Batch | None:
+        """The next decode of `continuing` (those of `live` not ending on the token in flight),
+        scheduled before their newest tokens are known: only when `live` is exactly the running
+        set, nothing waits to join, and each continuing sequence gets a block for one more
+        position without preempting (None, nothing changed, otherwise)."""
+        if self.waiting or len(live) != len(self.running) or any(a is not b for a, b in zip(live, self.running)):
+            return None
+        need = sum(max(0, self.cache.blocks_for(s.num_computed + 1) - len(s.block_table)) for s in continuing)
+        if not continuing or need > self.cache.num_free:
+            return None
+        for seq in continuing:
+            self._grow(seq, 1)
+        return [(seq, 1) for seq in continuing]
 
     def schedule(self) -> Batch:
         batch: Batch = []

@@ -1,0 +1,150 @@
+"""The engine services share: prompts in, text out, from any number of threads and asyncio
+tasks at once, all in one continuous batch.
+
+Who owns what: the EngineCore (scheduler, paged KV cache, compiled forward, CUDA graphs,
+sampler) belongs to the loop thread that `runtime.load` starts (runtime/loop.py), and
+nothing else touches it. Callers check and make their requests in their own thread (a bad
+one raises our error there, and nothing is queued), submit them through the loop's command
+queue, and read text from a Stream or AsyncStream (runtime/streams.py). `close()`, leaving a
+`with` block, dropping the engine or the interpreter's exit stops the loop and frees the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any
+
+from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.core import EngineCore
+from qwen3_aot.runtime.loop import EngineLoop, EngineStats
+from qwen3_aot.runtime.requests import Prompt, Request, pair_up
+from qwen3_aot.runtime.sampling import Completion, SamplingParams
+from qwen3_aot.runtime.streams import AsyncStream, Stream
+
+EXIT_TIMEOUT_S = 5.0  # at interpreter exit, how long a step in progress may take to finish
+
+
+class Engine:
+    """Built by `qwen3_aot.runtime.load`; thread-safe and asyncio-safe (see the module
+    docstring). The options of `load` are EngineCore's."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.tokenizer, self.config, self.device = core.tokenizer, core.config, core.device
+        self.max_model_len, self.block_size = core.max_model_len, core.block_size
+        self.cache_capacity = core.cache.capacity  # the most tokens one sequence can hold
+        self._artifact = core.artifact
+        self._loop = EngineLoop(core)
+        # the finalizer holds the loop, not the engine: dropping the engine stops its loop
+        self._stop = weakref.finalize(self, self._loop.stop, EXIT_TIMEOUT_S)
+
+    # ---- text ----
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Completions of one prompt (text or token ids) or a list of them, in order; one
+        SamplingParams for all or one per prompt. All are checked before any is submitted."""
+        streams = [Stream(self._loop, self._request(p, s)) for p, s in pair_up(prompts, sampling)]
+        try:
+            for s in streams:
+                s.start()
+            return [s.result() for s in streams]
+        finally:  # an exception (or Ctrl-C) leaves no request of ours running
+            for s in streams:
+                s.close()
+
+    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Stream:
+        """Text pieces as they are generated; the prompt is checked now, submitted at the
+        first read; closing or dropping the stream early aborts it."""
+        return Stream(self._loop, self._request(prompt, sampling))
+
+    def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Stream:
+        """Submit a request now; `stream.result()` waits for its Completion."""
+        return self.stream(prompt, sampling).start()
+
+    def abort(self, stream: Stream | AsyncStream) -> None:
+        """Cancel a request (its blocks are freed); a no-op once it has ended."""
+        stream.close()
+
+    async def generate_async(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Completion:
+        """The Completion of one prompt, awaited without blocking the event loop; a cancelled
+        await aborts the request."""
+        stream = self.stream_async(prompt, sampling)
+        try:
+            return await stream.result()
+        finally:
+            stream.close()
+
+    def stream_async(self, prompt: Prompt, sampling: SamplingParams | None = None) -> AsyncStream:
+        """As `stream`, an async iterator of text pieces (`await stream.aclose()` aborts)."""
+        return AsyncStream(self._loop, self._request(prompt, sampling))
+
+    def check(self, prompt: Prompt, sampling: SamplingParams | None = None) -> None:
+        """The checks a submission gets (our error if bad), without submitting anything."""
+        self._request(prompt, sampling)
+
+    # ---- chat ----
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str:
+        """The artifact's own chat template rendered for `messages` (as transformers'
+        apply_chat_template(..., tokenize=False) renders it); Qwen3's reads enable_thinking."""
+        if self._chat_template is None:
+            raise Qwen3AotError(f"{self._artifact} has no chat template (tokenizer_config.json's chat_template or "
+                                "chat_template.jinja); rebuild it from a checkpoint that has one, or render the "
+                                "prompt yourself and call generate.")
+        return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+    def chat(self, messages: list[dict[str, Any]], sampling: SamplingParams | None = None, *,
+             separate_reasoning: bool = False, **template_kwargs: Any) -> Completion:
+        """generate() of the rendered chat prompt. separate_reasoning: Qwen3's thinking (the
+        text between <think> and </think>) goes to `reasoning`, the answer alone to `text`."""
+        completion = self.generate(self.apply_chat_template(messages, **template_kwargs), sampling)[0]
+        return _separated(completion) if separate_reasoning else completion
+
+    async def chat_async(self, messages: list[dict[str, Any]], sampling: SamplingParams | None = None, *,
+                         separate_reasoning: bool = False, **template_kwargs: Any) -> Completion:
+        completion = await self.generate_async(self.apply_chat_template(messages, **template_kwargs), sampling)
+        return _separated(completion) if separate_reasoning else completion
+
+    @functools.cached_property
+    def _chat_template(self):
+        from qwen3_aot.runtime.chat import ChatTemplate  # jinja2 only when chat is used
+
+        return ChatTemplate.from_dir(self._artifact)
+
+    # ---- state ----
+
+    def stats(self) -> EngineStats:
+        """Running and waiting requests, KV-cache blocks, preemptions and token counts, as of
+        the loop's last step or command."""
+        return self._loop.stats
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._loop.stats.num_free_blocks
+
+    def has_unfinished(self) -> bool:
+        stats = self._loop.stats
+        return stats.num_running + stats.num_waiting > 0
+
+    def close(self) -> None:
+        """Stop the loop (requests in flight end as aborted) and free the KV cache; idempotent."""
+        self._stop()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, prompt: Prompt, sampling: SamplingParams | None) -> Request:
+        return self._loop.checked_core().make_request(prompt, sampling)
+
+
+def _separated(completion: Completion) -> Completion:
+    from qwen3_aot.runtime.chat import split_reasoning
+
+    reasoning, content = split_reasoning(completion.text)
+    completion.text, completion.reasoning = content, reasoning
+    return completion

@@ -1,0 +1,207 @@
+"""The loop thread: the one owner of an EngineCore (its scheduler, KV cache, compiled
+forward, CUDA graphs and sampler), fed by callers in any thread through one command queue.
+
+Before every step the loop drains the queue (adds, aborts), so the requests of every caller
+join the same continuous batch; it steps while there is work and sleeps on the queue when
+there is none. After each step it hands every request that took tokens an `Output` through
+the request's own channel (`Submission.put`, thread-safe): the text now safe to show, the
+new token ids and logprobs, and at the end the Completion. Every piece reaches the channel,
+whoever reads it and however late, so a stream read late loses nothing.
+
+A failure inside a step ends the loop: every request in flight, and every later submission,
+gets our error instead of a hang. `stop` ends it cleanly: requests in flight end as aborted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+from typing import Callable
+
+import torch
+
+from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.core import EngineCore
+from qwen3_aot.runtime.requests import Request
+from qwen3_aot.runtime.sampling import Completion
+
+log = logging.getLogger("qwen3_aot")
+
+
+@dataclasses.dataclass
+class Output:
+    """What one step gave one request (see the module docstring)."""
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] | None = None
+    completion: Completion | None = None  # set on the request's last Output
+    error: BaseException | None = None    # the loop failed: no more Outputs come
+
+
+@dataclasses.dataclass
+class Submission:
+    """A request and where its Outputs go; `published`: how many of its output tokens went."""
+    request: Request
+    put: Callable[[Output], None]
+    published: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot taken by the loop after each step and command, before the step's Outputs
+    go out (a caller that has seen its request end sees the blocks it freed)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks: int = 0          # blocks that can be handed out (the reserved one not counted)
+    num_free_blocks: int = 0
+    num_preemptions: int = 0     # since load
+    prompt_tokens: int = 0       # of requests admitted since load
+    generation_tokens: int = 0   # taken since load
+    num_steps: int = 0
+
+
+class EngineLoop:
+    def __init__(self, core: EngineCore) -> None:
+        self.core: EngineCore | None = core
+        self.stats = EngineStats()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # orders submissions against the loop's end; reentrant because a stream garbage-collected
+        # inside the locked region of the same thread aborts through it
+        self._lock = threading.RLock()
+        self._ended: BaseException | None = None  # why no more submissions are taken
+        self._live: dict[int, Submission] = {}  # by sequence id: only the loop thread touches it
+        self._steps = 0
+        self._snapshot()
+        self.thread = threading.Thread(target=self._run, name="qwen3-aot-engine", daemon=True)
+        self.thread.start()
+
+    # ---- any thread ----
+
+    def checked_core(self) -> EngineCore:
+        """The core, for what any thread may call on it (`make_request`); our error once the
+        loop has ended."""
+        with self._lock:
+            if self._ended is not None:
+                raise self._ended
+            return self.core
+
+    def submit(self, sub: Submission) -> None:
+        self._command("add", sub)
+
+    def abort(self, sub: Submission) -> None:
+        """Cancel a submitted request; a no-op once it ended (or once the loop has)."""
+        with contextlib.suppress(Qwen3AotError):
+            self._command("abort", sub)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the loop (requests in flight end as aborted) and wait for it; idempotent."""
+        with self._lock:
+            if self._ended is None:
+                self._ended = Qwen3AotError("the engine is closed; load the artifact again to generate.")
+                self._commands.put(("stop", None))
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    def _command(self, kind: str, sub: Submission) -> None:
+        with self._lock:
+            if self._ended is not None:
+                raise self._ended
+            self._commands.put((kind, sub))
+
+    # ---- the loop thread ----
+
+    def _run(self) -> None:
+        core = self.core
+        device = torch.cuda.device(core.device) if core.device.type == "cuda" else contextlib.nullcontext()
+        error: BaseException | None = None
+        try:
+            with device, torch.inference_mode():
+                while self._drain(block=not core.has_unfinished()):
+                    if core.has_unfinished():
+                        took = core.step()
+                        self._steps += 1
+                        self._publish(took)
+        except BaseException as e:  # noqa: BLE001  (a dying loop must tell every caller)
+            log.exception("the engine loop failed")
+            error = e
+        self._end(error)
+
+    def _drain(self, block: bool) -> bool:
+        """Apply the queued commands (waiting for one if `block`); False on stop."""
+        while True:
+            try:
+                kind, sub = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            seq_id = sub.request.seq.seq_id
+            if kind == "add":
+                self.core.add(sub.request)
+                self._live[seq_id] = sub
+            elif kind == "abort" and seq_id in self._live:
+                self._abort(self._live.pop(seq_id))
+            self._snapshot()
+
+    def _publish(self, took: list[Request]) -> None:
+        self._snapshot()
+        for r in took:
+            sub = self._live.get(r.seq.seq_id)
+            if sub is None:
+                continue
+            out = r.seq.output_ids[sub.published:]
+            logprobs = None if r.logprobs is None else r.logprobs[sub.published:]
+            sub.published += len(out)
+            if r.finished:
+                del self._live[r.seq.seq_id]
+            self._put(sub, Output(r.text.take(final=r.finished), out, logprobs,
+                                  r.completion() if r.finished else None))
+
+    def _abort(self, sub: Submission) -> None:
+        self.core.abort(sub.request)
+        self._put(sub, Output(completion=sub.request.completion()))
+
+    def _put(self, sub: Submission, output: Output) -> None:
+        try:
+            sub.put(output)
+        except Exception:  # noqa: BLE001  (e.g. its event loop closed: nobody reads it any more)
+            if output.completion is None and output.error is None:
+                self._live.pop(sub.request.seq.seq_id, None)
+                self.core.abort(sub.request)
+
+    def _snapshot(self) -> None:
+        core = self.core
+        sched, cache = core.scheduler, core.cache
+        self.stats = EngineStats(len(sched.running), len(sched.waiting), cache.num_blocks - 1, cache.num_free,
+                                 sched.num_preemptions, core.prompt_tokens, core.generation_tokens, self._steps)
+
+    def _end(self, error: BaseException | None) -> None:
+        """No more submissions; everything in flight or queued ends: aborted on stop, our
+        error if the loop failed."""
+        with self._lock:
+            if error is not None:
+                self._ended = Qwen3AotError(f"the engine's loop failed ({type(error).__name__}: {error}); load the "
+                                            "artifact again.")
+                self._ended.__cause__ = error
+            queued = []
+            while True:
+                try:
+                    queued.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+        subs = list(self._live.values()) + [sub for kind, sub in queued if kind == "add"]
+        self._live.clear()
+        for sub in subs:
+            if error is None:
+                with contextlib.suppress(Exception):
+                    self._abort(sub)
+            else:
+                with contextlib.suppress(Exception):
+                    sub.put(Output(error=self._ended))
+        if error is None:
+            self._snapshot()
+        self.core = None  # the cache, weights and graphs go with the last reference

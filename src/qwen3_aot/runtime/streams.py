@@ -1,0 +1,118 @@
+"""What callers hold while their request runs in the loop thread: a Stream (any thread) or
+an AsyncStream (asyncio), each reading its request's Outputs from its own channel.
+
+A stream submits its request when first read (or `start`ed): one never started holds no
+blocks. Closed, dropped or garbage-collected before its end, it aborts the request, whose
+blocks the loop frees at its next command drain. The channel a stream hands the loop holds
+no reference to the stream, so that dropping the stream is enough to collect it."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import queue
+
+from qwen3_aot.runtime.loop import EngineLoop, Output, Submission
+from qwen3_aot.runtime.requests import Request
+from qwen3_aot.runtime.sampling import Completion
+
+
+class _StreamBase:
+    """token_ids / logprobs: the output so far, updated before each piece is handed out;
+    completion: set once the request has ended (finished, stopped or aborted)."""
+
+    def __init__(self, loop: EngineLoop, request: Request) -> None:
+        self._loop = loop
+        self._sub: Submission | None = None
+        self._request = request
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if request.params.logprobs else None
+        self.completion: Completion | None = None
+        self._closed = False
+
+    def _submit(self, put) -> None:
+        self._sub = Submission(self._request, put)
+        self._loop.submit(self._sub)
+
+    def _take(self, out: Output) -> str:
+        if out.error is not None:
+            self._closed = True
+            raise out.error
+        self.token_ids += out.token_ids
+        if self.logprobs is not None and out.logprobs:
+            self.logprobs += out.logprobs
+        if out.completion is not None:
+            self.completion = out.completion
+        return out.text
+
+    @property
+    def _done(self) -> bool:
+        return self.completion is not None or self._closed
+
+    def close(self) -> None:
+        """Abort the request if it is still running (its blocks are freed); no-op otherwise."""
+        if self._sub is not None and self.completion is None and not self._closed:
+            self._loop.abort(self._sub)
+        self._closed = True
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Stream(_StreamBase):
+    """Text pieces as they are generated (whole characters; text that could still become a
+    stop string is held back). The Completion is also StopIteration's value."""
+
+    def start(self) -> Stream:
+        """Submit the request now rather than at the first read."""
+        if self._sub is None and not self._closed:
+            self._queue: queue.SimpleQueue[Output] = queue.SimpleQueue()
+            self._submit(self._queue.put)
+        return self
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        self.start()
+        while not self._done:
+            piece = self._take(self._queue.get())
+            if piece:
+                return piece
+        raise StopIteration(self.completion)
+
+    def result(self) -> Completion:
+        """Read to the end and return the Completion (waits)."""
+        for _ in self:
+            pass
+        return self.completion
+
+
+class AsyncStream(_StreamBase):
+    """As Stream, for asyncio: `async for piece in stream`; reading never blocks the event
+    loop (the loop thread hands Outputs over with call_soon_threadsafe)."""
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._sub is None and not self._closed:
+            self._queue: asyncio.Queue[Output] = asyncio.Queue()
+            self._submit(functools.partial(_put_threadsafe, asyncio.get_running_loop(), self._queue))
+        while not self._done:
+            piece = self._take(await self._queue.get())
+            if piece:
+                return piece
+        raise StopAsyncIteration
+
+    async def result(self) -> Completion:
+        async for _ in self:
+            pass
+        return self.completion
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+def _put_threadsafe(event_loop: asyncio.AbstractEventLoop, q: asyncio.Queue, out: Output) -> None:
+    event_loop.call_soon_threadsafe(q.put_nowait, out)
