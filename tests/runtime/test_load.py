@@ -68,8 +68,8 @@ def test_bad_request_is_refused_and_the_engine_keeps_serving(engine, bad):
 
 def test_a_request_that_fills_the_cache_exactly_is_served(engine):
     ids = list(range(2, 100))
-    c = engine.generate([ids], dataclasses.replace(GREEDY, max_tokens=engine.cache.capacity - len(ids)))[0]
-    assert c.output_tokens + c.prompt_tokens == 128 == engine.cache.capacity
+    c = engine.generate([ids], dataclasses.replace(GREEDY, max_tokens=engine.cache_capacity - len(ids)))[0]
+    assert c.output_tokens + c.prompt_tokens == 128 == engine.cache_capacity
 
 
 @pytest.mark.parametrize("damage, needle", [
@@ -105,8 +105,8 @@ def test_load_refuses_bad_options(runtime_artifact, options, needle):
 
 
 def test_cache_options(runtime_artifact):
-    assert runtime.load(runtime_artifact, kv_cache_tokens=100).cache.capacity >= 100
-    default = runtime.load(runtime_artifact, max_num_seqs=4)
+    assert runtime.load_core(runtime_artifact, kv_cache_tokens=100).cache.capacity >= 100
+    default = runtime.load_core(runtime_artifact, max_num_seqs=4)
     assert default.scheduler.max_num_seqs == 4
     if RUNTIME_DEVICE == "cpu":  # 4 full-length sequences
         assert default.cache.capacity == 4 * 512

@@ -5,6 +5,7 @@ and an ONNX artifact onnxruntime."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -12,30 +13,39 @@ import torch
 from qwen3_aot import manifest as _manifest
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.compiled import CompiledForward
-from qwen3_aot.runtime.core import Engine
+from qwen3_aot.runtime.core import EngineCore, StepRecord
+from qwen3_aot.runtime.engine import Engine
+from qwen3_aot.runtime.loop import EngineStats
 from qwen3_aot.runtime.onnx_engine import OnnxEngine
 from qwen3_aot.runtime.requests import Request
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
+from qwen3_aot.runtime.streams import AsyncStream, Stream
 
-__all__ = ["CompiledForward", "Completion", "Engine", "OnnxEngine", "Qwen3AotError", "Request", "SamplingParams",
-           "load", "load_forward"]
+__all__ = ["AsyncStream", "CompiledForward", "Completion", "Engine", "EngineCore", "EngineStats", "OnnxEngine",
+           "Qwen3AotError", "Request", "SamplingParams", "StepRecord", "Stream", "load", "load_core", "load_forward"]
 
 
-ENGINE_OPTIONS = {"pt2": {"num_blocks", "kv_cache_tokens", "gpu_memory_utilization", "max_num_seqs",
-                            "max_num_batched_tokens", "cuda_graphs", "overlap"},
-                  "onnx": {"max_batch_size"}}
+def _keyword_options(cls: type) -> set[str]:
+    """The keyword-only options of an engine's constructor, which `load` passes through."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+ENGINE_OPTIONS = {"pt2": _keyword_options(EngineCore), "onnx": _keyword_options(OnnxEngine)}
 
 
 def load(path: str | Path, device: str | torch.device | None = None, *, verify_files: bool = True,
          format: str | None = None, **options) -> Engine | OnnxEngine:
     """Check an artifact against this process (format, torch build, device, GPU, the sha256
     of every file) and start an engine on it: weights loaded once, the paged KV cache sized,
-    CUDA graphs captured on a GPU.
+    CUDA graphs captured on a GPU, and the Engine's loop thread started (it is safe to share
+    between threads and asyncio tasks; see qwen3_aot.runtime.engine).
 
     format: which graph to serve, "pt2" (an Engine, continuous batching) or "onnx" (an
     OnnxEngine on onnxruntime, static batching); default pt2 when the artifact has one.
-    `options` are the engine's: for pt2 num_blocks, kv_cache_tokens, gpu_memory_utilization,
-    max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap; for onnx max_batch_size."""
+    `options` are the engine's: for pt2 EngineCore's (num_blocks, kv_cache_tokens,
+    gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap); for
+    onnx OnnxEngine's (max_batch_size)."""
     path, man = _read(path, verify_files)
     graphs = {"pt2": "forward", "onnx": "onnx"}
     if format is None:
@@ -47,13 +57,29 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
     if graphs[format] not in man["graphs"]:
         raise Qwen3AotError(f"{path} holds no {format} graph (it holds {sorted(man['graphs'])}); rebuild it with "
                             f"--format {format} (or pt2,onnx).")
+    _check_options(options, format)
+    if format == "onnx":
+        return OnnxEngine(path, man, device, **options)
+    return Engine(EngineCore(path, man, _compiled_device(path, man, device), **options))
+
+
+def load_core(path: str | Path, device: str | torch.device | None = None, *, verify_files: bool = True,
+              **options) -> EngineCore:
+    """As `load` for a pt2 artifact, without the loop thread: the single-threaded core that
+    benchmarks and tests step themselves (`add_request`, `step`, `generate`)."""
+    path, man = _read(path, verify_files)
+    if "forward" not in man["graphs"]:
+        raise Qwen3AotError(f"{path} holds no pt2 graph (it holds {sorted(man['graphs'])}); rebuild it with "
+                            "--format pt2 (or pt2,onnx).")
+    _check_options(options, "pt2")
+    return EngineCore(path, man, _compiled_device(path, man, device), **options)
+
+
+def _check_options(options: dict, format: str) -> None:
     unknown = set(options) - ENGINE_OPTIONS[format]
     if unknown:
         raise Qwen3AotError(f"{sorted(unknown)}: not options of the {format} engine, which takes "
                             f"{sorted(ENGINE_OPTIONS[format])}.")
-    if format == "onnx":
-        return OnnxEngine(path, man, device, **options)
-    return Engine(path, man, _compiled_device(path, man, device), **options)
 
 
 def load_forward(path: str | Path, device: str | torch.device | None = None,
