@@ -25,7 +25,7 @@ from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json", "vocab.json", "merges.txt"]
+                   "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"]
 # A sanity bound for the build's final check (a broken graph is off by O(1)); the parity
 # tests bound the error tightly against float64.
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
