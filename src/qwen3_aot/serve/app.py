@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.chat import ReasoningStream, opens_reasoning, split_reasoning
 from qwen3_aot.runtime.sampling import Completion
 from qwen3_aot.serve import protocol
 from qwen3_aot.serve.generation import ClientGone, Event, Generation
@@ -104,16 +105,15 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None, max_q
         jobs = [(ids, body.sampling(_max_tokens(st, body.max_new_tokens, ids), body.logprobs, j))
                 for j in range(body.n)]
         meta = protocol.Response.new("chatcmpl", st.model, "chat.completion")
+        thinking = opens_reasoning(text)  # the template opened a think block: the output starts inside it
         gen = _start(st, jobs, request)
         if body.stream:
             meta.object = "chat.completion.chunk"
-            return _sse(_stream_chat(st, gen, meta, body), st, gen, meta, request)
+            return _sse(_stream_chat(st, gen, meta, body, thinking), st, gen, meta, request)
         done = await _collect(st, gen, meta, request)
-        from qwen3_aot.runtime.chat import split_reasoning
-
         choices = []
         for i, c in enumerate(done):
-            reasoning, content = split_reasoning(c.text)
+            reasoning, content = split_reasoning(c.text, in_reasoning=thinking)
             choices.append({"index": i, "finish_reason": c.finish_reason,
                             "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
                             "logprobs": st.text.chat_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None
@@ -228,18 +228,20 @@ class _Pending:
         return out
 
 
-async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatRequest) -> AsyncIterator[dict]:
-    from qwen3_aot.runtime.chat import ReasoningStream
-
+async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatRequest,
+                       thinking: bool) -> AsyncIterator[dict]:
     extra = {"usage": None} if body.include_usage else {}
     for i in range(body.n):
         yield meta.body([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}], **extra)
-    splitters = [ReasoningStream() for _ in range(body.n)]
+    splitters = [ReasoningStream(in_reasoning=thinking) for _ in range(body.n)]
     pending = _Pending(body.n)
     async for e in gen.events():
         pending.add(e)
-        reasoning, content = splitters[e.index].feed(e.text, final=e.completion is not None)
+        reasoning, content = splitters[e.index].push(e.text)
+        if e.completion is not None:
+            tail = splitters[e.index].finish()
+            reasoning, content = reasoning + tail[0], content + tail[1]
         if not (reasoning or content or e.completion):
             continue
         logprobs = st.text.chat_logprobs(*pending.take(e.index)) if e.logprobs is not None else None

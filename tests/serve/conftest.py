@@ -1,0 +1,76 @@
+"""Fixtures of the server tests: one `qwen3-aot serve` process per artifact for the whole
+session, the same artifacts in-process for the expected answers, and a deadline on every test
+that fails it instead of hanging CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+pytest.importorskip("fastapi")  # the serve extra
+pytest.importorskip("openai")
+
+from serving import Server, running  # noqa: E402
+
+DEADLINE_S = 60  # per test; @pytest.mark.deadline(S) for another
+
+
+def _runtime_fixtures():
+    """The real-tokenizer checkpoint fixtures live in tests/runtime/conftest.py, which pytest
+    gives to tests/runtime only: load that file once under its own name and take its fixtures."""
+    name = "qwen3_aot_tests_runtime_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "runtime" / "conftest.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+qwen_tokenizer_json = _runtime_fixtures().qwen_tokenizer_json
+qwen_checkpoint = _runtime_fixtures().qwen_checkpoint
+qwen_artifact = _runtime_fixtures().qwen_artifact
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "deadline(seconds): fail the test if it runs longer (default 60 s)")
+
+
+class Deadline(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def deadline(request):
+    """SIGALRM interrupts a test blocked on a socket or a lock, so a hang fails here."""
+    mark = request.node.get_closest_marker("deadline")
+    seconds = mark.args[0] if mark else DEADLINE_S
+
+    def fire(signum, frame):
+        raise Deadline(f"{request.node.name} ran past its {seconds} s deadline")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_artifact, tmp_path_factory) -> Iterator[Server]:
+    with running(tiny_artifact, tmp_path_factory.mktemp("serve") / "tiny.log", "--served-model-name", "tiny",
+                 "--max-queue", "256") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_artifact):
+    """The same artifact in-process: what the server's answers must equal."""
+    from qwen3_aot import runtime
+
+    with runtime.load(tiny_artifact) as engine:
+        yield engine
