@@ -17,6 +17,14 @@ def _export(a: argparse.Namespace) -> None:
                     formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify)
 
 
+def _check(a: argparse.Namespace) -> None:
+    from qwen3_aot import manifest
+
+    for line in manifest.check(a.artifact):
+        print(line, flush=True)
+    print(f"{a.artifact}: every file matches its sha256")
+
+
 def _generate(a: argparse.Namespace) -> None:
     from qwen3_aot import runtime
 
@@ -59,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-model-len", type=int, default=0, help="longest sequence (0: the model's)")
     ex.add_argument("--no-verify", action="store_true", help="skip loading the artifact once to check it")
     ex.set_defaults(func=_export)
+
+    ch = sub.add_parser("check", help="verify an artifact in full: its manifest and the sha256 of every byte "
+                                      "(a load hashes large weight files once per host and trusts size and mtime after)")
+    ch.add_argument("artifact")
+    ch.set_defaults(func=_check)
 
     ge = sub.add_parser("generate", help="generate text from an artifact, streaming")
     ge.add_argument("artifact")

@@ -2,20 +2,26 @@
 package that loads in a fresh process and writes the caller's KV cache in place."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from checkpoints import write_random_checkpoint
 from conftest import FIXTURE, HAS_CUDA
-from qwen3_aot import Qwen3AotError
+from qwen3_aot import Qwen3AotError, manifest
 from qwen3_aot.build import export_artifact
+from qwen3_aot.build.pipeline import remove_stale_partials, verify
 from qwen3_aot.cli import main as cli
 from qwen3_aot.manifest import sha256
+from qwen3_aot.runtime.compiled import remove_stale_extractions
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import load_forward
 
@@ -29,8 +35,9 @@ def test_manifest_describes_the_artifact(tiny_artifact):
     assert names == ["input_ids", "positions", "seq_ids", "block_tables", "logits_indices", "k_caches", "v_caches"]
     assert set(man["tokenizer_files"]) >= {"tokenizer.json", "generation_config.json"}
     files = {p.name for p in tiny_artifact.iterdir()} - {"manifest.json"}
-    assert set(man["files"]) == files
+    assert set(man["files"]) == set(man["sizes"]) == files
     assert all(sha256(tiny_artifact / f) == digest for f, digest in man["files"].items())
+    assert all((tiny_artifact / f).stat().st_size == n for f, n in man["sizes"].items())
 
 
 def test_weights_are_stored_once_outside_the_package(tiny_artifact):
@@ -79,6 +86,20 @@ def artifact_copy(tiny_artifact, tmp_path):
     return shutil.copytree(tiny_artifact, tmp_path / "copy")
 
 
+def _flip_byte(f, at=-100):
+    """Damage one byte, keeping the size."""
+    data = bytearray(f.read_bytes())
+    data[at] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _rewrite_with_checksums(path, name, data):
+    """Replace a file and update the manifest's checksums: what the checksums cannot catch."""
+    (path / name).write_bytes(data)
+    man = json.loads((path / "manifest.json").read_text())
+    manifest.write(path, {k: v for k, v in man.items() if k not in ("files", "sizes")})
+
+
 def _edit_manifest(path, fn):
     man = json.loads((path / "manifest.json").read_text())
     fn(man)
@@ -86,12 +107,22 @@ def _edit_manifest(path, fn):
 
 
 @pytest.mark.parametrize("damage, needle", [
-    (lambda p: (p / "weights.safetensors").write_bytes(b"x" * 100), "checksum"),
+    (lambda p: (p / "weights.safetensors").write_bytes(b"x" * 100), "100 bytes, the manifest says"),
+    (lambda p: _flip_byte(p / "model.pt2"), "checksum"),
     (lambda p: (p / "model.pt2").unlink(), "missing"),
     (lambda p: (p / "manifest.json").unlink(), "not a qwen3-aot artifact"),
     (lambda p: (p / "manifest.json").write_text("{"), "damaged"),
     (lambda p: _edit_manifest(p, lambda m: m.update(format_version=99)), "format version 99"),
     (lambda p: _edit_manifest(p, lambda m: m["build_env"].update(torch="1.0.0")), "torch 1.0.0"),
+    (lambda p: _edit_manifest(p, lambda m: m.pop("graphs")), "lacks graphs"),
+    (lambda p: _edit_manifest(p, lambda m: m.pop("build_env")), "lacks build_env"),
+    (lambda p: _edit_manifest(p, lambda m: m.pop("files")), "lacks files"),
+    (lambda p: _edit_manifest(p, lambda m: m["graphs"]["forward"].pop("file")), "graphs.forward.file"),
+    (lambda p: _edit_manifest(p, lambda m: m.update(dtype="int4")), "dtype 'int4'"),
+    (lambda p: _edit_manifest(p, lambda m: m.update(weights=None)), "no weights file"),
+    (lambda p: _rewrite_with_checksums(p, "model.pt2", b"PK\x03\x04 not a zip at all" * 100), "AOTInductor package"),
+    (lambda p: _rewrite_with_checksums(p, "weights.safetensors", b"\x08" + b"\x00" * 7 + b"{garbage}"),
+     "no valid safetensors header"),
 ])
 def test_runtime_refuses_a_bad_artifact(artifact_copy, damage, needle):
     damage(artifact_copy)
@@ -136,3 +167,124 @@ def test_bad_options_are_refused(tmp_path, kwargs, needle):
 def test_cuda_without_gpu_is_said_plainly(tmp_path, capsys):
     assert cli(["export", str(FIXTURE), "-o", str(tmp_path / "o"), "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_stale_extraction_is_removed_and_a_live_one_kept(tiny_artifact, tmp_path):
+    stale = tmp_path / "aotinductor_Ab12Cd"
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "wrapper.so").write_bytes(b"x")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    young = tmp_path / "aotinductor_Young1"
+    young.mkdir()
+    assert remove_stale_extractions((str(tmp_path),)) == [stale]
+    assert not stale.exists() and young.exists()
+    compiled = load_forward(tiny_artifact)  # noqa: F841  (its extraction is mapped while it lives)
+    maps = open("/proc/self/maps").read().split()
+    live = {os.path.dirname(os.path.dirname(p.split("/model/")[0] + "/x")) for p in maps if "/aotinductor_" in p}
+    for d in live:
+        assert d not in map(str, remove_stale_extractions((d,), older_than_s=0))
+        assert os.path.isdir(d)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def test_stale_partials_of_dead_processes_are_cleaned(tmp_path):
+    dead = _dead_pid()
+    (tmp_path / f".a.partial-{dead}").mkdir()                    # half-built: removed
+    (tmp_path / f".b.old-{dead}").mkdir()                        # renamed away, nothing in its place: restored
+    (tmp_path / "c").mkdir()
+    (tmp_path / f".c.old-{dead}").mkdir()                        # renamed away, replaced: removed
+    (tmp_path / f".d.partial-{os.getpid()}").mkdir()             # a live export's: kept
+    remove_stale_partials(tmp_path, lambda _m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", "c", f".d.partial-{os.getpid()}"])
+
+
+def test_sigterm_during_an_export_leaves_no_partial(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.Popen([sys.executable, "-m", "qwen3_aot.cli", "export", str(FIXTURE), "-o", str(out),
+                          "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / f".out.partial-{r.pid}"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and r.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert partial.exists(), "the export never started"
+    time.sleep(0.5)
+    r.send_signal(signal.SIGTERM)
+    r.communicate(timeout=120)
+    assert r.returncode == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, value", [("--block-size", "0"), ("--max-num-seqs", "-3"), ("--max-num-tokens", "0"),
+                                         ("--max-model-len", "-1")])
+def test_bad_limit_flags_are_refused_before_any_work(tmp_path, capsys, flag, value):
+    assert cli(["export", str(FIXTURE), "-o", str(tmp_path / "o"), "--device", "cpu", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {value} is not allowed" in err and "[load]" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_measures_compiled_and_eager_against_float64(tiny_artifact):
+    lines = []
+    model = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu")
+    err_compiled, err_eager = verify(tiny_artifact, model, lines.append)
+    assert 0 < err_eager < 1e-5 and 0 < err_compiled < 1e-5  # fp32 against float64: rounding only
+    assert f"compiled {err_compiled:.2e}" in lines[0] and f"eager {err_eager:.2e}" in lines[0]
+
+
+def _perturb_compiled_weights(artifact, name, relative):
+    """The compiled path made worse: noise on one weight in the artifact only, the eager model intact."""
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(artifact / "weights.safetensors")
+    t = w[name].float()
+    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) * t.std() * relative
+    w[name] = (t + noise).to(w[name].dtype)
+    save_file(w, artifact / "weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def k_norm_checkpoint(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("kn") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def k_norm_bf16(k_norm_checkpoint, tmp_path_factory):
+    """The extreme-k_norm checkpoint built in bf16 with the build's own check."""
+    return export_artifact(k_norm_checkpoint, tmp_path_factory.mktemp("kn-art") / "art", device="cpu",
+                           dtype="bfloat16", log=lambda _m: None)
+
+
+@pytest.mark.parametrize("which, relative", [("fp32", 1e-4), ("bf16", 0.1)])
+def test_a_compiled_graph_worse_than_eager_is_refused(request, tmp_path, which, relative):
+    """1e-4 relative noise on one fp32 matrix (logits off by 4e-5, eager 5e-7 from float64), and
+    10% on one bf16 matrix (compiled 7e-2 from float64, eager 3.6e-2): both refused."""
+    art, ckpt, dtype = ((request.getfixturevalue("tiny_artifact"), FIXTURE, "float32") if which == "fp32" else
+                        (request.getfixturevalue("k_norm_bf16"), request.getfixturevalue("k_norm_checkpoint"),
+                         "bfloat16"))
+    worse = shutil.copytree(art, tmp_path / "worse")
+    _perturb_compiled_weights(worse, "layers.1.down_proj", relative)
+    model = Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device="cpu")
+    with pytest.raises(Qwen3AotError, match="less accurate than the eager model"):
+        verify(worse, model, lambda _m: None)
+
+
+def test_extreme_k_norm_builds_are_kept_and_force_replaces_atomically(k_norm_checkpoint, k_norm_bf16):
+    """bf16 (built by the fixture) and fp16 builds of the extreme-k_norm checkpoint pass the
+    check; the fp16 one replaces the bf16 one with --force, which stays loadable until then."""
+    assert manifest.read(k_norm_bf16)["dtype"] == "bfloat16"
+    seen = []
+
+    def log(msg):
+        if msg.startswith("[verify] relative error"):
+            seen.append(msg)
+            assert manifest.read(k_norm_bf16)["dtype"] == "bfloat16"  # the old artifact, whole, still there
+
+    export_artifact(k_norm_checkpoint, k_norm_bf16, device="cpu", dtype="float16", force=True, log=log)
+    assert len(seen) == 1 and "compiled" in seen[0] and "eager" in seen[0]
+    assert manifest.read(k_norm_bf16)["dtype"] == "float16"
+    assert sorted(p.name for p in k_norm_bf16.parent.iterdir()) == [k_norm_bf16.name]

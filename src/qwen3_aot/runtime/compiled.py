@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qwen3_aot.errors import Qwen3AotError
+
+# AOTIModelPackageLoader(path, model_name, run_single_threaded, num_runners, device_index): its
+# pybind constructor has no argument names (torch 2.11 and 2.13), so they are passed by position
+MODEL_NAME = "model"   # the name aoti_compile_and_package gives the one model of a package
+NUM_RUNNERS = 1        # one runner: the engine calls the graph from one thread
+# load_constants(constants_map, use_inactive, check_full_update, user_managed), same order in both
+USE_INACTIVE = False       # fill the active constant buffer (no double-buffered weight swap)
+CHECK_FULL_UPDATE = True   # every constant the graph needs must be given
+USER_MANAGED = True        # the graph uses our tensors in place: the weights exist once in memory
+
+EXTRACTION = re.compile(r"aotinductor_\w{6}")  # the loader's mkdtemp name for the unpacked package
+STALE_AFTER_S = 600  # an extraction this old, mapped by no process, belonged to one that was killed
 
 
 class CompiledForward:
@@ -17,24 +35,43 @@ class CompiledForward:
     The loader is constructed directly: `torch._inductor.aoti_load_package` first probes
     the host compiler to compare CPU ISAs (`get_device_information`: 10 s on a CPU
     machine, 53 s on the GPU machine), which `runtime` replaces with its manifest checks.
+
+    The loader unpacks the package into `$TMPDIR/aotinductor_XXXXXX` (std::filesystem's
+    temp_directory_path + mkdtemp, seen in torch 2.13; 2.11 leaves the same names behind)
+    and removes it in its destructor, which a killed process never runs. Its constructor
+    takes only a package path, always unpacks afresh and cannot be pointed at an unpacked
+    directory, so there is no extraction to reuse: each load instead removes the stale
+    extractions of processes that are gone (`remove_stale_extractions`).
     """
 
     def __init__(self, artifact: Path, manifest: dict, device: torch.device, run_single_threaded: bool) -> None:
         if device.type == "cpu":
             import qwen3_aot.custom_ops  # noqa: F401  (CPU packages call our ops' registered kernels)
-        graph = manifest["graphs"]["forward"]
+        package = artifact / manifest["graphs"]["forward"]["file"]
+        weights_file = manifest.get("weights")
+        if not isinstance(weights_file, str):
+            raise Qwen3AotError(f"{artifact}/manifest.json names no weights file for its pt2 graph; rebuild it.")
         self.num_layers = manifest["model_config"]["num_hidden_layers"]
         index = device.index if device.index is not None else -1
-        self._loader = torch._C._aoti.AOTIModelPackageLoader(
-            str(artifact / graph["file"]), "model", run_single_threaded, 1, index)
-        weights = load_file(str(artifact / manifest["weights"]), device=str(device))
+        remove_stale_extractions()
+        try:
+            self._loader = torch._C._aoti.AOTIModelPackageLoader(
+                str(package), MODEL_NAME, run_single_threaded, NUM_RUNNERS, index)
+        except RuntimeError as e:
+            raise Qwen3AotError(f"{package} could not be loaded as an AOTInductor package "
+                                f"({str(e).splitlines()[0][:200]}); it is damaged or not one: rebuild the "
+                                "artifact.") from e
+        try:
+            weights = load_file(str(artifact / weights_file), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise Qwen3AotError(f"{artifact}/{weights_file} could not be read ({e}); it is truncated or damaged: "
+                                "rebuild or re-copy the artifact.") from e
         fqns = self._loader.get_constant_fqns()
         missing = sorted(set(fqns) - set(weights))
         if missing:
-            raise Qwen3AotError(f"{artifact}: {manifest['weights']} lacks constants the graph needs, e.g. "
+            raise Qwen3AotError(f"{artifact}: {weights_file} lacks constants the graph needs, e.g. "
                                 f"{missing[:3]}; rebuild the artifact.")
-        # user_managed: the graph uses our tensors in place, so the weights exist once in memory
-        self._loader.load_constants({k: weights[k] for k in fqns}, False, True, True)
+        self._loader.load_constants({k: weights[k] for k in fqns}, USE_INACTIVE, CHECK_FULL_UPDATE, USER_MANAGED)
         self._weights = weights  # the loader holds raw pointers: keep the tensors alive
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
@@ -42,3 +79,52 @@ class CompiledForward:
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         return self._loader.boxed_run([input_ids, positions, seq_ids, block_tables, logits_indices,
                                        *k_caches, *v_caches])[0]
+
+
+def remove_stale_extractions(temp_dirs: tuple[str, ...] | None = None, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove unpacked packages that killed processes left in the temp directories; returns them.
+
+    An extraction is stale when it is older than `older_than_s` (one being unpacked right now
+    is young) and no process maps a file inside it (a live loader has its .so mapped). Only
+    this user's extractions are looked at: mkdtemp makes them 0700, so no other user's
+    process (whose maps we cannot read) can be using one."""
+    dirs = temp_dirs or tuple(dict.fromkeys([tempfile.gettempdir(), "/tmp"]))
+    now = time.time()
+    candidates = []
+    for d in dirs:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if (EXTRACTION.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                        and e.stat().st_uid == os.getuid() and now - e.stat().st_mtime > older_than_s):
+                    candidates.append(Path(e.path))
+            except OSError:
+                continue
+    if not candidates:
+        return []
+    mapped = _mapped_paths()
+    stale = [c for c in candidates if mapped is not None and not any(m.startswith(f"{c}/") for m in mapped)]
+    for c in stale:
+        shutil.rmtree(c, ignore_errors=True)
+    return stale
+
+
+def _mapped_paths() -> set[str] | None:
+    """Every file path mapped by a process this user can see; None where /proc cannot tell."""
+    proc = Path("/proc")
+    if not (proc / "self" / "maps").is_file():
+        return None
+    paths: set[str] = set()
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            text = (proc / pid / "maps").read_text()
+        except OSError:  # gone, or another user's
+            continue
+        fields = (line.split(None, 5) for line in text.splitlines())  # address perms offset dev inode path
+        paths.update(f[5] for f in fields if len(f) == 6)
+    return paths

@@ -24,10 +24,18 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
-        tok = _HFTokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").is_file() else None
+        try:
+            tok = _HFTokenizer.from_file(str(path / "tokenizer.json")) if (path / "tokenizer.json").is_file() else None
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise Qwen3AotError(f"{path / 'tokenizer.json'} is not a tokenizer `tokenizers` can read ({e}); "
+                                "rebuild the artifact from a checkpoint with a valid tokenizer.json.") from e
         eos: int | list[int] | None = None
         if (path / "generation_config.json").is_file():
-            eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+            try:
+                eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise Qwen3AotError(f"{path / 'generation_config.json'} is not a JSON object ({e}); "
+                                    "rebuild the artifact from a checkpoint with a valid one.") from e
         ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         return cls(tok, tuple(dict.fromkeys(ids)))
 
