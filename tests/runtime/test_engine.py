@@ -1,10 +1,10 @@
 """The engine on the artifact of the trained fixture (CPU; CUDA in scripts/gpu_check.sh): greedy output identical to
 transformers alone and continuously batched, chunked prefill, preemption, sampling with
-seeds, stop strings, eos, cancellation and streaming of non-ASCII text."""
+seeds, stop strings, eos, cancellation and streaming of non-ASCII text. Batching is driven
+step by step on the EngineCore (`runtime.load_core`); what callers see, on the Engine."""
 
 import contextlib
 import dataclasses
-import gc
 import json
 import shutil
 import weakref
@@ -35,24 +35,19 @@ def test_greedy_alone_is_transformers_greedy(engine, hf_greedy):
         assert c.token_ids == want and c.output_tokens == len(want)
         assert c.finish_reason == "length" and c.text == decode(want)
         assert c.prompt_tokens == len(tokenizer().encode(p).ids)
-    assert engine.num_free_blocks == engine.cache.num_blocks - 1
+    assert engine.num_free_blocks == engine.stats().num_blocks
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Wraps a scheduler's schedule() to keep what each step fed: (first position, tokens, length)."""
-    def wrap(engine):
-        steps = []
-        schedule = engine.scheduler.schedule
+def recorded(core) -> list[runtime.StepRecord]:
+    """What each forward the core queues holds, from here on."""
+    steps: list[runtime.StepRecord] = []
+    core.observers.append(steps.append)
+    return steps
 
-        def recording():
-            batch = schedule()
-            steps.append([(seq.num_computed, n, len(seq.token_ids)) for seq, n in batch])
-            return batch
 
-        monkeypatch.setattr(engine.scheduler, "schedule", recording)
-        return steps
-    return wrap
+@pytest.fixture(scope="module")
+def core(runtime_artifact):
+    return runtime.load_core(runtime_artifact, num_blocks=200)
 
 
 def arrive_and_run(engine, max_tokens: list[int]) -> list:
@@ -73,29 +68,27 @@ def check_batched(engine, hf_greedy, steps):
     requests = arrive_and_run(engine, max_tokens)
     for r, want, m in zip(requests, hf_greedy, max_tokens):
         assert r.completion().token_ids == want[:m]
-    assert max(len(b) for b in steps) >= 8  # many sequences did share steps
-    mixed = [b for b in steps if any(n == 1 and start + 1 == length for start, n, length in b)
-             and any(n > 1 for _, n, _ in b)]
-    assert mixed  # prefills and decodes in one step
+    assert max(r.decodes + r.prefills for r in steps) >= 8  # many sequences did share steps
+    assert any(r.kind == "mixed" for r in steps)  # prefills and decodes in one step
     assert not engine.has_unfinished() and engine.num_free_blocks == engine.cache.num_blocks - 1
 
 
-def test_continuous_batching_does_not_change_greedy(engine, hf_greedy, recorded):
-    check_batched(engine, hf_greedy, recorded(engine))
-    assert engine.scheduler.num_preemptions == 0
+def test_continuous_batching_does_not_change_greedy(core, hf_greedy):
+    check_batched(core, hf_greedy, recorded(core))
+    assert core.scheduler.num_preemptions == 0
 
 
-def test_chunked_prefill_does_not_change_greedy(runtime_artifact, hf_greedy, recorded):
-    small_steps = runtime.load(runtime_artifact, num_blocks=200, max_num_batched_tokens=24)
+def test_chunked_prefill_does_not_change_greedy(runtime_artifact, hf_greedy):
+    small_steps = runtime.load_core(runtime_artifact, num_blocks=200, max_num_batched_tokens=24)
     steps = recorded(small_steps)
     check_batched(small_steps, hf_greedy, steps)
-    assert any(start > 0 and n > 1 for b in steps for start, n, _ in b)  # a prompt continued in a later step
+    assert any(r.chunked for r in steps)  # a prompt continued in a later step
 
 
 def test_preemption_completes_every_request_with_the_same_output(runtime_artifact, hf_greedy):
     small = runtime.load(runtime_artifact, num_blocks=17)  # 256 tokens for 16 requests of up to 127
     out = small.generate(prompts(), GREEDY)
-    assert small.scheduler.num_preemptions > 0
+    assert small.stats().num_preemptions > 0
     assert [c.token_ids for c in out] == hf_greedy
     assert small.num_free_blocks == 16 and not small.has_unfinished()
 
@@ -171,25 +164,6 @@ def test_eos_from_generation_config_and_ignore_eos(runtime_artifact, hf_greedy, 
     assert eng.generate(prompts()[4], dataclasses.replace(GREEDY, ignore_eos=True))[0].token_ids == want
 
 
-def test_closing_a_stream_cancels_it_and_frees_its_blocks(engine, hf_greedy):
-    start = engine.num_free_blocks
-    s = engine.stream(prompts()[10], GREEDY)
-    assert engine.num_free_blocks == start  # nothing happens before the first next()
-    next(s), next(s)
-    assert engine.num_free_blocks < start and engine.has_unfinished()
-    s.close()
-    assert engine.num_free_blocks == start and not engine.has_unfinished()
-    # a stream dropped half-read is cancelled too; one read in turn with it runs to its end
-    a, b = engine.stream(prompts()[11], GREEDY), engine.stream(prompts()[12], GREEDY)
-    pieces = [next(b)]
-    next(a)
-    del a
-    gc.collect()
-    pieces += list(b)
-    assert "".join(pieces) == decode(hf_greedy[12])
-    assert engine.num_free_blocks == start and not engine.has_unfinished()
-
-
 def test_streaming_never_splits_a_character(engine):
     end = TEXT.index(" “starred”")  # the model continues with the curly quotes, 2 tokens each
     p = TEXT[TEXT.rindex("\n", 0, end - 30):end]
@@ -242,14 +216,14 @@ def fake_capture(graph, pool=None):
 def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, monkeypatch):
     """DecodeGraphs' static buffers, padding to the captured sizes and the reserved block,
     with the graph emulated on CPU (real CUDA graphs need a GPU: scripts/gpu_check.sh)."""
-    from qwen3_aot.runtime.engine import DecodeGraphs
+    from qwen3_aot.runtime.decode_graphs import DecodeGraphs
     from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
     monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    eng = runtime.load(runtime_artifact, num_blocks=200, max_num_seqs=6)
+    eng = runtime.load_core(runtime_artifact, num_blocks=200, max_num_seqs=6)
 
     def forward(*args):
         out = eng.forward(*args)
@@ -298,23 +272,21 @@ def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, mon
 
 
 @pytest.mark.skipif(RUNTIME_DEVICE != "cuda", reason="needs a CUDA artifact (QWEN3_AOT_RUNTIME_DEVICE=cuda)")
-def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, hf_greedy, recorded):
+def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, hf_greedy):
     max_tokens = [MAX_NEW - 3 * (k % 5) for k in range(16)]  # leaving at different steps: odd batch sizes
     outputs = {}
     for graphs, overlap in ((True, True), (True, False), (False, True)):
-        eng = runtime.load(runtime_artifact, num_blocks=200, max_num_seqs=16, cuda_graphs=graphs, overlap=overlap)
+        eng = runtime.load_core(runtime_artifact, num_blocks=200, max_num_seqs=16, cuda_graphs=graphs,
+                                overlap=overlap)
         assert (eng.graphs is not None) == graphs
-        steps, replays, ahead = recorded(eng), [], []
-        if graphs:
-            replay, from_device = eng.graphs._replay, eng.graphs.decode_from_device
-            eng.graphs._replay = lambda pos, *a, **k: replays.append(len(pos)) or replay(pos, *a, **k)
-            eng.graphs.decode_from_device = lambda *a: ahead.append(len(a[2])) or from_device(*a)
+        steps = recorded(eng)
         requests = arrive_and_run(eng, max_tokens)
         outputs[graphs, overlap] = [r.completion().token_ids for r in requests]
         # every step of decodes only (one token per sequence, its last) is a replay, of its batch
         # size: the scheduled ones, and with overlap the ones queued ahead of their inputs
-        decodes = [len(b) for b in steps if b and all(n == 1 and start + 1 == length for start, n, length in b)]
-        assert sorted(replays) == sorted(decodes + ahead if graphs else [])
-        assert len(set(replays if graphs else decodes)) > 3 and (len(ahead) > MAX_NEW // 2) == (graphs and overlap)
+        decodes = [r for r in steps if r.kind == "decode"]
+        assert all(r.replayed == graphs for r in decodes) and not any(r.replayed for r in steps if r.prefills)
+        ahead = [r for r in steps if r.ahead]
+        assert len({r.decodes for r in decodes}) > 3 and (len(ahead) > MAX_NEW // 2) == (graphs and overlap)
     want = [w[:m] for w, m in zip(hf_greedy, max_tokens)]
     assert outputs[True, True] == outputs[True, False] == outputs[False, True] == want

@@ -63,8 +63,9 @@ class Engine:
         return self.stream(prompt, sampling).start()
 
     def abort(self, stream: Stream | AsyncStream) -> None:
-        """Cancel a request (its blocks are freed); a no-op once it has ended."""
-        stream.close()
+        """Cancel a request (its blocks are freed); a no-op once it has ended. `stream.result()`
+        then gives its Completion, finish_reason "abort"."""
+        stream.cancel()
 
     async def generate_async(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Completion:
         """The Completion of one prompt, awaited without blocking the event loop; a cancelled

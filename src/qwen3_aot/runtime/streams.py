@@ -49,10 +49,15 @@ class _StreamBase:
     def _done(self) -> bool:
         return self.completion is not None or self._closed
 
-    def close(self) -> None:
-        """Abort the request if it is still running (its blocks are freed); no-op otherwise."""
+    def cancel(self) -> None:
+        """Abort the request if it is still running (its blocks are freed); reading on gives
+        what came before the abort and the Completion (finish_reason "abort")."""
         if self._sub is not None and self.completion is None and not self._closed:
             self._loop.abort(self._sub)
+
+    def close(self) -> None:
+        """Cancel the request and stop reading: iteration ends here."""
+        self.cancel()
         self._closed = True
 
     def __del__(self) -> None:
