@@ -5,6 +5,7 @@ the answer, whole and streamed."""
 import itertools
 import json
 import os
+import shutil
 
 import pytest
 
@@ -52,10 +53,11 @@ def template(qwen_checkpoint) -> ChatTemplate:
     (MULTI_TURN, {"enable_thinking": False}),
     (MULTI_TURN, {"add_generation_prompt": False}),
     (AFTER_LAST_QUERY, {"add_generation_prompt": False}),
+    ([AFTER_LAST_QUERY[0], {"role": "assistant", "content": "Hello!", "reasoning": "older name"}], {}),
     (TOOL_CALLS, {"tools": [WEATHER_TOOL]}),
     (SYSTEM_USER, {"tools": [WEATHER_TOOL], "enable_thinking": False}),
 ], ids=["system-user", "system-user-nothink", "multi-turn-think", "multi-turn-nothink", "multi-turn-no-prompt",
-        "reasoning-content", "tool-calls", "tools-with-system"])
+        "reasoning-content", "reasoning-alias", "tool-calls", "tools-with-system"])
 def test_render_equals_transformers(template, hf_tokenizer, messages, kwargs):
     add = kwargs.pop("add_generation_prompt", True)
     want = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add, **kwargs)
@@ -80,19 +82,32 @@ def test_special_tokens_are_those_transformers_passes(template, hf_tokenizer):
 FEATURES = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
             "{% set ns.n = ns.n + 1 %}{{ eos_token }}{{ m | tojson }}\n{% if loop.index > 5 %}{% break %}{% endif %}"
             "{% endfor %}{{ ns.n }}{{ dict(a=1) | tojson(indent=2) }}{{ strftime_now('%Y') }}"
-            "{% if tools %}{{ tools | tojson }}{% endif %}{% if documents %}{{ documents[0].title }}{% endif %}"
+            "{{ tools is defined }}{{ documents is none }}{% if tools %}{{ tools | tojson }}{% endif %}{% if documents %}{{ documents[0].title }}{% endif %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"tools": [WEATHER_TOOL], "documents": [{"title": "T", "text": "x"}]},
-                                    {"eos_token": "<override>"}])
-def test_environment_equals_transformers(hf_tokenizer, template, kwargs):
+# whitespace as transformers' trim_blocks and lstrip_blocks leave it
+LAYOUT = """{% for m in messages %}
+    {% if m.role != 'system' %}
+<{{ m.role }}>
+  {{ m.content }}
+    {% endif %}
+{% endfor %}
+"""
+
+
+@pytest.mark.parametrize("source, kwargs", [
+    (FEATURES, {}),
+    (FEATURES, {"tools": [WEATHER_TOOL], "documents": [{"title": "T", "text": "x"}]}),
+    (FEATURES, {"eos_token": "<override>"}),
+    (LAYOUT, {}),
+], ids=["features", "tools-documents", "kwarg-over-special-token", "layout"])
+def test_environment_equals_transformers(hf_tokenizer, template, source, kwargs):
     messages = MULTI_TURN + [{"role": "system", "content": "<b>&</b> ü"}]
-    ours = ChatTemplate(FEATURES, template.special_tokens)
-    want = hf_tokenizer.apply_chat_template(messages, chat_template=FEATURES, tokenize=False,
+    want = hf_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
                                             add_generation_prompt=True, **kwargs)
-    assert ours.render(messages, **kwargs) == want
-    assert '"<b>&</b> ü"' not in want  # the system message was skipped by {% continue %}
+    assert ChatTemplate(source, template.special_tokens).render(messages, **kwargs) == want
+    assert "<b>&</b> ü" not in want  # the system message was skipped
 
 
 def test_tojson_keeps_html_and_unicode():
@@ -243,3 +258,29 @@ def test_reasoning_of_real_tokens_streamed_through_text_stream(qwen_checkpoint):
     ts.flush()
     pieces.append(ts.take(final=True))
     assert streamed(pieces, False) == split_reasoning(text) == ("用户问 2+2，答案是 4 🤔。", "答案：4 ✅")
+
+
+def test_export_carries_the_template_and_tokenizer_files(qwen_checkpoint, qwen_artifact, hf_tokenizer):
+    from conftest import QWEN3_CHAT_TEMPLATE
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (qwen_artifact / name).read_bytes() == (qwen_checkpoint / name).read_bytes(), name
+    template = ChatTemplate.from_dir(qwen_artifact)
+    assert template.source == QWEN3_CHAT_TEMPLATE.read_text(encoding="utf-8")
+    tok = Tokenizer.from_dir(qwen_artifact)
+    assert tok.eos_token_ids == (151645, 151643)
+    want = hf_tokenizer.apply_chat_template(MULTI_TURN, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tok.encode(template.render(MULTI_TURN)) == list(want)
+
+
+def test_export_copies_chat_template_jinja(tmp_path):
+    from conftest import FIXTURE
+    from qwen3_aot.build import export_artifact
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(FIXTURE, checkpoint)
+    (checkpoint / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
+    artifact = export_artifact(checkpoint, tmp_path / "artifact", device="cpu", dtype="float32", check=False,
+                               log=lambda _msg: None)
+    assert (artifact / "chat_template.jinja").read_bytes() == (checkpoint / "chat_template.jinja").read_bytes()
+    assert ChatTemplate.from_dir(artifact).render(SYSTEM_USER) == "[system] You are terse.[user] 2+2?"

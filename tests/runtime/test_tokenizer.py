@@ -89,3 +89,65 @@ def test_without_tokenizer_json_text_is_refused(tmp_path):
     assert not tok.has_text and tok.decode([5, 6]) == ""
     with pytest.raises(Qwen3AotError, match="token-id prompts only"):
         tok.encode("hello")
+
+
+# --- Qwen's real tokenizer (tests/runtime/conftest.py: qwen_checkpoint) ----------------------
+
+QWEN_TEXTS = {
+    "cjk": "你好，世界！日本語のテキストと한국어 텍스트。罕见字：龘𠀀𪚥",
+    "emoji": "家庭 👨‍👩‍👧‍👦，旗 🇫🇷🇯🇵，手 👍🏽，想 🤔✨",
+    "code": "def f(x):\n\tif x:\r\n\t\treturn '日本'  # ü\n\n\n    pass\t\n",
+}
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_checkpoint) -> Tokenizer:
+    return Tokenizer.from_dir(qwen_checkpoint)
+
+
+def test_real_qwen_tokenizer_encodes_as_qwen3(qwen):
+    assert qwen.encode("Hello, world!") == [9707, 11, 1879, 0]
+    assert qwen.encode("<|im_start|>user\nhi<|im_end|>") == [151644, 872, 198, 6023, 151645]
+    assert qwen.eos_token_ids == (151645, 151643)
+
+
+@pytest.mark.parametrize("text", QWEN_TEXTS.values(), ids=QWEN_TEXTS.keys())
+def test_real_qwen_tokenizer_round_trips(qwen, text):
+    assert qwen.decode(qwen.encode(text)) == text
+
+
+def test_real_qwen_decode_drops_special_tokens_only(qwen):
+    text = "<|im_start|>assistant\n<think>\nx\n</think>\n\n<tool_call>\n{}\n</tool_call><|im_end|><|endoftext|>"
+    ids = qwen.encode(text)
+    assert {151644, 151667, 151668, 151657, 151658, 151645, 151643} <= set(ids)  # each one token
+    # <think> and <tool_call> are added tokens with special=False in Qwen3: the text keeps them
+    assert qwen.decode(ids) == "assistant\n<think>\nx\n</think>\n\n<tool_call>\n{}\n</tool_call>"
+
+
+@pytest.mark.parametrize("text", QWEN_TEXTS.values(), ids=QWEN_TEXTS.keys())
+def test_real_qwen_streaming_gives_whole_characters(qwen, text):
+    ids = qwen.encode(text)
+    out, ts = pieces(qwen, ids)
+    assert all(REPLACEMENT not in p for p in out)
+    assert "".join(out) == ts.text == qwen.decode(ids) == text
+    assert len(out) > len(ids) // 2  # it streamed
+
+
+@pytest.mark.parametrize("text", [QWEN_TEXTS["cjk"], QWEN_TEXTS["emoji"]], ids=["cjk", "emoji"])
+def test_real_qwen_merges_split_characters_across_tokens(qwen, text):
+    # what the streaming test above is about: some tokens hold part of a character
+    assert any(REPLACEMENT in qwen.decode([t]) for t in qwen.encode(text))
+
+
+@pytest.mark.parametrize("text, stop", [
+    ("你好世界，再见世界", ("再见",)),
+    (QWEN_TEXTS["cjk"], ("𠀀",)),  # a stop string of one split character
+    (QWEN_TEXTS["emoji"], ("👩",)),  # inside a ZWJ sequence
+    (QWEN_TEXTS["emoji"], ("🇯🇵", "手")),  # a flag: two regional indicators
+    (QWEN_TEXTS["code"], ("\t\treturn",)),
+])
+def test_real_qwen_stop_string_inside_multibyte_text(qwen, text, stop):
+    out, ts = pieces(qwen, qwen.encode(text), stop)
+    want = text[:min(text.index(s) for s in stop)]
+    assert ts.stopped and ts.text == want and "".join(out) == want
+    assert all(REPLACEMENT not in p for p in out)
