@@ -1,0 +1,132 @@
+"""What a service needs beyond right answers: a client that goes away frees its blocks, keys and
+a full queue are refused, and a signal drains the server and ends it with status 0."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import time
+
+import openai
+import pytest
+from serving import running
+
+GRACE_S = 1.0
+GUARDED = ("--served-model-name", "tiny", "--api-key", "sesame", "--max-queue", "2", "--grace-period", str(GRACE_S))
+LONG = {"prompt": "ab", "max_tokens": 480, "temperature": 0, "ignore_eos": True}  # seconds of work on the CPU
+
+
+def send(server, body: dict, headers: dict | None = None) -> http.client.HTTPConnection:
+    """Send a request, reading nothing back."""
+    c = server.connection()
+    c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+    return c
+
+
+def open_stream(server, body: dict, headers: dict | None = None):
+    """Start a streamed request and read its first chunk: it is generating."""
+    c = send(server, {**body, "stream": True}, headers)
+    r = c.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    return c, r
+
+
+def wait_idle(server, timeout: float = 10.0) -> dict:
+    """/metrics once nothing runs or waits and every block is free (fails after `timeout`)."""
+    end = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        idle = (m["qwen3_aot_num_requests_running"] == m["qwen3_aot_num_requests_waiting"] == 0
+                and m["qwen3_aot_kv_cache_free_blocks"] == m["qwen3_aot_kv_cache_num_blocks"])
+        if idle or time.monotonic() > end:
+            return m
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "not streamed"])
+def test_a_client_that_goes_away_aborts_its_request_and_frees_its_blocks(tiny_server, stream):
+    before = wait_idle(tiny_server)["qwen3_aot_generation_tokens_total"]
+    if stream:
+        c, _ = open_stream(tiny_server, LONG)
+    else:
+        c = send(tiny_server, LONG)
+        time.sleep(0.5)
+        assert tiny_server.metrics()["qwen3_aot_num_requests_running"] == 1
+    c.sock.close()
+    c.close()
+    m = wait_idle(tiny_server)
+    assert m["qwen3_aot_kv_cache_free_blocks"] == m["qwen3_aot_kv_cache_num_blocks"]
+    assert m["qwen3_aot_generation_tokens_total"] - before < LONG["max_tokens"]  # cut short, not run to the end
+    assert tiny_server.client().completions.create(model="tiny", prompt="ab", max_tokens=2).usage.completion_tokens == 2
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_artifact, tmp_path_factory):
+    """A server with an API key and room for two requests (the signal tests run two)."""
+    with running(tiny_artifact, tmp_path_factory.mktemp("serve") / "guarded.log", *GUARDED) as server:
+        yield server
+
+
+def test_a_wrong_or_missing_key_gets_401_and_the_right_one_is_served(guarded):
+    for key in ("wrong", "sesame2"):
+        with pytest.raises(openai.AuthenticationError) as e:
+            guarded.client(api_key=key).completions.create(model="tiny", prompt="ab", max_tokens=2)
+        assert e.value.status_code == 401 and "API key" in str(e.value)
+    status, body = guarded.post("/v1/completions", {"prompt": "ab"})
+    assert status == 401 and body["error"]["code"] == 401
+    assert guarded.client(api_key="sesame").completions.create(model="tiny", prompt="ab", max_tokens=2).choices
+    assert guarded.get("/health")[0] == 200 and guarded.get("/metrics")[0] == 200  # probes need no key
+
+
+def test_a_full_queue_gets_429_at_once_then_serves_again(guarded):
+    key = {"Authorization": "Bearer sesame"}
+    c, _ = open_stream(guarded, {**LONG, "n": 2}, key)  # two engine requests: the queue is full
+    t = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as e:
+        guarded.client(api_key="sesame").completions.create(model="tiny", prompt="ab", max_tokens=2)
+    assert e.value.status_code == 429 and "--max-queue" in str(e.value) and time.monotonic() - t < 5
+    c.sock.close()
+    c.close()
+    wait_idle(guarded)
+    assert guarded.client(api_key="sesame").completions.create(model="tiny", prompt="ab", max_tokens=2).choices
+
+
+def stop_with_requests_in_flight(server, sig: int, grace: float) -> None:
+    """Send `sig` while a short request (done within the grace) and a long one (not) run: the
+    short one finishes, the long one is cut, the process exits 0 soon after the grace."""
+    results: dict[str, object] = {}
+
+    def short() -> None:
+        results["short"] = server.client(api_key="sesame").completions.create(
+            model="tiny", prompt="ab", max_tokens=8, extra_body={"ignore_eos": True})
+
+    c, r = open_stream(server, LONG, {"Authorization": "Bearer sesame"})
+    thread = threading.Thread(target=short)
+    thread.start()
+    time.sleep(0.05)
+    t = time.monotonic()
+    server.proc.send_signal(sig)
+    status = server.proc.wait(grace + 20)
+    took = time.monotonic() - t
+    thread.join(10)
+    try:
+        streamed = r.read().decode()
+    except http.client.IncompleteRead as e:  # the server cancelled it mid-body: what came before
+        streamed = e.partial.decode()
+    c.close()
+    assert status == 0, server.log_text()[-3000:]
+    assert took < grace + 10, took
+    assert results["short"].usage.completion_tokens == 8  # in flight at the signal, finished within the grace
+    assert "[DONE]" not in streamed and streamed.count("data: ") < LONG["max_tokens"]
+    assert "Shutting down" in server.log_text()
+
+
+def test_sigint_lets_short_requests_finish_aborts_long_ones_and_exits_0(guarded):  # last: it stops `guarded`
+    stop_with_requests_in_flight(guarded, signal.SIGINT, GRACE_S)
+
+
+def test_sigterm_likewise(tiny_artifact, tmp_path):
+    with running(tiny_artifact, tmp_path / "server.log", *GUARDED) as server:
+        stop_with_requests_in_flight(server, signal.SIGTERM, GRACE_S)
