@@ -1,0 +1,77 @@
+"""/v1/chat/completions over the real-tokenizer checkpoint (Qwen's BPE and chat template):
+messages through the template, chat_template_kwargs, reasoning apart from content, streamed
+deltas that join to the whole answer, all equal to the engine's chat in-process."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from serving import running
+
+from qwen3_aot.runtime import SamplingParams
+from qwen3_aot.runtime.chat import split_reasoning
+
+MESSAGES = [{"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "Translate 猫 and 🐈 to French, then write `def f(): pass`."}]
+
+
+@pytest.fixture(scope="module")
+def qwen_server(qwen_artifact, tmp_path_factory):
+    with running(qwen_artifact, tmp_path_factory.mktemp("serve") / "qwen.log", "--served-model-name", "qwen") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def qwen_engine(qwen_artifact):
+    from qwen3_aot import runtime
+
+    with runtime.load(qwen_artifact) as engine:
+        yield engine
+
+
+def chat(server, **kw):
+    return server.client().chat.completions.create(model="qwen", messages=MESSAGES, **kw)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}], ids=["thinking", "no thinking"])
+def test_chat_equals_the_engines_chat_streamed_or_not(qwen_server, qwen_engine, kwargs):
+    want = qwen_engine.chat(MESSAGES, SamplingParams(max_tokens=24, temperature=0), **kwargs)
+    reasoning, content = split_reasoning(want.text)
+    r = chat(qwen_server, max_tokens=24, temperature=0, extra_body={"chat_template_kwargs": kwargs})
+    m = r.choices[0].message
+    assert (m.role, m.content, m.reasoning_content) == ("assistant", content, reasoning)
+    prompt = qwen_engine.apply_chat_template(MESSAGES, **kwargs)
+    assert r.usage.prompt_tokens == len(qwen_engine.tokenizer.encode(prompt)) == want.prompt_tokens
+    assert r.usage.completion_tokens == want.output_tokens and r.choices[0].finish_reason == want.finish_reason
+    chunks = list(chat(qwen_server, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True},
+                       extra_body={"chat_template_kwargs": kwargs}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == content
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == (reasoning or "")
+    assert chunks[-1].usage.completion_tokens == want.output_tokens
+
+
+def test_chat_logprobs_are_the_engines(qwen_server, qwen_engine):
+    want = qwen_engine.chat(MESSAGES, SamplingParams(max_tokens=8, temperature=0, logprobs=True))
+    lp = chat(qwen_server, max_tokens=8, temperature=0, logprobs=True).choices[0].logprobs.content
+    assert [x.logprob for x in lp] == pytest.approx(want.logprobs, abs=1e-5)
+    assert [x.token for x in lp] == [qwen_engine.tokenizer.decode([t]) for t in want.token_ids]
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"messages": [{"content": "hi"}]}, "role"),
+    ({"messages": []}, "messages"),
+    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": MESSAGES, "top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+    ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+], ids=["no role", "no messages", "tools", "top_logprobs", "max_tokens=0"])
+def test_bad_chat_requests_get_400_then_a_good_one_is_served(qwen_server, body, says):
+    status, reply = qwen_server.post("/v1/chat/completions", body)
+    assert status == 400 and says in reply["error"]["message"], reply
+    assert chat(qwen_server, max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_the_openai_client_sees_a_bad_chat_request_as_BadRequestError(qwen_server):
+    with pytest.raises(openai.BadRequestError):
+        chat(qwen_server, max_tokens=2, temperature=-1)
