@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv and install qwen3-aot with its test extra, on a machine with or without a GPU.
-# torch==2.13.0 is pinned first because on the project's CPU machines pip takes that CPU build
-# from local disk in seconds; any torch >= 2.11 works (the GPU machine has 2.11).
+# torch==2.13.0 is pinned first: on the project's machines pip's find-links hold a CPU build
+# of it on local disk, installed in seconds. Elsewhere pip takes PyPI's Linux wheel of 2.13.0,
+# which is the CUDA build (several GB of CUDA libraries; it runs on a CPU-only machine too).
+# Any torch >= 2.11 works (the GPU machine has 2.11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv

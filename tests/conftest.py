@@ -5,6 +5,11 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if Path("/dev/nvidiactl").exists() else "1")
+# pytest-xdist workers (pyproject's addopts) share the cores: each gets an equal share for
+# torch's thread pool, which otherwise takes every core in every worker and oversubscribes
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -33,6 +38,30 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """A tensor full of NaN: any element a kernel fails to write shows up."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture
+def poison_new_tensors(monkeypatch):
+    """Every floating tensor made by torch.empty, torch.empty_like or Tensor.new_empty during the
+    test starts as NaN, so an output element that a kernel never writes shows up (fresh memory
+    is often zeros, or a previous call's result)."""
+    def poisoning(make):
+        def make_poisoned(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return make_poisoned
+
+    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+        monkeypatch.setattr(owner, name, poisoning(getattr(owner, name)))
+
+
+def rounded_once_tol(dtype: torch.dtype, interpreted: bool) -> float:
+    """Normwise bound, against float64, on a result computed in fp32 and rounded once to `dtype`:
+    the unit roundoff (eps / 2) of round-to-nearest, a whole eps where the Triton interpreter
+    converts to bf16 by truncating, plus a few fp32 roundings of the arithmetic before it
+    (a sum, an rsqrt, approximate on CUDA, and products)."""
+    truncates = interpreted and dtype == torch.bfloat16
+    return (2 if truncates else 1) * torch.finfo(dtype).eps / 2 + 8 * torch.finfo(torch.float32).eps / 2
 
 
 @pytest.fixture(scope="session")
