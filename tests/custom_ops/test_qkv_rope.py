@@ -25,7 +25,7 @@ def _inputs(hq, hkv, d, h, t, dtype, device, seed):
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_qkv_rope_matches_float64(impl, layout, dtype, kernel_device):
+def test_qkv_rope_matches_float64(impl, layout, dtype, kernel_device, poison_new_tensors):
     hq, hkv, d, h = layout
     device = kernel_device if impl == "triton" else "cpu"
     args = _inputs(hq, hkv, d, h, 5, dtype, device, seed=hq * d + h)
