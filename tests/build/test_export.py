@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from artifact_damage import flip_byte, rewrite_with_checksums
 from checkpoints import write_random_checkpoint
 from conftest import FIXTURE, HAS_CUDA
 from qwen3_aot import Qwen3AotError, manifest
@@ -21,9 +22,9 @@ from qwen3_aot.build import export_artifact
 from qwen3_aot.build.pipeline import remove_stale_partials, verify
 from qwen3_aot.cli import main as cli
 from qwen3_aot.manifest import sha256
-from qwen3_aot.runtime.compiled import remove_stale_extractions
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import load_forward
+from qwen3_aot.runtime.compiled import remove_stale_extractions
 
 
 def test_manifest_describes_the_artifact(tiny_artifact):
@@ -86,18 +87,6 @@ def artifact_copy(tiny_artifact, tmp_path):
     return shutil.copytree(tiny_artifact, tmp_path / "copy")
 
 
-def _flip_byte(f, at=-100):
-    """Damage one byte, keeping the size."""
-    data = bytearray(f.read_bytes())
-    data[at] ^= 0xFF
-    f.write_bytes(bytes(data))
-
-
-def _rewrite_with_checksums(path, name, data):
-    """Replace a file and update the manifest's checksums: what the checksums cannot catch."""
-    (path / name).write_bytes(data)
-    man = json.loads((path / "manifest.json").read_text())
-    manifest.write(path, {k: v for k, v in man.items() if k not in ("files", "sizes")})
 
 
 def _edit_manifest(path, fn):
@@ -108,7 +97,7 @@ def _edit_manifest(path, fn):
 
 @pytest.mark.parametrize("damage, needle", [
     (lambda p: (p / "weights.safetensors").write_bytes(b"x" * 100), "100 bytes, the manifest says"),
-    (lambda p: _flip_byte(p / "model.pt2"), "checksum"),
+    (lambda p: flip_byte(p / "model.pt2", at=-100), "checksum"),
     (lambda p: (p / "model.pt2").unlink(), "missing"),
     (lambda p: (p / "manifest.json").unlink(), "not a qwen3-aot artifact"),
     (lambda p: (p / "manifest.json").write_text("{"), "damaged"),
@@ -120,8 +109,8 @@ def _edit_manifest(path, fn):
     (lambda p: _edit_manifest(p, lambda m: m["graphs"]["forward"].pop("file")), "graphs.forward.file"),
     (lambda p: _edit_manifest(p, lambda m: m.update(dtype="int4")), "dtype 'int4'"),
     (lambda p: _edit_manifest(p, lambda m: m.update(weights=None)), "no weights file"),
-    (lambda p: _rewrite_with_checksums(p, "model.pt2", b"PK\x03\x04 not a zip at all" * 100), "AOTInductor package"),
-    (lambda p: _rewrite_with_checksums(p, "weights.safetensors", b"\x08" + b"\x00" * 7 + b"{garbage}"),
+    (lambda p: rewrite_with_checksums(p, "model.pt2", b"PK\x03\x04 not a zip at all" * 100), "AOTInductor package"),
+    (lambda p: rewrite_with_checksums(p, "weights.safetensors", b"\x08" + b"\x00" * 7 + b"{garbage}"),
      "no valid safetensors header"),
 ])
 def test_runtime_refuses_a_bad_artifact(artifact_copy, damage, needle):

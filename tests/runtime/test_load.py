@@ -3,12 +3,14 @@ serving; the runtime stays lean; the generate command."""
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from artifact_damage import flip_byte, rewrite_with_checksums
 from conftest import RUNTIME_DEVICE
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.cli import main as cli
@@ -74,8 +76,11 @@ def test_a_request_that_fills_the_cache_exactly_is_served(engine):
 
 @pytest.mark.parametrize("damage, needle", [
     (lambda p: shutil.rmtree(p), "does not exist"),
-    (lambda p: (p / "weights.safetensors").write_bytes(b"x" * 100), "checksum"),
-    (lambda p: (p / "tokenizer.json").write_text("{}"), "checksum"),
+    (lambda p: (p / "weights.safetensors").write_bytes(b"x" * 100), "100 bytes, the manifest says"),
+    (lambda p: truncate(p / "weights.safetensors"), "the manifest says"),
+    (lambda p: (p / "tokenizer.json").write_text("{}"), "2 bytes, the manifest says"),
+    (lambda p: flip_byte(p / "tokenizer.json"), "checksum"),
+    (lambda p: rewrite_with_checksums(p, "tokenizer.json", b"{not a tokenizer"), "tokenizer.json is not a tokenizer"),
     (lambda p: (p / "model.pt2").unlink(), "missing"),
     (lambda p: edit_manifest(p, lambda m: m["graphs"].pop("forward")), "no pt2 or onnx graph"),
 ])
@@ -83,6 +88,12 @@ def test_load_refuses_a_bad_artifact(artifact_copy, damage, needle):
     damage(artifact_copy)
     with pytest.raises(Qwen3AotError, match=needle):
         runtime.load(artifact_copy)
+
+
+def truncate(f):
+    f.write_bytes(f.read_bytes()[:-1000])
+
+
 
 
 def edit_manifest(path, fn):
@@ -138,3 +149,59 @@ def test_generate_command_streams_the_greedy_text(runtime_artifact, engine, caps
     assert "max_tokens" in capsys.readouterr().err
     assert cli(["generate", str(runtime_artifact / "nope"), PROMPT]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture
+def hash_counts(monkeypatch, tmp_path):
+    """Every weight file counts as large (hashed once per host), the hash cache in tmp_path;
+    yields a dict: file name -> how many times it was hashed."""
+    from qwen3_aot import manifest
+
+    counts: dict[str, int] = {}
+    real = manifest.sha256
+
+    def counting(path):
+        counts[path.name] = counts.get(path.name, 0) + 1
+        return real(path)
+
+    monkeypatch.setattr(manifest, "sha256", counting)
+    monkeypatch.setattr(manifest, "HASH_AT_LOAD_MAX_BYTES", 1000)
+    monkeypatch.setenv("QWEN3_AOT_CACHE_DIR", str(tmp_path / "cache"))
+    return counts
+
+
+def test_large_files_are_hashed_once_per_host(artifact_copy, hash_counts):
+    from qwen3_aot import manifest
+
+    manifest.read(artifact_copy)
+    assert hash_counts["weights.safetensors"] == 1 and hash_counts["model.pt2"] == 1
+    manifest.read(artifact_copy)
+    assert hash_counts["weights.safetensors"] == 1  # the cache answered
+    assert hash_counts["model.pt2"] == 2            # the graph is hashed at every load
+    (artifact_copy / "weights.safetensors").touch()  # a new mtime: hashed again
+    manifest.read(artifact_copy)
+    assert hash_counts["weights.safetensors"] == 2
+
+
+def test_an_unwritable_hash_cache_only_costs_a_hash(artifact_copy, hash_counts, monkeypatch, tmp_path):
+    from qwen3_aot import manifest
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("QWEN3_AOT_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # cannot be created
+    manifest.read(artifact_copy)
+    manifest.read(artifact_copy)
+    assert hash_counts["weights.safetensors"] == 2
+
+
+def test_check_command_catches_a_damaged_weight_byte(artifact_copy, hash_counts, capsys):
+    """Even with size and mtime kept, so that the hash cache (filled by the first check) still
+    holds an entry for the file: check hashes every byte."""
+    assert cli(["check", str(artifact_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "weights.safetensors:" in out and "safetensors header" in out and "every file matches" in out
+    weights = artifact_copy / "weights.safetensors"
+    st = weights.stat()
+    flip_byte(weights)  # inside the last tensor's data
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    assert cli(["check", str(artifact_copy)]) == 2
+    assert "weights.safetensors does not match its checksum" in capsys.readouterr().err
