@@ -31,6 +31,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,7 +174,7 @@ class System:
 
 
 class Ours(System):
-    def __init__(self, engine: runtime.Engine, name: str) -> None:
+    def __init__(self, engine: runtime.EngineCore, name: str) -> None:
         self.engine, self.name = engine, name
 
     def decode(self, prompts: list[list[int]], n: int) -> object:
@@ -227,15 +228,15 @@ class Transformers(System):
         return self.model(ids, logits_to_keep=1).logits.argmax(-1)  # what generate's first step computes
 
 
-def prefill_requests(engine: runtime.Engine, requests: list[runtime.Request]) -> None:
+def prefill_requests(engine: runtime.EngineCore, requests: list[runtime.Request]) -> None:
     """Step until every request has its prompt in the cache (chunked: the first ones are then
     already decoding)."""
     while any(r.seq.num_computed < len(r.seq.token_ids) - 1 for r in requests):
         engine.step()
 
 
-def load_ours(artifact: Path, plan: Plan, **options) -> runtime.Engine:
-    return runtime.load(artifact, verify_files=False, max_num_seqs=max(plan.batches),
+def load_ours(artifact: Path, plan: Plan, **options) -> runtime.EngineCore:
+    return runtime.load_core(artifact, verify_files=False, max_num_seqs=max(plan.batches),
                         kv_cache_tokens=max(plan.batches) * (plan.prompt_len + plan.new_tokens + 16) + max(plan.prefill),
                         **options)
 
@@ -276,51 +277,66 @@ def workload(plan: Plan, vocab: int) -> tuple[list[list[int]], list[SamplingPara
     return prompts, params
 
 
-def run_workload(engine: runtime.Engine, plan: Plan, vocab: int) -> dict:
+def run_workload(engine: runtime.EngineCore, plan: Plan, vocab: int) -> dict:
     """Output tokens/s of the workload, and where its time went: steps that only decode
     (one token per sequence: CUDA graphs) against steps that prefill, alone or mixed with
     decodes (one flat batch through the compiled graph), by count, seconds and tokens (a step
-    is an Engine.step call, named by what it queued; with overlap it also waits for the one before)."""
+    is an EngineCore.step call, named by what it queued; with overlap it also waits for the one before)."""
     prompts, params = workload(plan, vocab)
     engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))  # nano-vllm's warm-up
     kinds = {k: {"steps": 0, "seconds": 0.0, "tokens": 0, "sequences": 0} for k in ("decode only", "with prefill")}
-    launch, ahead, step = engine._launch, engine._decode_ahead, engine.step
-    shape = {}
-
-    def launch_noting_shape(batch):
-        shape["tokens"], shape["sequences"] = sum(n for _, n in batch), len(batch)
-        return launch(batch)
-
-    def ahead_noting_shape(previous):
-        launched = ahead(previous)
-        if launched is not None:
-            shape["tokens"] = shape["sequences"] = len(launched.requests)
-        return launched
-
-    def timed_step() -> None:
-        shape.clear()
-        t = time.perf_counter()
-        step()
-        if shape:
-            k = kinds["decode only" if shape["tokens"] == shape["sequences"] else "with prefill"]
-            k["steps"] += 1
-            k["seconds"] += time.perf_counter() - t
-            k["tokens"] += shape["tokens"]
-            k["sequences"] += shape["sequences"]
-
-    engine._launch, engine._decode_ahead, engine.step = launch_noting_shape, ahead_noting_shape, timed_step
+    queued: list[runtime.StepRecord] = []
+    engine.observers.append(queued.append)
     try:
         sync()
         t = time.perf_counter()
-        done = engine.generate(prompts, params)
+        requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while engine.has_unfinished():
+            queued.clear()
+            t_step = time.perf_counter()
+            engine.step()
+            for record in queued:
+                k = kinds["decode only" if record.kind == "decode" else "with prefill"]
+                k["steps"] += 1
+                k["seconds"] += time.perf_counter() - t_step
+                k["tokens"] += record.tokens
+                k["sequences"] += record.decodes + record.prefills
         sync()
         t = time.perf_counter() - t
     finally:
-        del engine._launch, engine._decode_ahead, engine.step
+        engine.observers.remove(queued.append)
+    done = [r.completion() for r in requests]
     tokens = sum(c.output_tokens for c in done)
     assert tokens == sum(p.max_tokens for p in params), "ignore_eos: every request runs to max_tokens"
     return {"output_tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "seconds": t, "tok_s": tokens / t,
             "preemptions": engine.scheduler.num_preemptions, "steps": kinds}
+
+
+def run_workload_threads(engine: runtime.Engine, plan: Plan, vocab: int, threads: int) -> dict:
+    """The workload through the thread-safe Engine, as a service meets it: one generate call
+    of every request, then `threads` callers each submitting its share one request at a time
+    (request k goes to caller k mod threads); output tokens/s of each, same requests."""
+    prompts, params = workload(plan, vocab)
+    engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))
+    t = time.perf_counter()
+    tokens = sum(c.output_tokens for c in engine.generate(prompts, params))
+    one_call = tokens / (time.perf_counter() - t)
+    counts = [0] * threads
+
+    def caller(k: int) -> None:
+        for i in range(k, len(prompts), threads):
+            counts[k] += engine.generate(prompts[i], params[i])[0].output_tokens
+
+    pool = [threading.Thread(target=caller, args=(k,)) for k in range(threads)]
+    t = time.perf_counter()
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    by_threads = sum(counts) / (time.perf_counter() - t)
+    assert sum(counts) == tokens, "the same requests, the same output tokens"
+    return {"threads": threads, "one_call_tok_s": one_call, "threads_tok_s": by_threads,
+            "ratio": by_threads / one_call}
 
 
 def run_workload_transformers(hf: Transformers, plan: Plan, vocab: int) -> dict:
@@ -365,8 +381,8 @@ def prefill_floor_ms(s: dict, n: int, bandwidth: float, flops: float) -> float:
 
 # ---- the profile of a decode step ----
 
-def profile_decode(engine: runtime.Engine, plan: Plan, vocab: int, batch: int) -> dict:
-    """Where a decode step of `batch` sequences goes: host time of each part of Engine.step
+def profile_decode(engine: runtime.EngineCore, plan: Plan, vocab: int, batch: int) -> dict:
+    """Where a decode step of `batch` sequences goes: host time of each part of EngineCore.step
     (waiting for the GPU is in "wait + take tokens"), the CUDA-graph replay alone, and the
     kernels of one forward (torch.profiler on the eager call of the compiled graph)."""
     spent: dict[str, float] = {}
@@ -541,10 +557,14 @@ def main() -> None:
         _, systems["ours eager"] = measure(eager, plan, vocab)
     if "workload" not in skip:
         free_memory()
-        engine = runtime.load(art, verify_files=False)  # the defaults: the cache takes 90% of the GPU
+        engine = runtime.load_core(art, verify_files=False)  # the defaults: the cache takes 90% of the GPU
         r["workload"] = run_workload(engine, plan, vocab)
         print(f"[workload] {r['workload']}", flush=True)
         del engine
+        free_memory()
+        with runtime.load(art, verify_files=False) as engine:
+            r["workload_threads"] = run_workload_threads(engine, plan, vocab, threads=64)
+        print(f"[workload] {r['workload_threads']}", flush=True)
     if "transformers" not in skip:
         free_memory()
         hf, systems["transformers eager"] = measure(lambda: Transformers(ckpt, dtype, device), plan, vocab)
@@ -631,6 +651,9 @@ def report(r: dict, plan: Plan) -> None:
                 print(f"  {kind}: {k['steps']} steps, {k['seconds']:.2f} s ({k['seconds'] / k['steps'] * 1e3:.2f} ms "
                       f"a step), {k['tokens'] / k['steps']:.0f} tokens of {k['sequences'] / k['steps']:.0f} "
                       "sequences a step")
+        wt = r["workload_threads"]
+        print(f"  through the Engine: one generate call {wt['one_call_tok_s']:.0f} tok/s; {wt['threads']} threads, "
+              f"one request at a time each, {wt['threads_tok_s']:.0f} tok/s ({wt['ratio']:.0%} of one call)")
     for p in r.get("profile", []):
         print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps, {p['mean_batch']:.0f} sequences on average): "
               "host ms/step "

@@ -100,13 +100,15 @@ class Engine:
              separate_reasoning: bool = False, **template_kwargs: Any) -> Completion:
         """generate() of the rendered chat prompt. separate_reasoning: Qwen3's thinking (the
         text between <think> and </think>) goes to `reasoning`, the answer alone to `text`."""
-        completion = self.generate(self.apply_chat_template(messages, **template_kwargs), sampling)[0]
-        return _separated(completion) if separate_reasoning else completion
+        prompt = self.apply_chat_template(messages, **template_kwargs)
+        completion = self.generate(prompt, sampling)[0]
+        return _separated(completion, prompt) if separate_reasoning else completion
 
     async def chat_async(self, messages: list[dict[str, Any]], sampling: SamplingParams | None = None, *,
                          separate_reasoning: bool = False, **template_kwargs: Any) -> Completion:
-        completion = await self.generate_async(self.apply_chat_template(messages, **template_kwargs), sampling)
-        return _separated(completion) if separate_reasoning else completion
+        prompt = self.apply_chat_template(messages, **template_kwargs)
+        completion = await self.generate_async(prompt, sampling)
+        return _separated(completion, prompt) if separate_reasoning else completion
 
     @functools.cached_property
     def _chat_template(self):
@@ -143,9 +145,9 @@ class Engine:
         return self._loop.checked_core().make_request(prompt, sampling)
 
 
-def _separated(completion: Completion) -> Completion:
-    from qwen3_aot.runtime.chat import split_reasoning
+def _separated(completion: Completion, prompt: str) -> Completion:
+    from qwen3_aot.runtime.chat import opens_reasoning, split_reasoning
 
-    reasoning, content = split_reasoning(completion.text)
+    reasoning, content = split_reasoning(completion.text, in_reasoning=opens_reasoning(prompt))
     completion.text, completion.reasoning = content, reasoning
     return completion
