@@ -116,8 +116,9 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
     err = lambda x: float((x - ref).norm() / ref.norm()) if torch.isfinite(x).all() else float("inf")  # noqa: E731
     err_compiled, err_eager = err(got), err(eager)
     bound = VERIFY_RATIO * err_eager + VERIFY_FLOOR[model.dtype]
-    log(f"[verify] relative error of the logits against float64 ({len(ref)} rows): compiled {err_compiled:.2e}, "
-        f"eager {err_eager:.2e} (bound {bound:.2e} = {VERIFY_RATIO} x eager + {VERIFY_FLOOR[model.dtype]:.0e})")
+    log(f"[verify] compiled vs eager, each against float64 (relative error of {len(ref)} rows of logits): "
+        f"compiled {err_compiled:.2e}, eager {err_eager:.2e} (bound {bound:.2e} = {VERIFY_RATIO} x eager + "
+        f"{VERIFY_FLOOR[model.dtype]:.0e})")
     if not err_compiled <= bound:
         raise Qwen3AotError(f"the compiled artifact is less accurate than the eager model (relative error against "
                             f"float64: compiled {err_compiled:.2e}, eager {err_eager:.2e}, bound {bound:.2e}); the "
