@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from checkpoints import write_random_checkpoint
-from conftest import FIXTURE, rel_err
+from support import FIXTURE, rel_err
 from qwen3_aot import Qwen3AotError, manifest
 from qwen3_aot.build import export_artifact
 from qwen3_aot.build.onnx_graph import OnnxQwen3

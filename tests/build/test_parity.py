@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from conftest import FIXTURE, HAS_CUDA, rel_err
+from support import FIXTURE, HAS_CUDA, rel_err
 from qwen3_aot.build import GraphLimits, export_artifact
 from qwen3_aot.build.graph import export_forward
 from qwen3_aot.custom_ops import paged_attention, qkv_rope, rms_norm

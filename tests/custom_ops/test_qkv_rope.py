@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import rel_err
+from support import rel_err
 from qwen3_aot.custom_ops.qkv_rope import qkv_rope_reference, qkv_rope_triton, rope_cos_sin
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

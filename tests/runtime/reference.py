@@ -6,7 +6,7 @@ import functools
 import torch
 from tokenizers import Tokenizer
 
-from conftest import FIXTURE
+from support import FIXTURE
 from qwen3_aot.runtime import SamplingParams
 
 MAX_NEW = 32

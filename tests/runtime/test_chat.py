@@ -136,7 +136,7 @@ def test_named_templates_take_default(tmp_path):
 
 
 def test_no_template_gives_none(tmp_path):
-    from conftest import FIXTURE  # its tokenizer_config.json has no chat_template
+    from support import FIXTURE  # its tokenizer_config.json has no chat_template
 
     assert ChatTemplate.from_dir(FIXTURE) is None
     assert ChatTemplate.from_dir(tmp_path) is None
@@ -261,7 +261,7 @@ def test_reasoning_of_real_tokens_streamed_through_text_stream(qwen_checkpoint):
 
 
 def test_export_carries_the_template_and_tokenizer_files(qwen_checkpoint, qwen_artifact, hf_tokenizer):
-    from conftest import QWEN3_CHAT_TEMPLATE
+    from qwen_checkpoint import QWEN3_CHAT_TEMPLATE
 
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (qwen_artifact / name).read_bytes() == (qwen_checkpoint / name).read_bytes(), name
@@ -274,7 +274,7 @@ def test_export_carries_the_template_and_tokenizer_files(qwen_checkpoint, qwen_a
 
 
 def test_export_copies_chat_template_jinja(tmp_path):
-    from conftest import FIXTURE
+    from support import FIXTURE
     from qwen3_aot.build import export_artifact
 
     checkpoint = tmp_path / "checkpoint"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference
-from conftest import FIXTURE, RUNTIME_DEVICE
+from support import FIXTURE, RUNTIME_DEVICE
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
 from reference import GREEDY, MAX_NEW, TEXT, decode, prompts, tokenizer

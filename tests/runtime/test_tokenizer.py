@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import FIXTURE
+from support import FIXTURE
 from qwen3_aot import Qwen3AotError
 from qwen3_aot.runtime.tokenizer import REPLACEMENT, TextStream, Tokenizer
 

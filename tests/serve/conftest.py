@@ -4,10 +4,8 @@ that fails it instead of hanging CI."""
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import sys
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -18,22 +16,6 @@ pytest.importorskip("openai")
 from serving import Server, running  # noqa: E402
 
 DEADLINE_S = 60  # per test; @pytest.mark.deadline(S) for another
-
-
-def _runtime_fixtures():
-    """The real-tokenizer checkpoint fixtures live in tests/runtime/conftest.py, which pytest
-    gives to tests/runtime only: load that file once under its own name and take its fixtures."""
-    name = "qwen3_aot_tests_runtime_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "runtime" / "conftest.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-qwen_tokenizer_json = _runtime_fixtures().qwen_tokenizer_json
-qwen_checkpoint = _runtime_fixtures().qwen_checkpoint
-qwen_artifact = _runtime_fixtures().qwen_artifact
 
 
 def pytest_configure(config):

@@ -1,0 +1,37 @@
+"""What tests share besides fixtures: paths, the device the runtime tests use, error
+measures and tolerances. A module of its own, because every folder's conftest.py is
+imported under the one name `conftest`, so importing names from it reaches whichever
+conftest came last."""
+
+import os
+from pathlib import Path
+
+import torch
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny-qwen3"
+HAS_CUDA = torch.cuda.is_available()
+# tests/runtime run on the artifact of one device: CPU by default (CI), CUDA when this is
+# cuda (scripts/gpu_check.sh sets it), so that the same tests check real CUDA graphs
+RUNTIME_DEVICE = os.environ.get("QWEN3_AOT_RUNTIME_DEVICE", "cpu")
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖a − ref‖ / ‖ref‖ in float64; NaN or inf in `a` gives inf."""
+    a, ref = a.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - ref).norm() / ref.norm())
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """A tensor full of NaN: any element a kernel fails to write shows up."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def rounded_once_tol(dtype: torch.dtype, interpreted: bool) -> float:
+    """Normwise bound, against float64, on a result computed in fp32 and rounded once to `dtype`:
+    the unit roundoff (eps / 2) of round-to-nearest, a whole eps where the Triton interpreter
+    converts to bf16 by truncating, plus a few fp32 roundings of the arithmetic before it
+    (a sum, an rsqrt, approximate on CUDA, and products)."""
+    truncates = interpreted and dtype == torch.bfloat16
+    return (2 if truncates else 1) * torch.finfo(dtype).eps / 2 + 8 * torch.finfo(torch.float32).eps / 2
