@@ -5,7 +5,6 @@ that fails it instead of hanging CI."""
 from __future__ import annotations
 
 import signal
-import sys
 from typing import Iterator
 
 import pytest
