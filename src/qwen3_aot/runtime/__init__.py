@@ -36,8 +36,8 @@ ENGINE_OPTIONS = {"pt2": _keyword_options(EngineCore), "onnx": _keyword_options(
 
 def load(path: str | Path, device: str | torch.device | None = None, *, verify_files: bool = True,
          format: str | None = None, **options) -> Engine | OnnxEngine:
-    """Check an artifact against this process (format, torch build, device, GPU, the sha256
-    of every file) and start an engine on it: weights loaded once, the paged KV cache sized,
+    """Check an artifact against this process (format, torch build, device, GPU, file sizes
+    and headers, checksums: see manifest.read) and start an engine on it: weights loaded once, the paged KV cache sized,
     CUDA graphs captured on a GPU, and the Engine's loop thread started (it is safe to share
     between threads and asyncio tasks; see qwen3_aot.runtime.engine).
 
