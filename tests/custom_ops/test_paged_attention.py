@@ -1,10 +1,10 @@
 """paged_attention against a float64 oracle: mixed prefill/decode batches, block boundaries,
-GQA, poisoned unused cache blocks."""
+GQA, poisoned unused cache blocks and outputs (a token no kernel wrote is NaN)."""
 
 import pytest
 import torch
 
-from conftest import rel_err
+from support import rel_err
 from qwen3_aot.custom_ops import paged_attention as attention
 from qwen3_aot.custom_ops.paged_attention import paged_attention_reference, paged_attention_triton
 
@@ -47,44 +47,59 @@ def _batch(hq, hkv, d, block_size, prior, new, dtype, device, seed):
 
 
 CASES = {
-    # name: (Hq, Hkv, D, block_size, prior, new)
-    "qwen3-0.6b-mixed": (16, 8, 128, 16, [0, 15, 16, 40], [17, 1, 1, 3]),  # prefill, decodes on/past a boundary
-    "single-decode-long": (4, 2, 64, 16, [95], [1]),
-    "prefill-on-boundary": (4, 1, 32, 32, [0], [64]),
-    "one-past-boundary": (8, 2, 64, 16, [0, 32], [33, 1]),
+    # name: (Hq, Hkv, D, block_size, prior, new). Under the Triton interpreter each program
+    # costs milliseconds and the shipped launch runs about SPLIT_PROGRAMS / Hkv splits per
+    # decode, so cases use one kv head and head_dim 32 unless the layout is their point.
+    # Qwen3-0.6B's layout (GQA 16/8, head_dim 128): a prefill, decodes on the last slot of a
+    # block and on the first of the next, and a two-token chunk after context
+    "qwen3-0.6b-mixed": (16, 8, 128, 16, [0, 15, 16, 40], [3, 1, 1, 2]),
+    # one decode over six blocks
+    "single-decode-long": (4, 1, 32, 16, [95], [1]),
+    # a prompt that fills its two blocks exactly
+    "prefill-on-boundary": (4, 1, 32, 8, [0], [16]),
+    # a prompt one token past a boundary, and a decode on a block's first slot; group 8 gives
+    # 16-token tiles, so the prompt spans two tiles and the second starts mid-sequence
+    "one-past-boundary": (8, 1, 32, 8, [0, 16], [17, 1]),
+    # the largest block and head_dim the kernels take
     "block-256-hd256": (2, 1, 256, 256, [3], [2]),
-    "block-4-spans-tiles": (4, 2, 32, 4, [70, 0], [1, 9]),
-    "chunk-after-context": (4, 2, 64, 32, [100, 0], [40, 70]),  # a prompt's second chunk, and a new one
-    "decode-batch-long": (8, 1, 128, 64, [300, 129, 511], [1, 1, 1]),  # group 8; ends on / past a block
-    "block-128-hd64-mha": (4, 4, 64, 128, [127, 128], [1, 2]),
-    "group-5": (10, 2, 64, 16, [33, 0], [1, 20]),  # Qwen3-14B's 40/8: a group that is not a power of two
-    "decode-long-context": (4, 2, 64, 16, [2500], [1]),  # 79 partials with many-splits: two of the combine's chunks
-    "decodes-around-prefill": (4, 2, 64, 16, [40, 0, 17, 5], [1, 30, 1, 1]),  # a step that decodes and prefills
+    # block 4: each key tile gathers many blocks
+    "block-4-spans-tiles": (2, 1, 32, 4, [70, 0], [1, 9]),
+    # a prompt's second chunk after 130 cached tokens (past the 64 or 128 keys of a tile: the
+    # tiles' unmasked loop runs), and a new prompt in the same step
+    "chunk-after-context": (4, 1, 32, 16, [130, 0], [5, 4]),
+    # group 8, decodes on the last slot of a block of 64, on the first of the next, and later
+    "decode-batch-long": (8, 1, 32, 64, [63, 64, 129], [1, 1, 1]),
+    # multi-head attention (group 1, two kv heads), block 128
+    "block-128-hd64-mha": (2, 2, 64, 128, [127, 128], [1, 2]),
+    # Qwen3-14B's group of 5 (40/8): a group that is not a power of two
+    "group-5": (5, 1, 32, 16, [33, 0], [1, 6]),
+    # a long context: 66 partials under the shipped launch in fp32 (33 in fp16), 132 with
+    # many-splits, so the combine merges more than one chunk of 64
+    "decode-long-context": (2, 1, 32, 16, [4200], [1]),
+    # a step that decodes and prefills: under "mixed" the first decode splits, the later tile
+    "decodes-around-prefill": (4, 1, 32, 16, [40, 0, 17, 5], [1, 6, 1, 1]),
 }
 
 
-# which kernels run: (SPLIT_TOKENS, SPLIT_PROGRAMS, KEYS_PER_STEP or None for the default); the
-# cases are small, so these are forced
+# Which kernels run. "shipped" is the module's launch configuration as it is, untouched; the
+# others override its constants to force a path the small cases would not take.
 PATHS = {
-    "split": (256, 1024, None),         # the default for small batches: a few splits per token
-    "many-splits": (256, 1 << 20, 32),  # a split per 32 keys: the combine merges many partials
-    "tiles": (0, 1024, None),           # the prefill tiles for every batch, runs of several sequences per tile
-    "mixed": (2, 1024, None),           # a large batch: decodes among its first 2 tokens split, the rest tiles
+    "shipped": {},                       # a batch of at most SPLIT_TOKENS tokens: every token splits
+    "many-splits": {"KEYS_PER_STEP": 32},  # 32-key splits: the combine merges many partials
+    "tiles": {"SPLIT_TOKENS": 0},        # every token in the prefill tiles, runs of several sequences per tile
+    "mixed": {"SPLIT_TOKENS": 2},        # a "large" batch: decodes among its first 2 tokens split, the rest tile
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("impl", ["triton-" + p for p in PATHS] + ["reference"])
-def test_paged_attention_matches_float64(impl, case, dtype, kernel_device, monkeypatch):
+def test_paged_attention_matches_float64(impl, case, dtype, kernel_device, monkeypatch, poison_new_tensors):
     if impl != "reference" and dtype not in KERNEL_DTYPES:
         pytest.skip("bf16 tl.dot is wrong under the Triton interpreter; covered on the GPU")
     if impl != "reference":
-        split_tokens, split_programs, keys = PATHS[impl.removeprefix("triton-")]
-        monkeypatch.setattr(attention, "SPLIT_TOKENS", split_tokens)
-        monkeypatch.setattr(attention, "SPLIT_PROGRAMS", split_programs)
-        if keys is not None:
-            monkeypatch.setattr(attention, "KEYS_PER_STEP", keys)
+        for name, value in PATHS[impl.removeprefix("triton-")].items():
+            monkeypatch.setattr(attention, name, value)  # raises if the module renamed it
     device = "cpu" if impl == "reference" else kernel_device
     args = _batch(*CASES[case], dtype=dtype, device=device, seed=len(case))
     q, k, v, k_cache, v_cache, positions, seq_ids, table, scale = args
