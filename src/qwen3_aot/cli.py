@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qwen3_aot import __version__
 from qwen3_aot.errors import Qwen3AotError
 
 
@@ -32,10 +33,14 @@ def _generate(a: argparse.Namespace) -> None:
                                     top_p=a.top_p, seed=a.seed, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
     options = {"cuda_graphs": False} if a.no_cuda_graphs else {}
     engine = runtime.load(a.artifact, device=a.device, format=a.format, **options)
-    print(a.prompt, end="", flush=True)
-    for piece in engine.stream(a.prompt, params):
-        print(piece, end="", flush=True)
-    print()
+    try:
+        print(a.prompt, end="", flush=True)
+        for piece in engine.stream(a.prompt, params):
+            print(piece, end="", flush=True)
+        print()
+    finally:
+        if isinstance(engine, runtime.Engine):
+            engine.close()
 
 
 def _serve(a: argparse.Namespace) -> None:
@@ -51,6 +56,7 @@ def _serve(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qwen3-aot", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"qwen3-aot {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("export", help="turn a Qwen3 checkpoint directory into an artifact")
@@ -114,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except Qwen3AotError as e:
         print(f"qwen3-aot: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nqwen3-aot: {args.command} interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -205,3 +205,19 @@ def test_check_command_catches_a_damaged_weight_byte(artifact_copy, hash_counts,
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
     assert cli(["check", str(artifact_copy)]) == 2
     assert "weights.safetensors does not match its checksum" in capsys.readouterr().err
+
+
+def test_cli_version_and_ctrl_c(monkeypatch, capsys):
+    import qwen3_aot
+    import qwen3_aot.cli
+
+    with pytest.raises(SystemExit) as done:
+        cli(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"qwen3-aot {qwen3_aot.__version__}"
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwen3_aot.cli, "_generate", interrupted)
+    assert cli(["generate", "artifact", "prompt"]) == 130
+    assert capsys.readouterr().err.strip() == "qwen3-aot: generate interrupted"  # one line, no traceback
