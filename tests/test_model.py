@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from checkpoints import write_random_checkpoint
-from conftest import FIXTURE, rel_err
+from support import FIXTURE, rel_err
 from qwen3_aot.model import Qwen3ForCausalLM
 
 SEQS = [list(range(3, 40)), [7, 5, 3], list(range(100, 180, 3)), [11] * 20 + [12] * 5]  # 4 lengths, one batch
+pytestmark = pytest.mark.xdist_group("test_model")  # one pytest-xdist worker writes the random checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +56,19 @@ def corpus(ckpt, n=48, length=48) -> list[list[int]]:
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
+@pytest.fixture(scope="session")
+def corpus_float64_logits(ckpt):
+    """transformers' float64 logits of the corpus, [sequences x tokens, vocab], computed once per
+    checkpoint in one batch (the sequences are of one length: no padding)."""
+    with torch.inference_mode():
+        logits = hf_model(ckpt, torch.float64, attn="eager")(torch.tensor(corpus(ckpt))).logits
+    return logits.flatten(0, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_transformers(ckpt, dtype, kernel_device):
+def test_low_precision_no_worse_than_transformers(ckpt, dtype, kernel_device, corpus_float64_logits):
     seqs = corpus(ckpt)
-    exact = torch.cat(hf_logits(hf_model(ckpt, torch.float64, attn="eager"), seqs))
+    exact = corpus_float64_logits
     theirs = torch.cat(hf_logits(hf_model(ckpt, dtype), seqs))
     ours = torch.cat(Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=kernel_device).logits(seqs))
     assert torch.isfinite(ours).all()

@@ -25,11 +25,16 @@ def test_e2e_tiny_run_fills_every_figure(tmp_path):
         assert sorted(map(int, s["prefill_ms"])) == plan["prefill"], name
         assert all(d["tok_s"] > 0 and d["step_ms"] > 0 for d in s["decode"].values()), name
         assert all(ms > 0 for ms in s["prefill_ms"].values()), name
+    # The floor bounds a real model, whose weights stream from memory at the measured copy
+    # bandwidth; a tiny model's sit in the CPU's caches and may beat it (transformers did on a
+    # 16-core machine). What holds at any size: a step reads at least the weights, more K/V
+    # the larger the batch, and a longer prompt is no less work.
     floor = r["systems"]["floor"]
-    for name in ("ours", "ours eager", "transformers eager"):  # nothing beats the floor
-        s = r["systems"][name]
-        assert all(s["decode"][b]["tok_s"] < floor["decode"][b]["tok_s"] for b in s["decode"]), name
-        assert all(s["prefill_ms"][n] > floor["prefill_ms"][n] for n in s["prefill_ms"]), name
+    steps = [floor["decode"][str(b)]["step_ms"] for b in plan["batches"]]
+    weights_ms = r["sizes"]["weight_bytes"] / (r["copy_GBps"] * 1e9) * 1e3
+    assert weights_ms <= steps[0] and steps == sorted(steps)
+    prefill = [floor["prefill_ms"][str(n)] for n in plan["prefill"]]
+    assert weights_ms <= prefill[0] and prefill == sorted(prefill)
     w, wt = r["workload"], r["workload_transformers"]
     assert w["output_tokens"] == wt["output_tokens"] > 0 and w["tok_s"] > 0 and wt["tok_s"] > 0
     steps = w["steps"]  # every prompt token is fed once, every output token but the last of each request
