@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -499,9 +500,14 @@ def kernel_table(fn: Callable[[], object], calls: int = 10) -> dict:
 
 # ---- the run ----
 
-def build(plan: Plan, work: Path, device: str, dtype: str, tiny: bool) -> tuple[Path, Path, float]:
+def build(plan: Plan, work: Path, device: str, dtype: str, tiny: bool,
+          tokenizer: Path | None = None) -> tuple[Path, Path, float]:
+    """The seeded random checkpoint exported; `tokenizer`: a tokenizer.json to give it (the
+    artifact then streams text; without one it takes and gives token ids only)."""
     ckpt, art = work / "checkpoint", work / "artifact"
     random_checkpoint.write(ckpt, seed=0, **(TINY_MODEL if tiny else {}), dtype=dtype)
+    if tokenizer is not None:
+        shutil.copy(tokenizer, ckpt / "tokenizer.json")
     limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
     t = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,

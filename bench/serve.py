@@ -1,0 +1,159 @@
+"""The OpenAI-compatible server under load, against the same workload in-process.
+
+Builds the Qwen3-0.6B-shaped artifact of bench/e2e.py (seeded random weights; --tiny: a tiny
+model on the CPU, a smoke run), runs nano-vllm's workload (e2e.workload) through
+`runtime.load(...).generate` in this process, then through `qwen3-aot serve` on 127.0.0.1 by
+streaming HTTP clients at each concurrency: output tokens/s against in-process, and time to
+first token and inter-token latency (between streamed chunks) at p50 and p99. Prints a table
+and writes JSON.
+
+    PYTHONPATH=src python bench/serve.py --json serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import httpx
+except ImportError:  # the openai client of late 2026 brings httpx2, the same API
+    import httpx2 as httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import e2e  # noqa: E402
+
+from qwen3_aot import runtime  # noqa: E402
+
+HEALTH_TIMEOUT_S = 300  # the server's start: torch's import, the load, CUDA-graph capture
+
+
+def in_process(artifact: Path, prompts: list, params: list) -> float:
+    with runtime.load(artifact, verify_files=False) as engine:
+        engine.generate([list(range(1, 17))], runtime.SamplingParams(max_tokens=4))  # warm-up
+        t = time.perf_counter()
+        tokens = sum(c.output_tokens for c in engine.generate(prompts, params))
+        return tokens / (time.perf_counter() - t)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(artifact: Path, port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3_aot.cli", "serve", str(artifact), "--port", str(port),
+                             "--served-model-name", "bench", "--max-queue", "100000"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the server did not answer /health within {HEALTH_TIMEOUT_S} s; see {log}")
+
+
+async def one_request(client: httpx.AsyncClient, prompt: list[int], sp: runtime.SamplingParams) -> dict:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": sp.max_tokens, "temperature": sp.temperature,
+            "ignore_eos": sp.ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    chunks, tokens = [], 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices") and event["choices"][0].get("text"):
+                chunks.append(time.perf_counter())
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"ttft": chunks[0] - t0 if chunks else None, "itl": [b - a for a, b in zip(chunks, chunks[1:])],
+            "tokens": tokens}
+
+
+async def over_http(port: int, prompts: list, params: list, concurrency: int) -> dict:
+    """Every request of the workload, `concurrency` clients at a time, each taking the next."""
+    pending = list(zip(prompts, params))
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
+        async def worker():
+            while pending:
+                prompt, sp = pending.pop()
+                results.append(await one_request(client, prompt, sp))
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - t
+    ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)  # none without a tokenizer
+    itl = sorted(x for r in results for x in r["itl"])
+    tokens = sum(r["tokens"] for r in results)
+    assert tokens == sum(sp.max_tokens for sp in params), "ignore_eos: every request runs to max_tokens"
+    return {"concurrency": concurrency, "tok_s": tokens / seconds, "seconds": seconds,
+            "ttft_ms": {"p50": percentile(ttft, 50) * 1e3, "p99": percentile(ttft, 99) * 1e3},
+            "itl_ms": {"p50": percentile(itl, 50) * 1e3, "p99": percentile(itl, 99) * 1e3}}
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p / 100))] if sorted_values else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_bench_serve"))
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and workload on the CPU (a smoke run)")
+    ap.add_argument("--concurrency", default=None, help="comma-separated (default 1,16,64,256; tiny: 1,4)")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a tokenizer.json covering the model's vocabulary (Qwen's: tests/qwen_checkpoint.py makes "
+                         "one); without one the artifact streams no text, and TTFT and ITL are not measured")
+    a = ap.parse_args()
+    plan = e2e.TINY_PLAN if a.tiny else e2e.Plan()
+    device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    levels = [int(c) for c in (a.concurrency or ("1,4" if a.tiny else "1,16,64,256")).split(",")]
+    r: dict = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+               "dtype": dtype, "model": "tiny" if a.tiny else "Qwen3-0.6B shape", "plan": plan.workload}
+    _, artifact, r["build_s"] = e2e.build(plan, a.work, device, dtype, a.tiny, a.tokenizer)
+    vocab = json.loads((artifact / "manifest.json").read_text())["model_config"]["vocab_size"]
+    prompts, params = e2e.workload(plan, vocab)
+    r["in_process_tok_s"] = in_process(artifact, prompts, params)
+    e2e.free_memory()
+    port = free_port()
+    server = start_server(artifact, port, a.work / "server.log")
+    try:
+        asyncio.run(over_http(port, prompts[:2], params[:2], 1))  # warm-up
+        r["http"] = [asyncio.run(over_http(port, prompts, params, c)) for c in levels]
+    finally:
+        server.terminate()
+        r["server_exit"] = server.wait(timeout=60)
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=1))
+    print(f"\n{r['gpu']}, torch {r['torch']}, {r['model']}, {r['dtype']}; workload {plan.workload} "
+          f"(requests, shortest, longest); in-process {r['in_process_tok_s']:.0f} output tok/s")
+    print(f"{'concurrency':>11s} {'tok/s':>9s} {'vs in-process':>14s} {'TTFT p50':>9s} {'p99':>8s} "
+          f"{'ITL p50':>8s} {'p99':>8s}   (ms)")
+    for h in r["http"]:
+        print(f"{h['concurrency']:>11d} {h['tok_s']:>9.0f} {h['tok_s'] / r['in_process_tok_s']:>13.0%} "
+              f"{h['ttft_ms']['p50']:>9.1f} {h['ttft_ms']['p99']:>8.1f} {h['itl_ms']['p50']:>8.2f} "
+              f"{h['itl_ms']['p99']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
