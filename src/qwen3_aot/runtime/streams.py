@@ -9,9 +9,11 @@ no reference to the stream, so that dropping the stream is enough to collect it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import queue
 
+from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.loop import EngineLoop, Output, Submission
 from qwen3_aot.runtime.requests import Request
 from qwen3_aot.runtime.sampling import Completion
@@ -37,7 +39,8 @@ class _StreamBase:
     def _take(self, out: Output) -> str:
         if out.error is not None:
             self._closed = True
-            raise out.error
+            # a fresh error each: several threads may raise the loop's at once
+            raise Qwen3AotError(str(out.error)) from out.error.__cause__
         self.token_ids += out.token_ids
         if self.logprobs is not None and out.logprobs:
             self.logprobs += out.logprobs
@@ -61,7 +64,8 @@ class _StreamBase:
         self._closed = True
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit the loop may be gone already
+            self.close()
 
 
 class Stream(_StreamBase):
