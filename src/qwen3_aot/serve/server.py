@@ -26,7 +26,9 @@ def run(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_
     from qwen3_aot import runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with runtime.load(artifact, device=device, **engine_options) as engine:
+    # the pt2 graph: the continuously batched, thread- and asyncio-safe Engine (an ONNX-only
+    # artifact gets load's error saying to rebuild it with --format pt2)
+    with runtime.load(artifact, device=device, format="pt2", **engine_options) as engine:
         app = build_app(engine, served_model_name or Path(artifact).resolve().name, api_key=api_key,
                         max_queue=max_queue)
         # access_log off: the app logs one line per request itself, with its tokens and timings
