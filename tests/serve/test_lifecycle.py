@@ -130,3 +130,11 @@ def test_sigint_lets_short_requests_finish_aborts_long_ones_and_exits_0(guarded)
 def test_sigterm_likewise(tiny_artifact, tmp_path):
     with running(tiny_artifact, tmp_path / "server.log", *GUARDED) as server:
         stop_with_requests_in_flight(server, signal.SIGTERM, GRACE_S)
+
+
+def test_an_onnx_only_artifact_is_refused_with_our_error(tiny_onnx_artifact):
+    from qwen3_aot import Qwen3AotError
+    from qwen3_aot.serve.server import run
+
+    with pytest.raises(Qwen3AotError, match="no pt2 graph"):
+        run(tiny_onnx_artifact, port=0)
