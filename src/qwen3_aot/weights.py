@@ -36,6 +36,14 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a manifest records for `dtype` ("bfloat16"), the one `parse_dtype` reads back."""
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise Qwen3AotError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}.")
+
+
 def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face Qwen3 checkpoint must hold, with its shape."""
     h, d = cfg.hidden_size, cfg.head_dim

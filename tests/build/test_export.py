@@ -277,3 +277,11 @@ def test_extreme_k_norm_builds_are_kept_and_force_replaces_atomically(k_norm_che
     assert len(seen) == 1 and "compiled" in seen[0] and "eager" in seen[0]
     assert manifest.read(k_norm_bf16)["dtype"] == "float16"
     assert sorted(p.name for p in k_norm_bf16.parent.iterdir()) == [k_norm_bf16.name]
+
+
+def test_every_dtype_name_a_manifest_records_reads_back():
+    from qwen3_aot.weights import DTYPES, dtype_name, parse_dtype
+
+    assert {dtype_name(d): parse_dtype(dtype_name(d)) for d in DTYPES.values()} == DTYPES
+    with pytest.raises(Qwen3AotError, match="float64 is not supported"):
+        dtype_name(torch.float64)

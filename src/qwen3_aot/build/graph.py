@@ -8,6 +8,7 @@ import torch
 
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
+from qwen3_aot.weights import dtype_name
 
 
 EXAMPLE_TOKENS, EXAMPLE_SEQS, EXAMPLE_BLOCKS = 6, 2, 4  # the sizes of example_inputs' batch
@@ -91,7 +92,7 @@ def input_specs(model: Qwen3ForCausalLM, limits: GraphLimits) -> list[dict]:
     """What the manifest says about each graph input: shape (ints or dim names) and dtype."""
     cfg = model.config
     cache = ["num_blocks", limits.block_size, cfg.num_key_value_heads, cfg.head_dim]
-    dt = str(model.dtype).replace("torch.", "")
+    dt = dtype_name(model.dtype)
     return [
         {"name": "input_ids", "shape": ["tokens"], "dtype": "int64"},
         {"name": "positions", "shape": ["tokens"], "dtype": "int64"},

@@ -11,6 +11,7 @@ import torch
 
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
+from qwen3_aot.weights import dtype_name
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -92,7 +93,7 @@ def export_onnx(model: Qwen3ForCausalLM, out_dir: Path, log: Callable[[str], Non
     graph = onnx.load(str(path), load_external_data=False).graph
     ops = sorted({n.op_type for n in graph.node})
     log(f"[onnx] {len(graph.node)} nodes, opset {OPSET}: {', '.join(ops)}")
-    dtype = str(model.dtype).replace("torch.", "")
+    dtype = dtype_name(model.dtype)
     return {
         "file": ONNX_FILE,
         "external_data": DATA_FILE,
