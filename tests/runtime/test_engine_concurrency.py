@@ -221,8 +221,10 @@ def test_close_ends_requests_in_flight_and_refuses_new_ones(runtime_artifact):
     eng = runtime.load(runtime_artifact, num_blocks=40)
     s = eng.add_request(prompts()[0], dataclasses.replace(GREEDY, max_tokens=90))
     next(s)
+    assert eng.running
     eng.close()
     assert s.result().finish_reason in ("abort", "length")  # never a hang
+    assert not eng.running
     with pytest.raises(Qwen3AotError, match="closed"):
         eng.generate("x")
     eng.close()  # idempotent
@@ -253,6 +255,7 @@ def test_a_failing_step_reaches_every_caller_as_our_error(runtime_artifact):
     run_threads(caller, 4)
     with pytest.raises(Qwen3AotError, match="loop failed"):
         eng.generate("x")
+    wait_until(lambda: not eng.running, "the failed loop to end")
 
 
 def test_ctrl_c_and_interpreter_exit_never_hang(runtime_artifact):

@@ -127,6 +127,11 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self._loop.stats.num_free_blocks
 
+    @property
+    def running(self) -> bool:
+        """False once closed, or once its loop failed (every request then gets our error)."""
+        return self._loop.thread.is_alive()
+
     def has_unfinished(self) -> bool:
         stats = self._loop.stats
         return stats.num_running + stats.num_waiting > 0

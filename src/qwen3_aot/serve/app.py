@@ -67,7 +67,7 @@ def build_app(engine: Any, model_name: str, *, api_key: str | None = None, max_q
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if engine.running else 503)  # 503: the engine's loop has ended
 
     @app.get("/metrics")
     async def metrics() -> Response:
