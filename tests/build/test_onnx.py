@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from checkpoints import write_random_checkpoint
-from support import FIXTURE, rel_err
+from support import FIXTURE, prompt_ids, rel_err
 from qwen3_aot import Qwen3AotError, manifest
 from qwen3_aot.build import export_artifact
 from qwen3_aot.build.onnx_graph import OnnxQwen3
@@ -22,18 +22,12 @@ from qwen3_aot.runtime import load_forward
 from qwen3_aot.runtime.onnx_forward import OnnxForward, import_onnxruntime
 
 QUIET = dict(device="cpu", formats=("onnx",), log=lambda _m: None)
+pytestmark = pytest.mark.xdist_group("test_onnx")  # one pytest-xdist worker exports the module's artifacts
 
 
 def prompts() -> list[list[int]]:
-    """Four slices of the fixture's training text of different lengths, cut before a space
-    (its BPE attaches a space to the next word), so the trained model continues them with
-    clear margins."""
-    from tokenizers import Tokenizer
-
-    text = (FIXTURE / "train_text.txt").read_text()
-    tok = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
-    cuts = ((3000, 20), (15000, 60), (30000, 35), (52000, 90))  # (start, least characters)
-    return [tok.encode(text[i:text.index(" ", i + n)]).ids for i, n in cuts]
+    """Four slices of the fixture's training text of different lengths (`prompt_ids`)."""
+    return prompt_ids([(3000, 20), (15000, 60), (30000, 35), (52000, 90)])
 
 
 def open_onnx(artifact) -> OnnxForward:

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from support import FIXTURE, HAS_CUDA, rel_err
+from support import FIXTURE, HAS_CUDA, prompt_ids, rel_err
 from qwen3_aot.build import GraphLimits, export_artifact
 from qwen3_aot.build.graph import export_forward
 from qwen3_aot.custom_ops import paged_attention, qkv_rope, rms_norm
@@ -17,20 +17,18 @@ from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import load_forward
 
 FORMS = ["eager-reference", "eager-triton", "torch.compile", "exported-program", "aoti-package"]
+# Greedy tokens the interpreted Triton kernels are checked for: a decode step of them costs
+# seconds under the interpreter (the shipped launch runs hundreds of split programs), so
+# there that form checks the first tokens of the continuation, the GPU all of them
+INTERPRETED_NEW_TOKENS = 8
 TRITON_OPS = types.SimpleNamespace(
     rms_norm=rms_norm.rms_norm_triton, add_rms_norm=rms_norm.add_rms_norm_triton,
     qkv_rope=qkv_rope.qkv_rope_triton, paged_attention=paged_attention.paged_attention_triton)
 
 
 def prompts(n: int = 3) -> list[list[int]]:
-    """Slices of the fixture's training text, cut before a space (its BPE attaches spaces to
-    the next word), so that the trained model continues them with clear margins."""
-    from tokenizers import Tokenizer
-
-    text = (FIXTURE / "train_text.txt").read_text()
-    tok = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
-    starts = [0, 7000, 23000, 41000][:n]
-    return [tok.encode(text[i:text.index(" ", i + 25 + 10 * k)]).ids for k, i in enumerate(starts)]
+    """The first n of four slices of the fixture's training text (`prompt_ids`)."""
+    return prompt_ids([(0, 25), (7000, 35), (23000, 45), (41000, 55)][:n])
 
 
 @contextlib.contextmanager
@@ -87,6 +85,13 @@ class Forms:
             return fn(self.driver(form))
 
 
+def on_workers(forms: list[str], group: str) -> list:
+    """The forms as parameters in one pytest-xdist group, so that one worker builds the module's
+    forms (artifact, compile, export) once; eager-triton, the slowest, in a group of its own."""
+    return [pytest.param(f, marks=pytest.mark.xdist_group("parity-eager-triton" if f == "eager-triton" else group))
+            for f in forms]
+
+
 @pytest.fixture(scope="module")
 def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
@@ -115,7 +120,7 @@ def hf_float64_logits():
         return [hf(torch.tensor([s])).logits[0] for s in prompts(4)]
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", on_workers(FORMS, "parity-fp32"))
 def test_fp32_logits_match_float64(fp32_forms, hf_float64_logits, form):
     seqs = prompts(4)  # four lengths in one flat batch
     got = fp32_forms.run(form, lambda d: d.logits(seqs))
@@ -130,7 +135,7 @@ def eager_bf16_logits(bf16_forms, device):
                                     lambda d: d.logits(prompts(4))))
 
 
-@pytest.mark.parametrize("form", [f for f in FORMS if f != "eager-reference"])
+@pytest.mark.parametrize("form", on_workers([f for f in FORMS if f != "eager-reference"], "parity-bf16"))
 def test_bf16_logits_no_worse_than_eager_bf16(bf16_forms, hf_float64_logits, eager_bf16_logits, form, device):
     if form == "eager-triton" and device == "cpu":
         pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; the GPU run covers this form")
@@ -149,6 +154,7 @@ def hf_greedy():
             for s in prompts()]
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", on_workers(FORMS, "parity-fp32"))
 def test_greedy_continuation_identical_to_transformers(fp32_forms, hf_greedy, form):
-    assert fp32_forms.run(form, lambda d: d.generate_greedy(prompts(), 32)) == hf_greedy
+    n = INTERPRETED_NEW_TOKENS if form == "eager-triton" and fp32_forms.device == "cpu" else len(hf_greedy[0])
+    assert fp32_forms.run(form, lambda d: d.generate_greedy(prompts(), n)) == [h[:n] for h in hf_greedy]
