@@ -260,6 +260,7 @@ def test_reasoning_of_real_tokens_streamed_through_text_stream(qwen_checkpoint):
     assert streamed(pieces, False) == split_reasoning(text) == ("用户问 2+2，答案是 4 🤔。", "答案：4 ✅")
 
 
+@pytest.mark.xdist_group("qwen_artifact")  # on the worker that builds it for the other tests
 def test_export_carries_the_template_and_tokenizer_files(qwen_checkpoint, qwen_artifact, hf_tokenizer):
     from qwen_checkpoint import QWEN3_CHAT_TEMPLATE
 

@@ -10,6 +10,7 @@ from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
 from qwen3_aot.runtime.chat import ChatTemplate, split_reasoning
 
+pytestmark = pytest.mark.xdist_group("qwen_artifact")  # one pytest-xdist worker builds the real-tokenizer artifact
 REPLACEMENT = "\ufffd"
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "你好! Qu'est-ce que 🐍?"}]
 HOT = SamplingParams(max_tokens=48, temperature=1.0, seed=3, ignore_eos=True)

@@ -13,6 +13,7 @@ from qwen3_aot.runtime.chat import split_reasoning
 
 MESSAGES = [{"role": "system", "content": "You answer briefly."},
             {"role": "user", "content": "Translate 猫 and 🐈 to French, then write `def f(): pass`."}]
+pytestmark = pytest.mark.xdist_group("qwen_artifact")  # one pytest-xdist worker builds the real-tokenizer artifact
 
 
 @pytest.fixture(scope="module")
