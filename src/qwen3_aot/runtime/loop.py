@@ -128,6 +128,10 @@ class EngineLoop:
             log.exception("the engine loop failed")
             error = e
         self._end(error)
+        on_cuda = core.device.type == "cuda"
+        del core  # the last reference: the KV cache, weights and graphs are freed here
+        if on_cuda:
+            torch.cuda.empty_cache()  # back to the GPU, not only to torch's caching allocator
 
     def _drain(self, block: bool) -> bool:
         """Apply the queued commands (waiting for one if `block`); False on stop."""
