@@ -1,8 +1,9 @@
 """What tests share besides fixtures: paths, the device the runtime tests use, error
-measures and tolerances. A module of its own, because every folder's conftest.py is
-imported under the one name `conftest`, so importing names from it reaches whichever
-conftest came last."""
+measures and tolerances, prompts from the trained fixture's text. A module of its own,
+because every folder's conftest.py is imported under the one name `conftest`, so importing
+names from it reaches whichever conftest came last."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -13,6 +14,28 @@ HAS_CUDA = torch.cuda.is_available()
 # tests/runtime run on the artifact of one device: CPU by default (CI), CUDA when this is
 # cuda (scripts/gpu_check.sh sets it), so that the same tests check real CUDA graphs
 RUNTIME_DEVICE = os.environ.get("QWEN3_AOT_RUNTIME_DEVICE", "cpu")
+
+
+@functools.cache
+def train_text() -> str:
+    """The text the tiny fixture model was trained on."""
+    return (FIXTURE / "train_text.txt").read_text()
+
+
+def text_prompts(cuts: list[tuple[int, int]]) -> list[str]:
+    """Slices of the fixture's training text, one per (start, least characters), each cut at
+    the first space at least that far on: before a space, because the BPE attaches spaces to
+    the next word, so that the trained model continues each with clear margins."""
+    text = train_text()
+    return [text[start:text.index(" ", start + least)] for start, least in cuts]
+
+
+def prompt_ids(cuts: list[tuple[int, int]]) -> list[list[int]]:
+    """`text_prompts`, as the fixture's tokenizer encodes them."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
+    return [tok.encode(p).ids for p in text_prompts(cuts)]
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

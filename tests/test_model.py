@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from checkpoints import write_random_checkpoint
-from support import FIXTURE, rel_err
+from support import FIXTURE, rel_err, text_prompts, train_text
 from qwen3_aot.model import Qwen3ForCausalLM
 
 SEQS = [list(range(3, 40)), [7, 5, 3], list(range(100, 180, 3)), [11] * 20 + [12] * 5]  # 4 lengths, one batch
@@ -49,8 +49,7 @@ def corpus(ckpt, n=48, length=48) -> list[list[int]]:
     if ckpt == FIXTURE:
         from tokenizers import Tokenizer
 
-        ids = Tokenizer.from_file(str(FIXTURE / "tokenizer.json")).encode(
-            (FIXTURE / "train_text.txt").read_text()[:60000]).ids
+        ids = Tokenizer.from_file(str(FIXTURE / "tokenizer.json")).encode(train_text()[:60000]).ids
         return [ids[i:i + length] for i in torch.randint(0, len(ids) - length, (n,), generator=g).tolist()]
     vocab = Qwen3ForCausalLM.from_pretrained(ckpt, dtype="float32", device="cpu").config.vocab_size
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
@@ -112,10 +111,7 @@ def test_greedy_matches_transformers_generate_on_fixture(kernel_device):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
-    text = (FIXTURE / "train_text.txt").read_text()
-    # prompts from the training text, cut before a space (the BPE attaches spaces to the next word)
-    prompts = [text[i:text.index(" ", i + 20)] for i in (0, 5000, 31000)]
-    seqs = [tok.encode(p).ids for p in prompts]
+    seqs = [tok.encode(p).ids for p in text_prompts([(0, 20), (5000, 20), (31000, 20)])]
     ours = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device=kernel_device).generate_greedy(seqs, 32)
     ref = hf_model(FIXTURE, torch.float32)
     for s, o in zip(seqs, ours):

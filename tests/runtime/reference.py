@@ -6,18 +6,16 @@ import functools
 import torch
 from tokenizers import Tokenizer
 
-from support import FIXTURE
+from support import FIXTURE, text_prompts
 from qwen3_aot.runtime import SamplingParams
 
 MAX_NEW = 32
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0)
-TEXT = (FIXTURE / "train_text.txt").read_text()
 
 
 def prompts(n: int = 16) -> list[str]:
-    """Slices of the training text, 3 to 95 tokens, cut before a space (the BPE attaches
-    spaces to the next word), so that the trained model continues them with clear margins."""
-    return [TEXT[s:TEXT.index(" ", s + 6 + 13 * k)] for k, s in enumerate(range(1500, 59000, 59000 // n))][:n]
+    """Slices of the training text, 3 to 95 tokens (`text_prompts`)."""
+    return text_prompts([(s, 6 + 13 * k) for k, s in enumerate(range(1500, 59000, 59000 // n))][:n])
 
 
 @functools.cache

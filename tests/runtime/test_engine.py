@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import reference
-from support import FIXTURE, RUNTIME_DEVICE
+from support import FIXTURE, RUNTIME_DEVICE, train_text
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
-from reference import GREEDY, MAX_NEW, TEXT, decode, prompts, tokenizer
+from reference import GREEDY, MAX_NEW, decode, prompts, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +165,9 @@ def test_eos_from_generation_config_and_ignore_eos(runtime_artifact, hf_greedy, 
 
 
 def test_streaming_never_splits_a_character(engine):
-    end = TEXT.index(" “starred”")  # the model continues with the curly quotes, 2 tokens each
-    p = TEXT[TEXT.rindex("\n", 0, end - 30):end]
+    text = train_text()
+    end = text.index(" “starred”")  # the model continues with the curly quotes, 2 tokens each
+    p = text[text.rindex("\n", 0, end - 30):end]
     params = SamplingParams(max_tokens=12, temperature=0)
     c = engine.generate(p, params)[0]
     assert "“starred”" in c.text
