@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from qwen3_aot import manifest
 
@@ -13,6 +14,13 @@ def flip_byte(f: Path, at: int = -10) -> None:
     data = bytearray(f.read_bytes())
     data[at] ^= 0xFF
     f.write_bytes(bytes(data))
+
+
+def edit_manifest(artifact: Path, fn: Callable[[dict], object]) -> None:
+    """Change the manifest in place (`fn` edits the parsed JSON), its checksums left as they were."""
+    man = json.loads((artifact / "manifest.json").read_text())
+    fn(man)
+    (artifact / "manifest.json").write_text(json.dumps(man))
 
 
 def rewrite_with_checksums(artifact: Path, name: str, data: bytes) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from artifact_damage import flip_byte, rewrite_with_checksums
+from artifact_damage import edit_manifest, flip_byte, rewrite_with_checksums
 from checkpoints import write_random_checkpoint
 from support import FIXTURE, HAS_CUDA
 from qwen3_aot import Qwen3AotError, manifest
@@ -89,26 +89,20 @@ def artifact_copy(tiny_artifact, tmp_path):
 
 
 
-def _edit_manifest(path, fn):
-    man = json.loads((path / "manifest.json").read_text())
-    fn(man)
-    (path / "manifest.json").write_text(json.dumps(man))
-
-
 @pytest.mark.parametrize("damage, needle", [
     (lambda p: (p / "weights.safetensors").write_bytes(b"x" * 100), "100 bytes, the manifest says"),
     (lambda p: flip_byte(p / "model.pt2", at=-100), "checksum"),
     (lambda p: (p / "model.pt2").unlink(), "missing"),
     (lambda p: (p / "manifest.json").unlink(), "not a qwen3-aot artifact"),
     (lambda p: (p / "manifest.json").write_text("{"), "damaged"),
-    (lambda p: _edit_manifest(p, lambda m: m.update(format_version=99)), "format version 99"),
-    (lambda p: _edit_manifest(p, lambda m: m["build_env"].update(torch="1.0.0")), "torch 1.0.0"),
-    (lambda p: _edit_manifest(p, lambda m: m.pop("graphs")), "lacks graphs"),
-    (lambda p: _edit_manifest(p, lambda m: m.pop("build_env")), "lacks build_env"),
-    (lambda p: _edit_manifest(p, lambda m: m.pop("files")), "lacks files"),
-    (lambda p: _edit_manifest(p, lambda m: m["graphs"]["forward"].pop("file")), "graphs.forward.file"),
-    (lambda p: _edit_manifest(p, lambda m: m.update(dtype="int4")), "dtype 'int4'"),
-    (lambda p: _edit_manifest(p, lambda m: m.update(weights=None)), "no weights file"),
+    (lambda p: edit_manifest(p, lambda m: m.update(format_version=99)), "format version 99"),
+    (lambda p: edit_manifest(p, lambda m: m["build_env"].update(torch="1.0.0")), "torch 1.0.0"),
+    (lambda p: edit_manifest(p, lambda m: m.pop("graphs")), "lacks graphs"),
+    (lambda p: edit_manifest(p, lambda m: m.pop("build_env")), "lacks build_env"),
+    (lambda p: edit_manifest(p, lambda m: m.pop("files")), "lacks files"),
+    (lambda p: edit_manifest(p, lambda m: m["graphs"]["forward"].pop("file")), "graphs.forward.file"),
+    (lambda p: edit_manifest(p, lambda m: m.update(dtype="int4")), "dtype 'int4'"),
+    (lambda p: edit_manifest(p, lambda m: m.update(weights=None)), "no weights file"),
     (lambda p: rewrite_with_checksums(p, "model.pt2", b"PK\x03\x04 not a zip at all" * 100), "AOTInductor package"),
     (lambda p: rewrite_with_checksums(p, "weights.safetensors", b"\x08" + b"\x00" * 7 + b"{garbage}"),
      "no valid safetensors header"),
@@ -121,7 +115,7 @@ def test_runtime_refuses_a_bad_artifact(artifact_copy, damage, needle):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message on a machine without a GPU")
 def test_cuda_artifact_on_a_machine_without_gpu_is_refused(artifact_copy):
-    _edit_manifest(artifact_copy, lambda m: m.update(device="cuda"))
+    edit_manifest(artifact_copy, lambda m: m.update(device="cuda"))
     with pytest.raises(Qwen3AotError, match="no GPU"):
         load_forward(artifact_copy)
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from artifact_damage import flip_byte, rewrite_with_checksums
+from artifact_damage import edit_manifest, flip_byte, rewrite_with_checksums
 from support import RUNTIME_DEVICE
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.cli import main as cli
@@ -94,12 +94,6 @@ def truncate(f):
     f.write_bytes(f.read_bytes()[:-1000])
 
 
-
-
-def edit_manifest(path, fn):
-    man = json.loads((path / "manifest.json").read_text())
-    fn(man)
-    (path / "manifest.json").write_text(json.dumps(man))
 
 
 @pytest.mark.parametrize("options, needle", [
