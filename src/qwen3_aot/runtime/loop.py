@@ -126,7 +126,7 @@ class EngineLoop:
                         self._publish(took)
         except BaseException as e:  # noqa: BLE001  (a dying loop must tell every caller)
             log.exception("the engine loop failed")
-            error = e
+            error = e.with_traceback(None)  # logged; its frames would keep the core's memory alive
         self._end(error)
         on_cuda = core.device.type == "cuda"
         del core  # the last reference: the KV cache, weights and graphs are freed here
