@@ -15,7 +15,8 @@ def _export(a: argparse.Namespace) -> None:
     limits = GraphLimits(block_size=a.block_size, max_num_tokens=a.max_num_tokens, max_num_seqs=a.max_num_seqs,
                          max_model_len=a.max_model_len)
     export_artifact(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
-                    formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify)
+                    formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify,
+                    weights=a.weights)
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: the checkpoint's dtype")
     ex.add_argument("--format", default="pt2", help="pt2 (AOTInductor), onnx, or pt2,onnx")
     ex.add_argument("--force", action="store_true", help="replace an existing artifact")
+    ex.add_argument("--weights", choices=["copy", "link"], default="copy",
+                    help="copy: write the weights into the artifact (fused, any --dtype); link: hard-link the "
+                         "checkpoint's safetensors (same filesystem, its dtype), fused at load: no second copy")
     ex.add_argument("--block-size", type=int, default=16, help="KV-cache block size (tokens)")
     ex.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens in one step")
     ex.add_argument("--max-num-seqs", type=int, default=1024, help="most sequences in one step")

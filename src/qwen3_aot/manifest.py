@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ REQUIRED_KEYS = {"model_config": dict, "dtype": str, "device": str, "build_env":
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 HASH_AT_LOAD_MAX_BYTES = 64 << 20  # smaller files are hashed at every load: well under a second
 CACHE_ENV = "QWEN3_AOT_CACHE_DIR"
+HASH_THREADS = 8
 
 
 def sha256(path: Path) -> str:
@@ -52,7 +54,10 @@ def environment(device: str) -> dict[str, Any]:
 def write(artifact: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Add the sha256 and size of every file in the artifact, then write manifest.json; returns it."""
     files = sorted(p for p in artifact.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {**manifest, "files": {str(p.relative_to(artifact)): sha256(p) for p in files},
+    # hashlib releases the GIL: the shards of a linked 32B checkpoint (17 files, 64 GB) hash in parallel
+    with ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1, HASH_THREADS))) as pool:
+        digests = list(pool.map(sha256, files))
+    manifest = {**manifest, "files": {str(p.relative_to(artifact)): d for p, d in zip(files, digests)},
                 "sizes": {str(p.relative_to(artifact)): p.stat().st_size for p in files}}
     (artifact / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

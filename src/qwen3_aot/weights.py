@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -72,19 +72,31 @@ def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
 
 
 @contextlib.contextmanager
-def open_safetensors(f: Path) -> Iterator:
-    """safe_open, with a damaged file (truncated, bad header, unreadable) turned into our error naming it."""
+def open_safetensors(f: Path, device: str = "cpu") -> Iterator:
+    """safe_open (tensors read onto `device`), with a damaged file (truncated, bad header,
+    unreadable) turned into our error naming it."""
     try:
-        with safe_open(str(f), "pt") as sf:
+        with safe_open(str(f), "pt", device=device) as sf:
             yield sf
     except (SafetensorError, OSError) as e:
-        raise Qwen3AotError(f"{f} is not a readable safetensors file ({e}); it may be truncated or damaged: "
-                            "download or copy it again.") from e
+        raise _unreadable(f, e) from e
 
 
-def _tensor_files(path: Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file that holds it."""
-    index = path / "model.safetensors.index.json"
+def _unreadable(f: Path, e: Exception) -> Qwen3AotError:
+    return Qwen3AotError(f"{f} is not a readable safetensors file ({e}); it may be truncated or damaged: "
+                         "download or copy it again.")
+
+
+INDEX = "model.safetensors.index.json"
+CHECKPOINT_LAYOUT = "checkpoint"  # a linked artifact's weights: the checkpoint's files and names
+# the dtype names of a safetensors header
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def tensor_files(path: Path, files: list[str] | None = None) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it: the index's map when `path`
+    has one, else the tensors of `files` (default: every *.safetensors in `path`)."""
+    index = path / INDEX
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -94,8 +106,8 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             if not (path / f).is_file():
                 raise Qwen3AotError(f"{index} names shard {f}, which is missing from {path}.")
         return {name: path / f for name, f in weight_map.items()}
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    shards = [path / f for f in files] if files is not None else sorted(path.glob("*.safetensors"))
+    if not shards:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if pickles:
             raise Qwen3AotError(
@@ -104,7 +116,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             )
         raise Qwen3AotError(f"{path} has no *.safetensors weights.")
     out: dict[str, Path] = {}
-    for f in files:
+    for f in shards:
         with open_safetensors(f) as sf:
             for name in sf.keys():
                 out[name] = f
@@ -114,7 +126,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
 def load_hf_tensors(path: str | Path, cfg: Qwen3Config) -> dict[str, torch.Tensor]:
     """Read and validate every tensor of the checkpoint, as stored (HF names, disk dtype)."""
     path = Path(path)
-    files = _tensor_files(path)
+    files = tensor_files(path)
     expected = hf_shapes(cfg)
     names = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
@@ -132,35 +144,63 @@ def load_hf_tensors(path: str | Path, cfg: Qwen3Config) -> dict[str, torch.Tenso
     for f, ns in by_file.items():
         with open_safetensors(f) as sf:
             for n in ns:
-                t = sf.get_tensor(n)
-                if tuple(t.shape) != expected[n]:
-                    raise Qwen3AotError(f"{f.name}: tensor {n} has shape {tuple(t.shape)}, the config says {expected[n]}.")
-                if t.dtype not in DTYPES.values():
-                    raise Qwen3AotError(f"{f.name}: tensor {n} is {t.dtype}; only bf16, fp16 and fp32 are supported.")
-                tensors[n] = t
+                tensors[n] = _checked(f, n, sf.get_tensor(n), expected[n])
     return tensors
+
+
+def _checked(f: Path, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise Qwen3AotError(f"{f.name}: tensor {name} has shape {tuple(t.shape)}, the config says {shape}.")
+    if t.dtype not in DTYPES.values():
+        raise Qwen3AotError(f"{f.name}: tensor {name} is {t.dtype}; only bf16, fp16 and fp32 are supported.")
+    return t
+
+
+# Our tensor names and the Hugging Face tensors each is made of (concatenated along dim 0 when
+# there are several); "{i}" is the layer. The one table behind `to_model_state`, the runtime's
+# fusion of a linked artifact at load, and the rule a linked artifact's manifest records.
+GLOBAL_NAMES: dict[str, tuple[str, ...]] = {
+    "embed_tokens": ("model.embed_tokens.weight",),
+    "norm": ("model.norm.weight",),
+    "lm_head": ("lm_head.weight",),  # absent when tied: the graph reads embed_tokens
+}
+LAYER_NAMES: dict[str, tuple[str, ...]] = {
+    "input_norm": ("model.layers.{i}.input_layernorm.weight",),
+    "qkv_proj": ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+                 "model.layers.{i}.self_attn.v_proj.weight"),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight",),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight",),
+    "o_proj": ("model.layers.{i}.self_attn.o_proj.weight",),
+    "post_norm": ("model.layers.{i}.post_attention_layernorm.weight",),
+    "gate_up_proj": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    "down_proj": ("model.layers.{i}.mlp.down_proj.weight",),
+}
+
+
+def name_rule() -> dict[str, dict[str, list[str]]]:
+    """The naming table as JSON (for a manifest): ours -> the HF names concatenated into it."""
+    return {"global": {k: list(v) for k, v in GLOBAL_NAMES.items()},
+            "layer": {f"layers.{{i}}.{k}": list(v) for k, v in LAYER_NAMES.items()}}
+
+
+def model_state_items(cfg: Qwen3Config, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our names and tensors one at a time, each made of the HF tensors `get(name)` gives:
+    q/k/v and gate/up concatenated. A `get` that reads from disk onto a device holds only the
+    parts of one fused tensor at once (they are freed when the next is made)."""
+    def make(names: tuple[str, ...]) -> torch.Tensor:
+        return get(names[0]) if len(names) == 1 else torch.cat([get(n) for n in names])
+
+    for ours, names in GLOBAL_NAMES.items():
+        if not (ours == "lm_head" and cfg.tie_word_embeddings):
+            yield ours, make(names)
+    for i in range(cfg.num_hidden_layers):
+        for ours, names in LAYER_NAMES.items():
+            yield f"layers.{i}.{ours}", make(tuple(n.format(i=i) for n in names))
 
 
 def to_model_state(hf: dict[str, torch.Tensor], cfg: Qwen3Config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """HF names to ours, with q/k/v and gate/up concatenated, in the run dtype."""
-    out = {
-        "embed_tokens": hf["model.embed_tokens.weight"],
-        "norm": hf["model.norm.weight"],
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head"] = hf["lm_head.weight"]
-    for i in range(cfg.num_hidden_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        a = p + "self_attn."
-        out[q + "input_norm"] = hf[p + "input_layernorm.weight"]
-        out[q + "qkv_proj"] = torch.cat([hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"]])
-        out[q + "q_norm"] = hf[a + "q_norm.weight"]
-        out[q + "k_norm"] = hf[a + "k_norm.weight"]
-        out[q + "o_proj"] = hf[a + "o_proj.weight"]
-        out[q + "post_norm"] = hf[p + "post_attention_layernorm.weight"]
-        out[q + "gate_up_proj"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
-        out[q + "down_proj"] = hf[p + "mlp.down_proj.weight"]
-    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+    return {k: v.to(dtype).contiguous() for k, v in model_state_items(cfg, hf.__getitem__)}
 
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None) -> tuple[Qwen3Config, dict[str, torch.Tensor]]:
@@ -168,3 +208,31 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None) ->
     cfg = Qwen3Config.from_checkpoint(path)
     run_dtype = parse_dtype(dtype or cfg.dtype)
     return cfg, to_model_state(load_hf_tensors(path, cfg), cfg, run_dtype)
+
+
+def read_model_state(files: dict[str, Path], cfg: Qwen3Config, dtype: torch.dtype,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Our state from checkpoint-named safetensors (`files`: tensor name -> file, as
+    `tensor_files` gives), each tensor read straight onto `device` and fused there: beyond the
+    state itself, the most held at once is the parts of one fused tensor. The bytes are used
+    as stored: every tensor must already be `dtype` (no conversion, so no second copy)."""
+    expected = hf_shapes(cfg)
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        raise Qwen3AotError(f"the weight files lack {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}.")
+    with contextlib.ExitStack() as stack:
+        opened = {f: stack.enter_context(open_safetensors(f, str(device))) for f in {files[n] for n in expected}}
+
+        def get(name: str) -> torch.Tensor:
+            f = files[name]
+            try:  # here, not in open_safetensors: an error inside the stack would name the last file opened
+                t = opened[f].get_tensor(name)
+            except (SafetensorError, OSError) as e:
+                raise _unreadable(f, e) from e
+            t = _checked(f, name, t, expected[name])
+            if t.dtype != dtype:
+                raise Qwen3AotError(f"{f}: tensor {name} is {t.dtype}, the artifact runs {dtype}; the file was "
+                                    "replaced: rebuild the artifact.")
+            return t
+
+        return dict(model_state_items(cfg, get))

@@ -279,3 +279,157 @@ def test_every_dtype_name_a_manifest_records_reads_back():
     assert {dtype_name(d): parse_dtype(dtype_name(d)) for d in DTYPES.values()} == DTYPES
     with pytest.raises(Qwen3AotError, match="float64 is not supported"):
         dtype_name(torch.float64)
+
+
+# ---- --weights link: the checkpoint's files hard-linked, fused at load ----
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tmp_path_factory):
+    """The trained fixture with its tensors in two shards and an index, as large checkpoints come."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path_factory.mktemp("sharded") / "ckpt"
+    shutil.copytree(FIXTURE, ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(FIXTURE / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, ns in shards.items():
+        save_file({n: tensors[n] for n in ns}, str(ckpt / f), metadata={"format": "pt"})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, ns in shards.items() for n in ns}}))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def linked_artifact(sharded_checkpoint, tmp_path_factory):
+    return export_artifact(sharded_checkpoint, tmp_path_factory.mktemp("linked") / "art", device="cpu",
+                           weights="link", log=lambda _m: None)
+
+
+LINKED = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+
+
+def test_a_linked_artifact_holds_the_checkpoints_files_and_no_copy(linked_artifact, sharded_checkpoint,
+                                                                   tiny_artifact):
+    for f in LINKED:  # the same inode: hard links, which survive the checkpoint moving or going
+        assert os.stat(linked_artifact / f).st_ino == os.stat(sharded_checkpoint / f).st_ino
+    own = {p.name for p in linked_artifact.iterdir()} - set(LINKED)
+    assert own == {p.name for p in tiny_artifact.iterdir()} - {"weights.safetensors"} | {"buffers.safetensors"}
+    with safe_open(str(linked_artifact / "buffers.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"cos_sin"}  # computed, not read: no weight is stored twice
+    man = manifest.read(linked_artifact)
+    assert man["weights"]["files"] == LINKED[:2] and man["weights"]["index"] == LINKED[2]
+    assert man["weights"]["fused_at_load"] and man["weights"]["names"]["layer"]["layers.{i}.qkv_proj"] == [
+        f"model.layers.{{i}}.self_attn.{x}_proj.weight" for x in "qkv"]
+    for f in LINKED:
+        assert man["files"][f] == sha256(sharded_checkpoint / f)
+        assert man["sizes"][f] == (sharded_checkpoint / f).stat().st_size
+
+
+def test_a_linked_artifact_computes_what_the_copied_one_does(linked_artifact, tiny_artifact):
+    """The graph gets the same constants, bit for bit (q/k/v and gate/up fused at load). The
+    logits agree to fp32 rounding, not bitwise: on CPU a matmul's summation order depends on
+    where its weight lies in memory (16-byte against 64-byte alignment), which differs
+    between the two reads; with both sets of weights cloned to fresh memory they were equal."""
+    from support import rel_err
+
+    linked, copied = load_forward(linked_artifact), load_forward(tiny_artifact)
+    assert linked._weights.keys() == copied._weights.keys()
+    assert all(torch.equal(linked._weights[k], copied._weights[k]) for k in copied._weights)
+    cfg = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu").config
+    from qwen3_aot.driver import FlatBatchDriver
+
+    seqs = [[5, 6, 7, 8, 9, 10, 11], list(range(40, 80))]
+    got = [torch.cat(FlatBatchDriver(f, cfg, torch.float32, torch.device("cpu"), 16).logits(seqs))
+           for f in (linked, copied)]
+    assert rel_err(got[0], got[1]) < 1e-6  # each is about 5e-7 from float64 (verify's log)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(dtype="bfloat16"), "stores 46 tensor\\(s\\) in another dtype than bfloat16"),
+    (dict(formats=("onnx",)), "--weights link is for the pt2 graph"),
+])
+def test_a_checkpoint_that_cannot_be_linked_is_refused_before_any_work(sharded_checkpoint, tmp_path, kwargs, needle):
+    lines = []
+    with pytest.raises(Qwen3AotError, match=needle):
+        export_artifact(sharded_checkpoint, tmp_path / "out", **{"device": "cpu", "weights": "link", **kwargs},
+                        log=lines.append)
+    assert lines == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_link_across_filesystems_is_refused(sharded_checkpoint):
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(sharded_checkpoint).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary directory")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=shm) as d:
+        with pytest.raises(Qwen3AotError, match="another filesystem.*--weights copy"):
+            export_artifact(sharded_checkpoint, f"{d}/out", device="cpu", weights="link", log=lambda _m: None)
+        assert os.listdir(d) == []
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda p: (p / LINKED[1]).write_bytes((p / LINKED[1]).read_bytes()[:-100]), "the manifest says"),
+    (lambda p: rewrite_with_checksums(p, LINKED[0], b"\x08" + b"\x00" * 7 + b"{garbage}"),
+     "no valid safetensors header"),
+    (lambda p: rewrite_with_checksums(p, LINKED[2], b"{not an index"), "not a valid safetensors index"),
+    (lambda p: edit_manifest(p, lambda m: m["weights"]["names"]["global"].update(norm=["model.final_norm.weight"])),
+     "another rule"),
+])
+def test_a_damaged_linked_artifact_is_refused(linked_artifact, tmp_path, damage, needle):
+    """On a copy (damaging a link would damage the checkpoint it shares bytes with)."""
+    art = shutil.copytree(linked_artifact, tmp_path / "copy")
+    damage(art)
+    with pytest.raises(Qwen3AotError, match=needle):
+        load_forward(art)
+
+
+def test_check_catches_a_damaged_byte_in_a_linked_file(linked_artifact, tmp_path, capsys):
+    art = shutil.copytree(linked_artifact, tmp_path / "copy")
+    assert cli(["check", str(art)]) == 0 and f"{LINKED[1]}: " in capsys.readouterr().out
+    flip_byte(art / LINKED[1])
+    assert cli(["check", str(art)]) == 2
+    assert f"{LINKED[1]} does not match its checksum" in capsys.readouterr().err
+
+
+def test_a_running_stage_logs_its_elapsed_seconds_until_it_ends():
+    import re
+
+    from qwen3_aot.build.pipeline import HEARTBEAT_S, stage
+
+    lines: list[str] = []
+    with stage("compile", lines.append, heartbeat_s=0.05):
+        time.sleep(0.3)
+    ended = len(lines)
+    time.sleep(0.15)
+    assert len(lines) == ended  # the heartbeat stopped with the stage
+    assert lines[0] == "[compile] ..." and re.fullmatch(r"\[compile\] done in 0\.[3-9] s", lines[-1])
+    beats = lines[1:-1]
+    assert len(beats) >= 3 and all(re.fullmatch(r"\[compile\] \.\.\. \d+ s", b) for b in beats)
+    assert HEARTBEAT_S <= 10
+
+    lines.clear()
+    with pytest.raises(KeyboardInterrupt), stage("compile", lines.append, heartbeat_s=0.02):
+        time.sleep(0.1)
+        raise KeyboardInterrupt
+    stopped = len(lines)
+    time.sleep(0.1)
+    assert len(lines) == stopped and not any("done" in m for m in lines)  # Ctrl-C ends it too, no "done"
+
+
+def test_torchs_leafspec_deprecation_is_the_one_warning_the_compile_hides():
+    import copy
+    import warnings
+
+    import torch.utils._pytree as pytree
+
+    from qwen3_aot.build.aoti import leafspec_deprecation_ignored
+
+    spec = pytree.tree_flatten([1, 2])[1]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with leafspec_deprecation_ignored():
+            copy.deepcopy(spec)  # what Inductor's debug wrapper does to the graph (torch 2.13 warns)
+            warnings.warn("any other FutureWarning", FutureWarning)
+    assert [str(w.message) for w in seen] == ["any other FutureWarning"]

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from qwen3_aot import manifest
 from qwen3_aot.build.aoti import compile_package
 from qwen3_aot.build.graph import GraphLimits, export_forward, input_specs
+from qwen3_aot.build.linked import WEIGHT_MODES, link_weights, linkable_files
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
@@ -129,28 +130,37 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
 
 def export_artifact(checkpoint: str | Path, output: str | Path, device: str | None = None,
                     dtype: str | None = None, force: bool = False, limits: GraphLimits = GraphLimits(),
-                    formats: tuple[str, ...] = ("pt2",), check: bool = True,
+                    formats: tuple[str, ...] = ("pt2",), check: bool = True, weights: str = "copy",
                     log: Callable[[str], None] = _log) -> Path:
     """Build an artifact from a Hugging Face Qwen3 checkpoint directory; returns its path.
 
     formats: "pt2" (the AOTInductor package, paged KV cache) and/or "onnx" (onnxruntime,
-    past/present KV cache); both share the artifact's manifest and tokenizer files."""
+    past/present KV cache); both share the artifact's manifest and tokenizer files.
+    weights: how the pt2 graph's weights are kept: "copy" (weights.safetensors, our names,
+    fused at build time, any dtype) or "link" (the checkpoint's files hard-linked, fused at
+    load: no second copy on disk; see build/linked.py)."""
     checkpoint, output = Path(checkpoint), Path(output)
     device = resolve_device(device)
     formats = tuple(dict.fromkeys(formats))
     if not formats or set(formats) - {"pt2", "onnx"}:
         raise Qwen3AotError(f"formats {formats} not understood; use pt2, onnx or pt2,onnx.")
+    if weights not in WEIGHT_MODES:
+        raise Qwen3AotError(f"--weights {weights!r} not understood; use {' or '.join(WEIGHT_MODES)}.")
+    if weights == "link" and "pt2" not in formats:
+        raise Qwen3AotError("--weights link is for the pt2 graph; an onnx-only artifact keeps its weights in "
+                            "model.onnx.data. Drop --weights or add pt2 to --format.")
     if output.exists() and not force:
         raise Qwen3AotError(f"{output} already exists; pass --force to replace it.")
     t_start = time.perf_counter()
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(output.parent, log)
+    shards = linkable_files(checkpoint, output.parent, dtype) if weights == "link" else None
     shutil.rmtree(tmp, ignore_errors=True)
     with sigterm_raises():
         tmp.mkdir()
         try:
-            written = _build(checkpoint, tmp, device, dtype, limits, formats, check, log)
+            written = _build(checkpoint, tmp, device, dtype, limits, formats, check, shards, log)
             _replace(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -162,8 +172,9 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
 
 
 def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: GraphLimits,
-           formats: tuple[str, ...], check: bool, log: Callable[[str], None]) -> dict:
-    """Every file of the artifact into `tmp`, checked; returns the manifest written."""
+           formats: tuple[str, ...], check: bool, shards: list[str] | None, log: Callable[[str], None]) -> dict:
+    """Every file of the artifact into `tmp`, checked; returns the manifest written.
+    shards: the checkpoint files to hard-link as the weights (`linkable_files`), or None to copy them."""
     with stage("load", log):
         model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
         limits = limits.resolved(model.config.max_position_embeddings)
@@ -183,10 +194,14 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
         with stage("onnx", log):
             graphs["onnx"] = export_onnx(model, tmp, log)
     with stage("package", log):
-        if "pt2" in formats:  # an ONNX graph carries its own weights (model.onnx.data)
+        weights = None  # an ONNX graph carries its own weights (model.onnx.data)
+        if "pt2" in formats and shards is not None:
+            weights = link_weights(checkpoint, shards, dict(model.named_buffers()), tmp)
+        elif "pt2" in formats:
             tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                       str(tmp / "weights.safetensors"))
+            weights = "weights.safetensors"
         copied = [f for f in TOKENIZER_FILES if (checkpoint / f).is_file()]
         for f in copied:
             shutil.copy2(checkpoint / f, tmp / f)
@@ -203,7 +218,7 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
                        "max_model_len": limits.max_model_len, "max_num_blocks": limits.max_num_blocks},
             "kv_cache": {"block_size": limits.block_size,
                          "layout": ["num_blocks", "block_size", "kv_heads", "head_dim"]},
-            "weights": "weights.safetensors" if "pt2" in formats else None,
+            "weights": weights,
             "tokenizer_files": copied,
             "build_options": options,
             "source_checkpoint": str(checkpoint.resolve()),

@@ -1,4 +1,5 @@
-"""The compiled forward of an artifact: model.pt2 loaded, weights handed over once."""
+"""The compiled forward of an artifact: model.pt2 loaded, weights handed over once (read from
+weights.safetensors, or from a linked artifact's checkpoint files and fused on the device)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.weights import CHECKPOINT_LAYOUT, DTYPES, name_rule, read_model_state, tensor_files
 
 # AOTIModelPackageLoader(path, model_name, run_single_threaded, num_runners, device_index): its
 # pybind constructor has no argument names (torch 2.11 and 2.13), so they are passed by position
@@ -48,8 +51,8 @@ class CompiledForward:
         if device.type == "cpu":
             import qwen3_aot.custom_ops  # noqa: F401  (CPU packages call our ops' registered kernels)
         package = artifact / manifest["graphs"]["forward"]["file"]
-        weights_file = manifest.get("weights")
-        if not isinstance(weights_file, str):
+        entry = manifest.get("weights")
+        if not (isinstance(entry, str) or isinstance(entry, dict) and entry.get("layout") == CHECKPOINT_LAYOUT):
             raise Qwen3AotError(f"{artifact}/manifest.json names no weights file for its pt2 graph; rebuild it.")
         self.num_layers = manifest["model_config"]["num_hidden_layers"]
         index = device.index if device.index is not None else -1
@@ -61,15 +64,12 @@ class CompiledForward:
             raise Qwen3AotError(f"{package} could not be loaded as an AOTInductor package "
                                 f"({str(e).splitlines()[0][:200]}); it is damaged or not one: rebuild the "
                                 "artifact.") from e
-        try:
-            weights = load_file(str(artifact / weights_file), device=str(device))
-        except (SafetensorError, OSError) as e:
-            raise Qwen3AotError(f"{artifact}/{weights_file} could not be read ({e}); it is truncated or damaged: "
-                                "rebuild or re-copy the artifact.") from e
+        weights = _read_file(artifact, entry, device) if isinstance(entry, str) else \
+            _read_linked(artifact, entry, manifest, device)
         fqns = self._loader.get_constant_fqns()
         missing = sorted(set(fqns) - set(weights))
         if missing:
-            raise Qwen3AotError(f"{artifact}: {weights_file} lacks constants the graph needs, e.g. "
+            raise Qwen3AotError(f"{artifact}: its weights lack constants the graph needs, e.g. "
                                 f"{missing[:3]}; rebuild the artifact.")
         self._loader.load_constants({k: weights[k] for k in fqns}, USE_INACTIVE, CHECK_FULL_UPDATE, USER_MANAGED)
         self._weights = weights  # the loader holds raw pointers: keep the tensors alive
@@ -79,6 +79,30 @@ class CompiledForward:
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         return self._loader.boxed_run([input_ids, positions, seq_ids, block_tables, logits_indices,
                                        *k_caches, *v_caches])[0]
+
+
+def _read_file(artifact: Path, name: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """A safetensors file of graph constants under their own names, read onto `device`."""
+    try:
+        return load_file(str(artifact / name), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise Qwen3AotError(f"{artifact}/{name} could not be read ({e}); it is truncated or damaged: "
+                            "rebuild or re-copy the artifact.") from e
+
+
+def _read_linked(artifact: Path, entry: dict, manifest: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """A linked artifact's constants (build/linked.py): the checkpoint's tensors read onto the
+    device and fused there by this qwen3-aot's naming rule, which must be the one the build
+    recorded, and the computed buffers."""
+    files, buffers = entry.get("files"), entry.get("buffers")
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files) and isinstance(buffers, str)):
+        raise Qwen3AotError(f"{artifact}/manifest.json has a damaged weights entry; rebuild the artifact.")
+    if entry.get("names") != name_rule():
+        raise Qwen3AotError(f"{artifact} names its weights by another rule than this qwen3-aot's (built by another "
+                            "version); rebuild the artifact with this one.")
+    cfg = Qwen3Config.from_dict(manifest["model_config"])
+    state = read_model_state(tensor_files(artifact, files), cfg, DTYPES[manifest["dtype"]], device)
+    return {**state, **_read_file(artifact, buffers, device)}
 
 
 def remove_stale_extractions(temp_dirs: tuple[str, ...] | None = None, older_than_s: float = STALE_AFTER_S) -> list[Path]:
