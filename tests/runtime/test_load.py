@@ -215,3 +215,26 @@ def test_cli_version_and_ctrl_c(monkeypatch, capsys):
     monkeypatch.setattr(qwen3_aot.cli, "_generate", interrupted)
     assert cli(["generate", "artifact", "prompt"]) == 130
     assert capsys.readouterr().err.strip() == "qwen3-aot: generate interrupted"  # one line, no traceback
+
+
+def test_every_option_of_every_command_says_what_it_does_and_its_default():
+    import argparse
+
+    from qwen3_aot.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"export", "check", "generate", "serve"}
+    for name, parser in commands.items():
+        assert parser.description, name  # its own --help says what it does
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            if action.option_strings and action.nargs != 0 and not action.required:  # takes a value
+                assert "default" in action.help, (name, action.option_strings)
+    shown = {name: " ".join(p.format_help().split()) for name, p in commands.items()}
+    for name, said in [("generate", "most tokens to generate (default: 64)"),
+                       ("generate", "sampling temperature, 0 for greedy (default: 0.0)"),
+                       ("export", "KV-cache block size in tokens (default: 16)"),
+                       ("serve", "TCP port (default: 8000)")]:
+        assert said in shown[name]  # argparse filled the default in

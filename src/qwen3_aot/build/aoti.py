@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from qwen3_aot.build.toolchain import pick_cxx
+
+
+@contextlib.contextmanager
+def leafspec_deprecation_ignored() -> Iterator[None]:
+    """Torch's own deprecation, not ours, kept out of the export's output: Inductor's debug
+    wrapper deep-copies the FX graph, whose pytree specs hold LeafSpecs, and copying one calls
+    LeafSpec's deprecated constructor (torch 2.13: a FutureWarning from copyreg.py in every
+    export). Every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 def compile_package(ep: torch.export.ExportedProgram, path: Path, device: str) -> dict:
@@ -26,7 +40,7 @@ def compile_package(ep: torch.export.ExportedProgram, path: Path, device: str) -
                "triton.autotune_with_sample_inputs": True}
     opaque = torch._functorch.config.patch(decompose_custom_triton_ops=False) if device == "cpu" \
         else contextlib.nullcontext()
-    with opaque, torch.no_grad():
+    with opaque, torch.no_grad(), leafspec_deprecation_ignored():
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=options)
     return {"inductor_configs": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
             "custom_ops": "triton (compiled in)" if device == "cuda" else "opaque (CPU reference kernels)"}
