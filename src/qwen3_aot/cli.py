@@ -1,4 +1,4 @@
-"""`qwen3-aot export | generate | serve`: the command line."""
+"""`qwen3-aot export | check | generate | serve`: the command line."""
 
 from __future__ import annotations
 
@@ -55,64 +55,92 @@ def _serve(a: argparse.Namespace) -> None:
         max_queue=a.max_queue, grace_s=a.grace_period, device=a.device, **options)
 
 
+DEFAULT = "(default: %(default)s)"  # argparse fills in the option's default
+DEVICE_HELP = ("cpu, cuda or cuda:N (default: a pt2 graph's build device, which it runs on only; "
+               "an onnx graph's CUDA provider when there is a GPU, else cpu)")
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose own --help opens with the summary the command list shows."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qwen3-aot", description=__doc__)
     ap.add_argument("--version", action="version", version=f"qwen3-aot {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    ex = sub.add_parser("export", help="turn a Qwen3 checkpoint directory into an artifact")
-    ex.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
-    ex.add_argument("-o", "--output", required=True, help="artifact directory to create")
-    ex.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when there is a GPU")
+    ex = _subcommand(sub, "export", "turn a Qwen3 checkpoint directory into an artifact")
+    ex.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json, *.safetensors, "
+                                        "tokenizer files)")
+    ex.add_argument("-o", "--output", required=True,
+                    help="artifact directory to create (built under a temporary name, renamed once whole)")
+    ex.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                    help="the device the artifact will run on (default: cuda when torch sees a GPU, else cpu)")
     ex.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                    help="default: the checkpoint's dtype")
-    ex.add_argument("--format", default="pt2", help="pt2 (AOTInductor), onnx, or pt2,onnx")
-    ex.add_argument("--force", action="store_true", help="replace an existing artifact")
+                    help="the dtype of weights and activations (default: the checkpoint's)")
+    ex.add_argument("--format", default="pt2",
+                    help="pt2 (AOTInductor, paged KV cache), onnx (onnxruntime), or pt2,onnx for both " + DEFAULT)
+    ex.add_argument("--force", action="store_true", help="replace an existing artifact at --output")
     ex.add_argument("--weights", choices=["copy", "link"], default="copy",
                     help="copy: write the weights into the artifact (fused, any --dtype); link: hard-link the "
-                         "checkpoint's safetensors (same filesystem, its dtype), fused at load: no second copy")
-    ex.add_argument("--block-size", type=int, default=16, help="KV-cache block size (tokens)")
-    ex.add_argument("--max-num-tokens", type=int, default=8192, help="most tokens in one step")
-    ex.add_argument("--max-num-seqs", type=int, default=1024, help="most sequences in one step")
-    ex.add_argument("--max-model-len", type=int, default=0, help="longest sequence (0: the model's)")
-    ex.add_argument("--no-verify", action="store_true", help="skip loading the artifact once to check it")
+                         "checkpoint's safetensors (same filesystem, its dtype), fused at load: no second copy "
+                         + DEFAULT)
+    ex.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens " + DEFAULT)
+    ex.add_argument("--max-num-tokens", type=int, default=8192,
+                    help="most tokens in one step, prompts and decodes together " + DEFAULT)
+    ex.add_argument("--max-num-seqs", type=int, default=1024, help="most sequences in one step " + DEFAULT)
+    ex.add_argument("--max-model-len", type=int, default=0,
+                    help="longest sequence, prompt and output, in tokens; 0: the model's max_position_embeddings "
+                         + DEFAULT)
+    ex.add_argument("--no-verify", action="store_true",
+                    help="skip the build's check (the artifact loaded once, its logits measured against the eager "
+                         "model's)")
     ex.set_defaults(func=_export)
 
-    ch = sub.add_parser("check", help="verify an artifact in full: its manifest and the sha256 of every byte "
-                                      "(a load hashes large weight files once per host and trusts size and mtime after)")
-    ch.add_argument("artifact")
+    ch = _subcommand(sub, "check", "verify an artifact in full: its manifest and the sha256 of every byte "
+                                   "(a load hashes large weight files once per host and trusts size and mtime after)")
+    ch.add_argument("artifact", help="artifact directory")
     ch.set_defaults(func=_check)
 
-    ge = sub.add_parser("generate", help="generate text from an artifact, streaming")
-    ge.add_argument("artifact")
-    ge.add_argument("prompt")
-    ge.add_argument("--device", default=None)
+    ge = _subcommand(sub, "generate", "generate text from an artifact, streaming")
+    ge.add_argument("artifact", help="artifact directory (from qwen3-aot export)")
+    ge.add_argument("prompt", help="text to continue: printed, then the continuation as it streams")
+    ge.add_argument("--device", default=None, help=DEVICE_HELP)
     ge.add_argument("--format", choices=["pt2", "onnx"], default=None,
                     help="the graph to run (default: pt2 when the artifact has one, else onnx)")
-    ge.add_argument("--max-tokens", type=int, default=64)
-    ge.add_argument("--temperature", type=float, default=0.0)
-    ge.add_argument("--top-k", type=int, default=0)
-    ge.add_argument("--top-p", type=float, default=1.0)
-    ge.add_argument("--seed", type=int, default=None)
-    ge.add_argument("--stop", action="append", default=[])
-    ge.add_argument("--ignore-eos", action="store_true")
-    ge.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (on CUDA)")
+    ge.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate " + DEFAULT)
+    ge.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 for greedy " + DEFAULT)
+    ge.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens, 0 for all " + DEFAULT)
+    ge.add_argument("--top-p", type=float, default=1.0,
+                    help="sample from the fewest most likely tokens whose probability reaches p, 1 for all " + DEFAULT)
+    ge.add_argument("--seed", type=int, default=None,
+                    help="the sampler's seed, for the same sampled text every run (default: a fresh one)")
+    ge.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="end the text before this string; repeat for several (default: none)")
+    ge.add_argument("--ignore-eos", action="store_true",
+                    help="go on past the end-of-sequence token, up to --max-tokens")
+    ge.add_argument("--no-cuda-graphs", action="store_true",
+                    help="run decode steps without CUDA graphs (on CUDA; slower, for debugging)")
     ge.set_defaults(func=_generate)
 
-    se = sub.add_parser("serve", help="serve an artifact over HTTP with the OpenAI API (needs the serve extra)")
-    se.add_argument("artifact")
-    se.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    se.add_argument("--port", type=int, default=8000)
-    se.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    se = _subcommand(sub, "serve", "serve an artifact over HTTP with the OpenAI API (needs the serve extra)")
+    se.add_argument("artifact", help="artifact directory (from qwen3-aot export)")
+    se.add_argument("--host", default="127.0.0.1", help="address to bind; the default takes loopback only " + DEFAULT)
+    se.add_argument("--port", type=int, default=8000, help="TCP port " + DEFAULT)
+    se.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on /v1 (default: no key asked)")
     se.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
                                                               "artifact directory's name)")
-    se.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one batch (the engine's default)")
+    se.add_argument("--max-num-seqs", type=int, default=None,
+                    help="most sequences in one batch (default: the engine's)")
     se.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
     se.add_argument("--max-queue", type=int, default=1024,
-                    help="most requests running or waiting at once; more get HTTP 429")
+                    help="most requests running or waiting at once; more get HTTP 429 " + DEFAULT)
     se.add_argument("--grace-period", type=float, default=10.0,
-                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are aborted")
-    se.add_argument("--device", default=None)
+                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
+                         "aborted " + DEFAULT)
+    se.add_argument("--device", default=None, help=DEVICE_HELP)
     se.set_defaults(func=_serve)
     return ap
 

@@ -39,6 +39,7 @@ VERIFY_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # ONNX's check (build/onnx_export.verify_onnx) still bounds its difference from the eager model
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DECODE_STEPS = 2  # teacher-forced decode steps after the prefill: they read what it cached
+HEARTBEAT_S = 10.0  # how often a running stage logs its elapsed time
 
 
 def _log(msg: str) -> None:
@@ -46,10 +47,24 @@ def _log(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def stage(name: str, log: Callable[[str], None]) -> Iterator[None]:
+def stage(name: str, log: Callable[[str], None], heartbeat_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """Log the stage's start, its elapsed seconds every `heartbeat_s` while it runs (compile
+    takes minutes on a large model, and a silent build looks hung), and its end."""
     log(f"[{name}] ...")
     t0 = time.perf_counter()
-    yield
+    ended = threading.Event()
+
+    def heartbeat() -> None:
+        while not ended.wait(heartbeat_s):
+            log(f"[{name}] ... {time.perf_counter() - t0:.0f} s")
+
+    beats = threading.Thread(target=heartbeat, name=f"qwen3-aot {name} heartbeat", daemon=True)
+    beats.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        beats.join()
     log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
 
 
