@@ -92,9 +92,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, eager.config.vocab_size, (n,), generator=g).tolist() for n in (7, 33, 70)]
     drv_c = FlatBatchDriver(compiled, eager.config, eager.dtype, eager.device)
-    lc, le = drv_c.logits(seqs), eager.logits(seqs)
+    drv_e = FlatBatchDriver.of(eager)
+    lc, le = drv_c.logits(seqs), drv_e.logits(seqs)
     r["compiled_vs_eager_rel"] = rel(torch.cat(lc), torch.cat(le))
-    gc, ge = drv_c.generate_greedy(seqs, 24), eager.generate_greedy(seqs, 24)
+    gc, ge = drv_c.generate_greedy(seqs, 24), drv_e.generate_greedy(seqs, 24)
     r["greedy_24_equal"] = gc == ge
     r["greedy_agree_tokens"] = sum(x == y for s, t in zip(gc, ge) for x, y in zip(s, t))
     try:

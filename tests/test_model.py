@@ -5,7 +5,10 @@ import torch
 
 from checkpoints import write_random_checkpoint
 from support import FIXTURE, rel_err, text_prompts, train_text
+from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.model import Qwen3ForCausalLM
+
+eager = FlatBatchDriver.of
 
 SEQS = [list(range(3, 40)), [7, 5, 3], list(range(100, 180, 3)), [11] * 20 + [12] * 5]  # 4 lengths, one batch
 pytestmark = pytest.mark.xdist_group("test_model")  # one pytest-xdist worker writes the random checkpoint
@@ -33,7 +36,7 @@ def hf_logits(model, seqs):
 
 
 def test_fp32_logits_match_transformers(ckpt, kernel_device):
-    ours = Qwen3ForCausalLM.from_pretrained(ckpt, dtype="float32", device=kernel_device).logits(SEQS)
+    ours = eager(Qwen3ForCausalLM.from_pretrained(ckpt, dtype="float32", device=kernel_device)).logits(SEQS)
     theirs = hf_logits(hf_model(ckpt, torch.float32), SEQS)
     for o, t, s in zip(ours, theirs, SEQS):
         assert o.shape == (len(s), t.shape[-1])
@@ -69,7 +72,7 @@ def test_low_precision_no_worse_than_transformers(ckpt, dtype, kernel_device, co
     seqs = corpus(ckpt)
     exact = corpus_float64_logits
     theirs = torch.cat(hf_logits(hf_model(ckpt, dtype), seqs))
-    ours = torch.cat(Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=kernel_device).logits(seqs))
+    ours = torch.cat(eager(Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=kernel_device)).logits(seqs))
     assert torch.isfinite(ours).all()
     assert rel_err(ours, exact) <= rel_err(theirs, exact)
 
@@ -88,7 +91,7 @@ def test_decode_after_prefill_through_paged_cache(random_ckpt, kernel_device):
     model = Qwen3ForCausalLM.from_pretrained(random_ckpt, dtype="float32", device=kernel_device)
     ref = hf_model(random_ckpt, torch.float32)
     a, b = list(range(20, 36)), list(range(50, 63))
-    caches = model.new_kv_cache(num_blocks=12, block_size=4)
+    caches = eager(model, block_size=4).new_kv_cache(num_blocks=12)
     table = torch.tensor([[7, 1, 4, 9], [0, 11, 2, 5]], dtype=torch.int32, device=kernel_device)
     dev = lambda *xs, dt=torch.int64: torch.tensor(xs, dtype=dt, device=kernel_device)  # noqa: E731
 
@@ -112,7 +115,8 @@ def test_greedy_matches_transformers_generate_on_fixture(kernel_device):
 
     tok = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
     seqs = [tok.encode(p).ids for p in text_prompts([(0, 20), (5000, 20), (31000, 20)])]
-    ours = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device=kernel_device).generate_greedy(seqs, 32)
+    ours = eager(Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device=kernel_device)).generate_greedy(seqs,
+                                                                                                          32)
     ref = hf_model(FIXTURE, torch.float32)
     for s, o in zip(seqs, ours):
         want = ref.generate(torch.tensor([s]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(s):]
@@ -125,4 +129,4 @@ def test_sequence_too_long_is_refused(random_ckpt):
 
     model = Qwen3ForCausalLM.from_pretrained(random_ckpt, dtype="float32", device="cpu")
     with pytest.raises(Qwen3AotError, match="max_position_embeddings"):
-        model.logits([[1] * (model.config.max_position_embeddings + 1)])
+        eager(model).logits([[1] * (model.config.max_position_embeddings + 1)])

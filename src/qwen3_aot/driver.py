@@ -22,6 +22,11 @@ class FlatBatchDriver:
         self.forward, self.config, self.dtype = forward, config, dtype
         self.device, self.block_size = torch.device(device), block_size
 
+    @classmethod
+    def of(cls, model: torch.nn.Module, block_size: int = 16) -> "FlatBatchDriver":
+        """The eager model (qwen3_aot.model.Qwen3ForCausalLM) as its own forward."""
+        return cls(model, model.config, model.dtype, model.device, block_size)
+
     def new_kv_cache(self, num_blocks: int) -> KVCache:
         """Whole, freshly allocated tensors per layer: AOTInductor clones an input it cannot
         prove aligned, and a cache write would then land in the clone."""

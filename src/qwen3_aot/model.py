@@ -3,14 +3,17 @@
 One forward serves prefill and decode alike: it takes a flat batch of T new
 tokens from S sequences (see `Qwen3ForCausalLM.forward`) and a paged KV cache
 that the caller owns and that the forward writes in place. This module is what
-torch.export and AOTInductor compile; `logits` and `generate_greedy` drive it
-eagerly for tests and as the uncompiled baseline.
+torch.export and AOTInductor compile. The decoder layers are written once
+(`decoder_layers`), with the attention as a parameter: the paged op here, ONNX's
+Attention over a past/present cache in build/onnx_graph.py. To run the model
+eagerly (tests, the uncompiled baseline), wrap it in qwen3_aot.driver.FlatBatchDriver.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +22,20 @@ from torch import nn
 import qwen3_aot.custom_ops  # noqa: F401  (registers torch.ops.qwen3_aot.*)
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin
-from qwen3_aot.driver import FlatBatchDriver, KVCache
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.weights import load_checkpoint, parse_dtype
 
-ops = torch.ops.qwen3_aot
+# The registered ops: what torch.export keeps as single nodes and AOTInductor compiles. A
+# model may be given another backend with the same four functions (tests pass the Triton
+# kernels themselves, to run them eagerly on CPU under the interpreter).
+OPS = torch.ops.qwen3_aot
+
+# layer i's attention of its q [T, Hq, D], k and v [T, Hkv, D]: [T, Hq * D] (or [T, Hq, D])
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -49,9 +61,9 @@ class DecoderLayer(nn.Module):
 
 class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: Qwen3Config, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", ops: Any = OPS) -> None:
         super().__init__()
-        self.config = cfg
+        self.config, self.ops = cfg, ops
         p = dict(dtype=dtype, device=device)
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, **p)
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
@@ -64,13 +76,13 @@ class Qwen3ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> "Qwen3ForCausalLM":
+                        device: torch.device | str | None = None, ops: Any = OPS) -> "Qwen3ForCausalLM":
         """Load a Hugging Face Qwen3 checkpoint directory (safetensors only)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise Qwen3AotError("device cuda was asked for, but torch sees no CUDA GPU here; use device='cpu'.")
         cfg, state = load_checkpoint(path, dtype)
-        model = cls(cfg, parse_dtype(dtype or cfg.dtype), device="meta")
+        model = cls(cfg, parse_dtype(dtype or cfg.dtype), device="meta", ops=ops)
         model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
         model.cos_sin = model.cos_sin.to(device)
         return model.eval()
@@ -98,38 +110,47 @@ class Qwen3ForCausalLM(nn.Module):
         logits_indices: [N] int64, the token rows whose logits are wanted;
         k_caches, v_caches: per layer [num_blocks, block_size, kv_heads, head_dim], written in place.
         """
-        cfg = self.config
-        eps, scale = cfg.rms_norm_eps, 1.0 / math.sqrt(cfg.head_dim)
-        x = F.embedding(input_ids, self.embed_tokens)
-        residual = x
-        for i, layer in enumerate(self.layers):
-            if i == 0:
-                h = ops.rms_norm(x, layer.input_norm, eps)
-            else:
-                h, residual = ops.add_rms_norm(x, residual, layer.input_norm, eps)
-            q, k, v = ops.qkv_rope(h, layer.qkv_proj, layer.q_norm, layer.k_norm, self.cos_sin, positions,
-                                   cfg.num_attention_heads, cfg.num_key_value_heads, eps)
-            a = ops.paged_attention(q, k, v, k_caches[i], v_caches[i], positions, seq_ids, block_tables, scale)
-            x = F.linear(a.flatten(1), layer.o_proj)
-            h, residual = ops.add_rms_norm(x, residual, layer.post_norm, eps)
-            gate, up = F.linear(h, layer.gate_up_proj).chunk(2, dim=-1)
-            x = F.linear(F.silu(gate) * up, layer.down_proj)
-        h, _ = ops.add_rms_norm(x[logits_indices], residual[logits_indices], self.norm, eps)
-        return F.linear(h, self.lm_head_weight()).float()
+        scale = 1.0 / math.sqrt(self.config.head_dim)
 
-    # ---- eager use: tests, parity and the uncompiled baseline ----
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self.ops.paged_attention(q, k, v, k_caches[i], v_caches[i], positions, seq_ids, block_tables,
+                                            scale)
 
-    def driver(self, block_size: int = 16) -> FlatBatchDriver:
-        return FlatBatchDriver(self, self.config, self.dtype, self.device, block_size)
+        x, residual = decoder_layers(self, input_ids, positions, attend)
+        return final_logits(self, x, residual, logits_indices).float()
 
-    def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
-        return self.driver(block_size).new_kv_cache(num_blocks)
 
-    def logits(self, sequences: list[list[int]], block_size: int = 16) -> list[torch.Tensor]:
-        """fp32 logits [len, vocab] for every position of every sequence, in one paged batch."""
-        return self.driver(block_size).logits(sequences)
+def decoder_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend, *,
+                   ops: Any = None, upcast: Callable[[torch.Tensor], torch.Tensor] = _same,
+                   cos_sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every decoder layer over a flat batch of tokens (input_ids, positions [T]), in the
+    order of the numerics contract (docs/ARCHITECTURE.md); returns the last layer's output
+    and the residual stream, not yet added. The graphs call it as it is; the build's float64
+    reference (build/reference.py) passes its ops, an `upcast` applied to each weight as it
+    is used (and to the embedded rows), and its float64 RoPE table."""
+    cfg, ops = model.config, ops or model.ops
+    eps = cfg.rms_norm_eps
+    cos_sin = model.cos_sin if cos_sin is None else cos_sin
+    x = upcast(F.embedding(input_ids, model.embed_tokens))  # the rows first: never the whole table
+    residual = x
+    for i, layer in enumerate(model.layers):
+        if i == 0:
+            h = ops.rms_norm(x, upcast(layer.input_norm), eps)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, upcast(layer.input_norm), eps)
+        q, k, v = ops.qkv_rope(h, upcast(layer.qkv_proj), upcast(layer.q_norm), upcast(layer.k_norm), cos_sin,
+                               positions, cfg.num_attention_heads, cfg.num_key_value_heads, eps)
+        x = F.linear(attend(i, q, k, v).flatten(1), upcast(layer.o_proj))
+        h, residual = ops.add_rms_norm(x, residual, upcast(layer.post_norm), eps)
+        gate, up = F.linear(h, upcast(layer.gate_up_proj)).chunk(2, dim=-1)
+        x = F.linear(F.silu(gate) * up, upcast(layer.down_proj))
+    return x, residual
 
-    def generate_greedy(self, sequences: list[list[int]], max_new_tokens: int,
-                        block_size: int = 16) -> list[list[int]]:
-        """Exactly `max_new_tokens` greedy tokens per sequence (no eos stop)."""
-        return self.driver(block_size).generate_greedy(sequences, max_new_tokens)
+
+def final_logits(model: Qwen3ForCausalLM, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, *,
+                 ops: Any = None, upcast: Callable[[torch.Tensor], torch.Tensor] = _same) -> torch.Tensor:
+    """Logits, in the activations' dtype, of the token rows `rows`: the last residual add,
+    the final norm, lm_head."""
+    h, _ = (ops or model.ops).add_rms_norm(x.index_select(0, rows), residual.index_select(0, rows),
+                                           upcast(model.norm), model.config.rms_norm_eps)
+    return F.linear(h, upcast(model.lm_head_weight()))

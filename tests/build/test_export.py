@@ -21,6 +21,7 @@ from qwen3_aot import Qwen3AotError, manifest
 from qwen3_aot.build import export_artifact
 from qwen3_aot.build.pipeline import remove_stale_partials, verify
 from qwen3_aot.cli import main as cli
+from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.manifest import sha256
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import load_forward
@@ -58,7 +59,7 @@ def test_loaded_package_writes_the_callers_cache(tiny_artifact):
     """AOTInductor clones an input it cannot prove aligned: the write must land in our tensor."""
     compiled = load_forward(tiny_artifact)
     model = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu")
-    drv = model.driver()
+    drv = FlatBatchDriver.of(model)
     args = (torch.tensor([5, 6, 7, 8, 9]), torch.tensor([0, 1, 2, 3, 4]), torch.zeros(5, dtype=torch.int32),
             torch.tensor([[2]], dtype=torch.int32), torch.tensor([4]))
     k1, v1 = drv.new_kv_cache(3)
@@ -337,7 +338,6 @@ def test_a_linked_artifact_computes_what_the_copied_one_does(linked_artifact, ti
     assert linked._weights.keys() == copied._weights.keys()
     assert all(torch.equal(linked._weights[k], copied._weights[k]) for k in copied._weights)
     cfg = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu").config
-    from qwen3_aot.driver import FlatBatchDriver
 
     seqs = [[5, 6, 7, 8, 9, 10, 11], list(range(40, 80))]
     got = [torch.cat(FlatBatchDriver(f, cfg, torch.float32, torch.device("cpu"), 16).logits(seqs))

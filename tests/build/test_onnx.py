@@ -136,7 +136,7 @@ def test_runs_on_the_cpu_provider(fwd):
 
 def test_fixture_logits_match_eager(fwd, fixture_model):
     seqs = prompts() + [[7]]  # five lengths, 1 to 38 tokens: left padding and its mask
-    got, want = fwd.logits(seqs), fixture_model.logits(seqs)
+    got, want = fwd.logits(seqs), FlatBatchDriver.of(fixture_model).logits(seqs)
     assert [len(g) for g in got] == [len(s) for s in seqs]
     for g, w in zip(got, want):
         assert rel_err(g, w) <= 1e-4
@@ -148,7 +148,7 @@ def test_extreme_k_norm_logits_match_eager(extreme):
     assert max(float(layer.k_norm.max()) for layer in model.layers) == 200.0
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (3, 40, 17, 64)]
-    for got, want in zip(fwd.logits(seqs), model.logits(seqs)):
+    for got, want in zip(fwd.logits(seqs), FlatBatchDriver.of(model).logits(seqs)):
         assert rel_err(got, want) <= 1e-4
 
 
@@ -176,7 +176,7 @@ def test_steps_through_the_past_cache_match_a_full_recompute(extreme, past):
     step, state = fwd.extend(state, [r[-1:] for r in rows])
     assert state.length == past + 9 and state.next_positions.tolist() == [len(r) for r in rows]
     got = torch.cat([chunk, step[:, None]], dim=1)
-    for row, full, eager in zip(got, fwd.logits(rows), model.logits(rows)):
+    for row, full, eager in zip(got, fwd.logits(rows), FlatBatchDriver.of(model).logits(rows)):
         assert rel_err(row, full[-4:]) <= 1e-5
         assert rel_err(row, eager[-4:]) <= 1e-4
 

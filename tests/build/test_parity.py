@@ -3,6 +3,7 @@ eager with Triton ops, torch.compile, the ExportedProgram and the loaded AOTIndu
 on the same sequences. CPU forms in CI; on a GPU machine the same tests run the CUDA forms."""
 
 import contextlib
+import copy
 import types
 
 import pytest
@@ -31,16 +32,11 @@ def prompts(n: int = 3) -> list[list[int]]:
     return prompt_ids([(0, 25), (7000, 35), (23000, 45), (41000, 55)][:n])
 
 
-@contextlib.contextmanager
-def triton_ops():
-    """Run the eager model through the Triton kernels even on CPU (TRITON_INTERPRET=1)."""
-    import qwen3_aot.model as model_module
-
-    saved, model_module.ops = model_module.ops, TRITON_OPS
-    try:
-        yield
-    finally:
-        model_module.ops = saved
+def with_ops(model: Qwen3ForCausalLM, ops) -> Qwen3ForCausalLM:
+    """The same model (its tensors, not copies) calling another op backend."""
+    other = copy.copy(model)
+    other.ops = ops
+    return other
 
 
 def opaque_on_cpu(device: str):
@@ -62,8 +58,10 @@ class Forms:
     def forward(self, form: str):
         if form not in self._cache:
             m = self.model
-            if form in ("eager-reference", "eager-triton"):
+            if form == "eager-reference":
                 fwd = m
+            elif form == "eager-triton":  # on CUDA the registered ops are the Triton kernels
+                fwd = m if self.device == "cuda" else with_ops(m, TRITON_OPS)
             elif form == "torch.compile":
                 fwd = torch.compile(m, dynamic=True)
             elif form == "exported-program":
@@ -80,16 +78,15 @@ class Forms:
         """fn(driver) under the right context for `form`."""
         if form == "eager-reference" and self.device == "cuda":
             pytest.skip("on CUDA the registered ops are the Triton kernels: eager-triton covers it")
-        ctx = triton_ops() if form == "eager-triton" and self.device == "cpu" else opaque_on_cpu(self.device)
-        with ctx, torch.no_grad():
+        with opaque_on_cpu(self.device), torch.no_grad():
             return fn(self.driver(form))
 
 
 def on_workers(forms: list[str], group: str) -> list:
     """The forms as parameters in one pytest-xdist group, so that one worker builds the module's
-    forms (artifact, compile, export) once; eager-triton, the slowest, in a group of its own."""
-    return [pytest.param(f, marks=pytest.mark.xdist_group("parity-eager-triton" if f == "eager-triton" else group))
-            for f in forms]
+    forms (artifact, compile, export) once; eager-triton, which needs none of them and is the
+    slowest (the interpreter), left free to run beside them on another worker."""
+    return [pytest.param(f, marks=() if f == "eager-triton" else pytest.mark.xdist_group(group)) for f in forms]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.weights import dtype_name
@@ -56,7 +57,7 @@ INPUT_NAMES = ["input_ids", "positions", "seq_ids", "block_tables", "logits_indi
 def example_inputs(model: Qwen3ForCausalLM, limits: GraphLimits) -> tuple:
     """Two sequences of three tokens each: every dynamic size >= 2, so none is specialised."""
     dev = model.device
-    k_caches, v_caches = model.new_kv_cache(num_blocks=4, block_size=limits.block_size)
+    k_caches, v_caches = FlatBatchDriver.of(model, limits.block_size).new_kv_cache(num_blocks=4)
     return (
         torch.tensor([5, 6, 7, 8, 9, 10], device=dev),
         torch.tensor([0, 1, 2, 0, 1, 2], device=dev),

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.weights import dtype_name
@@ -125,7 +126,7 @@ def verify_onnx(artifact_dir: Path, entry: dict, model: Qwen3ForCausalLM, log: C
     fwd = OnnxForward(artifact_dir, {"graphs": {"onnx": entry}})
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 33)]
-    want = [w.cpu() for w in model.logits(seqs)]
+    want = [w.cpu() for w in FlatBatchDriver.of(model).logits(seqs)]
     got = fwd.logits(seqs)
     _, state = fwd.prefill([s[:-4] for s in seqs])
     chunk, state = fwd.extend(state, [s[-4:-1] for s in seqs], all_logits=True)

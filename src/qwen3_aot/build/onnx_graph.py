@@ -1,4 +1,4 @@
-"""The Qwen3 graph for ONNX: the same layers as `qwen3_aot.model`, with an ordinary
+"""The Qwen3 graph for ONNX: `qwen3_aot.model`'s layers (its `decoder_layers`), with an ordinary
 past/present KV cache (onnxruntime has no paged cache), and the ONNX translation of
 each of our custom ops.
 
@@ -24,13 +24,12 @@ import math
 
 import onnx_ir as ir
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto
 from onnxscript.onnx_opset import opset23 as op
 from torch import nn
 
 import qwen3_aot.custom_ops  # noqa: F401  (registers torch.ops.qwen3_aot.*)
-from qwen3_aot.model import Qwen3ForCausalLM
+from qwen3_aot.model import Qwen3ForCausalLM, decoder_layers, final_logits
 
 OPSET = 23
 ops = torch.ops.qwen3_aot
@@ -87,31 +86,22 @@ class OnnxQwen3(nn.Module):
         """past: [past_key_0, past_value_0, past_key_1, ...]; returns (logits, present_key_0,
         present_value_0, ...). See the module docstring for shapes."""
         m, cfg = self.model, self.model.config
-        eps, scale = cfg.rms_norm_eps, 1.0 / math.sqrt(cfg.head_dim)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, t = input_ids.shape
         mask = attention_mask_4d(attention_mask, t)
-        positions = position_ids.reshape(-1)
-        x = F.embedding(input_ids.reshape(-1), m.embed_tokens)
-        residual = x
         presents: list[torch.Tensor] = []
-        for i, layer in enumerate(m.layers):
-            if i == 0:
-                h = ops.rms_norm(x, layer.input_norm, eps)
-            else:
-                h, residual = ops.add_rms_norm(x, residual, layer.input_norm, eps)
-            q, k, v = ops.qkv_rope(h, layer.qkv_proj, layer.q_norm, layer.k_norm, m.cos_sin, positions, hq, hkv, eps)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             a, present_key, present_value = onnx_attention(
                 q.reshape(b, t, hq * d), k.reshape(b, t, hkv * d), v.reshape(b, t, hkv * d),
                 past[2 * i], past[2 * i + 1], mask, hq, hkv, scale)
-            presents += [present_key, present_value]
-            x = F.linear(a.reshape(b * t, hq * d), layer.o_proj)
-            h, residual = ops.add_rms_norm(x, residual, layer.post_norm, eps)
-            gate, up = F.linear(h, layer.gate_up_proj).chunk(2, dim=-1)
-            x = F.linear(F.silu(gate) * up, layer.down_proj)
+            presents.extend((present_key, present_value))
+            return a.reshape(b * t, hq * d)
+
+        x, residual = decoder_layers(m, input_ids.reshape(-1), position_ids.reshape(-1), attend)
         rows = (torch.arange(b, device=x.device)[:, None] * t + logits_indices[None, :]).reshape(-1)
-        h, _ = ops.add_rms_norm(x.index_select(0, rows), residual.index_select(0, rows), m.norm, eps)
-        logits = F.linear(h, m.lm_head_weight()).float()
+        logits = final_logits(m, x, residual, rows).float()
         return (logits.reshape(b, logits_indices.shape[0], cfg.vocab_size), *presents)
 
 

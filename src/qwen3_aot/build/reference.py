@@ -14,14 +14,14 @@ hundred tokens take seconds even at 32B.
 from __future__ import annotations
 
 import math
+import types
 
 import torch
-import torch.nn.functional as F
 
 from qwen3_aot.custom_ops.paged_attention import paged_attention_reference
 from qwen3_aot.custom_ops.qkv_rope import qkv_rope_reference, rope_cos_sin
 from qwen3_aot.custom_ops.rms_norm import add_rms_norm_reference, rms_norm_reference
-from qwen3_aot.model import Qwen3ForCausalLM
+from qwen3_aot.model import Qwen3ForCausalLM, decoder_layers, final_logits
 
 REFERENCE_DTYPE = torch.float64
 
@@ -41,22 +41,22 @@ class Float64Forward:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                  block_tables: torch.Tensor, logits_indices: torch.Tensor,
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
-        m, cfg = self.model, self.model.config
-        up = lambda w: w.to(REFERENCE_DTYPE)  # noqa: E731  (a layer's weights, only while it runs)
-        eps, scale = cfg.rms_norm_eps, 1.0 / math.sqrt(cfg.head_dim)
-        x = F.embedding(input_ids, m.embed_tokens).to(REFERENCE_DTYPE)  # rows first, then upcast
-        residual = x
-        for i, layer in enumerate(m.layers):
-            if i == 0:
-                h = rms_norm_reference(x, up(layer.input_norm), eps)
-            else:
-                h, residual = add_rms_norm_reference(x, residual, up(layer.input_norm), eps)
-            q, k, v = qkv_rope_reference(h, up(layer.qkv_proj), up(layer.q_norm), up(layer.k_norm), self.cos_sin,
-                                         positions, cfg.num_attention_heads, cfg.num_key_value_heads, eps)
-            a = paged_attention_reference(q, k, v, k_caches[i], v_caches[i], positions, seq_ids, block_tables, scale)
-            x = F.linear(a.flatten(1), up(layer.o_proj))
-            h, residual = add_rms_norm_reference(x, residual, up(layer.post_norm), eps)
-            gate, up_ = F.linear(h, up(layer.gate_up_proj)).chunk(2, dim=-1)
-            x = F.linear(F.silu(gate) * up_, up(layer.down_proj))
-        h, _ = add_rms_norm_reference(x[logits_indices], residual[logits_indices], up(m.norm), eps)
-        return F.linear(h, up(m.lm_head_weight()))
+        scale = 1.0 / math.sqrt(self.model.config.head_dim)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return paged_attention_reference(q, k, v, k_caches[i], v_caches[i], positions, seq_ids, block_tables,
+                                             scale)
+
+        x, residual = decoder_layers(self.model, input_ids, positions, attend, ops=FLOAT64_OPS, upcast=_upcast,
+                                     cos_sin=self.cos_sin)
+        return final_logits(self.model, x, residual, logits_indices, ops=FLOAT64_OPS, upcast=_upcast)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """A weight in float64, only while it is used."""
+    return t.to(REFERENCE_DTYPE)
+
+
+# our ops' plain-torch references, whose float64 paths compute in float64 throughout
+FLOAT64_OPS = types.SimpleNamespace(rms_norm=rms_norm_reference, add_rms_norm=add_rms_norm_reference,
+                                    qkv_rope=qkv_rope_reference)
