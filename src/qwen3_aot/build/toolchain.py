@@ -6,8 +6,9 @@ with a compiler whose libstdc++ differs from that one, it crashed while loading:
 the GPU machine (torch 2.11, CXX=/opt/gcc/bin/g++, GCC 13.3 with its own libstdc++)
 every package segfaulted in `std::regex` inside `parse_device_str`, called from the
 AOTInductorModel constructor (cuda-gdb backtrace; bench/aoti_probe.py reproduces it),
-while the same package built with /usr/bin/g++ loaded and ran. So we use the first
-compiler whose libstdc++ is the one this process has loaded.
+while the same package built with /usr/bin/g++ loaded and ran. So `pick_cxx` takes
+$QWEN3_AOT_CXX when set, else the system g++ (it pairs with the system libstdc++ that Python
+loads), and only without one the first compiler whose libstdc++ is the loaded one.
 """
 
 from __future__ import annotations
