@@ -75,6 +75,12 @@ SPLIT_PROGRAMS = 512   # (token, kv head, split) programs the split kernels aim 
 KEYS_PER_STEP = 128
 SPLIT_STAGES = 2
 TILE_STAGES = 2
+DOT_MIN_ROWS = 16   # tl.dot wants at least 16 rows: the split kernel pads a kv head's query group to it
+COMBINE_DIMS = 32   # head dims per combine program: a head of 128 dims merges in 4 programs at once
+COMBINE_CHUNK = 64  # partials the combine merges per load (more splits than that take several loads)
+TILE_ROWS = 128     # query rows (tokens x group heads) per tile; half for heads over 128 dims (registers)
+SPLIT_WARPS = COMBINE_WARPS = 4
+TILE_WARPS = 8      # a tile's [128, D] accumulator and two K/V tiles want the registers of 8 warps
 LOG2E = 1.4426950408889634
 
 
@@ -115,6 +121,22 @@ def _shares_sequence(seq_ptr, t, seq, num_tokens):
 
 
 @triton.jit
+def _tiles_take(seq_ptr, t, seq, num_tokens, split_tokens):
+    """The routing rule, in one place (both kernels ask it, so no token is computed by neither):
+    the tiles take token t when the batch has more than split_tokens tokens and t is past the
+    first split_tokens or shares its sequence with a neighbour (a prompt's chunk); the split
+    kernel takes every other token (a small batch whole; a large one's decodes)."""
+    return (t >= split_tokens) | ((num_tokens > split_tokens) & _shares_sequence(seq_ptr, t, seq, num_tokens))
+
+
+@triton.jit
+def _split_chunk(ctx, num_splits, BLOCK_N: tl.constexpr):
+    """Keys per split of a context of `ctx` keys: a whole number of BLOCK_N steps, so that
+    the splits that run are the first cdiv(ctx, chunk) (the split and combine kernels agree)."""
+    return tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _split_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, seq_ptr, bt_ptr, bt_stride,
                   num_tokens, split_tokens, num_splits, QK_SCALE: tl.constexpr, BS: tl.constexpr, HQ: tl.constexpr,
                   HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
@@ -124,12 +146,12 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, part_acc_ptr, part_ml_ptr, pos
     In a batch of more than split_tokens tokens, only tokens alone in their sequence (the tiles take the rest)."""
     t = tl.program_id(0).to(tl.int64)
     seq = tl.load(seq_ptr + t)
-    if (num_tokens > split_tokens) & _shares_sequence(seq_ptr, t, seq, num_tokens):
+    if _tiles_take(seq_ptr, t, seq, num_tokens, split_tokens):
         return
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(pos_ptr + t) + 1
-    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    chunk = _split_chunk(ctx, num_splits, BLOCK_N)
     lo = split * chunk
     if lo >= ctx:  # a short context needs fewer splits; _combine_kernel skips this one
         return
@@ -175,8 +197,7 @@ def _combine_kernel(out_ptr, part_acc_ptr, part_ml_ptr, pos_ptr, num_splits, HQ:
     h = tl.program_id(1)
     d = tl.program_id(2) * D_PART + tl.arange(0, D_PART)
     ctx = tl.load(pos_ptr + t) + 1
-    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    ran = tl.cdiv(ctx, chunk)
+    ran = tl.cdiv(ctx, _split_chunk(ctx, num_splits, BLOCK_N))
     base = t * num_splits * HQ + h
     c = tl.arange(0, CHUNK)
     m_run = tl.full([1], float("-inf"), tl.float32)
@@ -224,7 +245,7 @@ def _tile_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, seq_ptr, bt_ptr, bt_st
         seq = tl.load(seq_ptr + run)
         in_run = row_ok & (row_seq == seq) & (tok >= run)
         run_len = tl.sum((in_run & (g == 0)).to(tl.int32))  # a sequence's tokens are contiguous
-        if (run >= split_tokens) | _shares_sequence(seq_ptr, run, seq, num_tokens):
+        if _tiles_take(seq_ptr, run, seq, num_tokens, split_tokens):  # a run's tokens go together
             _tile_run(q, kc_ptr, vc_ptr, out_ptr, rows_off, bt_ptr + seq.to(tl.int64) * bt_stride, in_run, row_pos,
                       kvh, QK_SCALE, BS, HKV, D, BLOCK_M * G_PAD, BLOCK_N, FP32)
         run += run_len
@@ -295,16 +316,16 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     g_pad = triton.next_power_of_2(group)
     wrap_triton(_split_kernel)[(split_rows, hkv, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS,
-        num_splits, **common, G_PAD=max(16, g_pad), BLOCK_N=keys, num_warps=4, num_stages=SPLIT_STAGES)
-    d_part = min(d, 32)
+        num_splits, **common, G_PAD=max(DOT_MIN_ROWS, g_pad), BLOCK_N=keys, num_warps=SPLIT_WARPS,
+        num_stages=SPLIT_STAGES)
+    d_part = min(d, COMBINE_DIMS)
     wrap_triton(_combine_kernel)[(t * several, hq, d // d_part)](
-        out, part_acc, part_ml, positions, num_splits, HQ=hq, D=d, D_PART=d_part, BLOCK_N=keys, CHUNK=64,
-        num_warps=4)
-    rows = 128 if d <= 128 else 64  # query rows (tokens x group heads) per tile
-    block_m = max(1, rows // g_pad)
+        out, part_acc, part_ml, positions, num_splits, HQ=hq, D=d, D_PART=d_part, BLOCK_N=keys, CHUNK=COMBINE_CHUNK,
+        num_warps=COMBINE_WARPS)
+    block_m = max(1, (TILE_ROWS if d <= 128 else TILE_ROWS // 2) // g_pad)
     wrap_triton(_tile_kernel)[(triton.cdiv(t, block_m) * (1 - small), hkv)](
         q, k_cache, v_cache, out, positions, seq_ids, bt, bt.shape[1], t, SPLIT_TOKENS, **common, G_PAD=g_pad,
-        BLOCK_M=block_m, BLOCK_N=keys, num_warps=8, num_stages=TILE_STAGES)
+        BLOCK_M=block_m, BLOCK_N=keys, num_warps=TILE_WARPS, num_stages=TILE_STAGES)
     return out
 
 
