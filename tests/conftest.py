@@ -5,14 +5,16 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if Path("/dev/nvidiactl").exists() else "1")
-# pytest-xdist workers (pyproject's addopts) share the cores: each gets an equal share for
-# torch's thread pool, which otherwise takes every core in every worker and oversubscribes
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# pytest-xdist workers (pyproject's addopts) share the cores: each gets an equal share for
+# torch's thread pool, which otherwise takes every core in every worker and oversubscribes.
+# Set in the worker only: the processes tests start keep torch's default.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 from qwen_checkpoint import qwen_artifact, qwen_checkpoint, qwen_tokenizer_json  # noqa: E402,F401  (fixtures)
 from support import FIXTURE, HAS_CUDA, RUNTIME_DEVICE  # noqa: E402
