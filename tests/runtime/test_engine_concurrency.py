@@ -261,18 +261,29 @@ def test_a_failing_step_reaches_every_caller_as_our_error(runtime_artifact):
 def test_ctrl_c_and_interpreter_exit_never_hang(runtime_artifact):
     """Ctrl-C in a generate aborts its request; exiting with requests in flight exits."""
     script = textwrap.dedent(f"""
-        import os, signal, threading
+        import os, signal, threading, time
         from qwen3_aot import runtime
         eng = runtime.load({str(runtime_artifact)!r}, num_blocks=40)
         params = runtime.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+
+        def interrupt_once_running():  # Ctrl-C while the main thread waits inside generate
+            while eng.stats().num_running == 0:
+                time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt_once_running, daemon=True).start()
         try:
             eng.generate([1, 2, 3], params)
+            print("finished", flush=True)
         except KeyboardInterrupt:
             print("interrupted", flush=True)
+        deadline = time.monotonic() + 30
+        while eng.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("aborted" if not eng.has_unfinished() else "still running", flush=True)
         threading.Thread(target=lambda: list(eng.stream([4, 5, 6], params)), daemon=True).start()
         print("exiting", flush=True)
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=DEADLINE_S)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["interrupted", "exiting"]
+    assert r.stdout.split() == ["interrupted", "aborted", "exiting"]
