@@ -67,10 +67,7 @@ def load_core(path: str | Path, device: str | torch.device | None = None, *, ver
               **options) -> EngineCore:
     """As `load` for a pt2 artifact, without the loop thread: the single-threaded core that
     benchmarks and tests step themselves (`add_request`, `step`, `generate`)."""
-    path, man = _read(path, verify_files)
-    if "forward" not in man["graphs"]:
-        raise Qwen3AotError(f"{path} holds no pt2 graph (it holds {sorted(man['graphs'])}); rebuild it with "
-                            "--format pt2 (or pt2,onnx).")
+    path, man = _read_pt2(path, verify_files)
     _check_options(options, "pt2")
     return EngineCore(path, man, _compiled_device(path, man, device), **options)
 
@@ -85,11 +82,16 @@ def _check_options(options: dict, format: str) -> None:
 def load_forward(path: str | Path, device: str | torch.device | None = None,
                  run_single_threaded: bool = False, verify_files: bool = True) -> CompiledForward:
     """Check an artifact's manifest against this process and load its compiled forward."""
+    path, man = _read_pt2(path, verify_files)
+    return CompiledForward(path, man, _compiled_device(path, man, device), run_single_threaded)
+
+
+def _read_pt2(path: str | Path, verify_files: bool) -> tuple[Path, dict]:
     path, man = _read(path, verify_files)
     if "forward" not in man["graphs"]:
         raise Qwen3AotError(f"{path} holds no pt2 graph (it holds {sorted(man['graphs'])}); rebuild it with "
                             "--format pt2 (or pt2,onnx).")
-    return CompiledForward(path, man, _compiled_device(path, man, device), run_single_threaded)
+    return path, man
 
 
 def _read(path: str | Path, verify_files: bool) -> tuple[Path, dict]:
