@@ -157,7 +157,7 @@ class EngineLoop:
             sub = self._live.get(r.seq.seq_id)
             if sub is None:
                 continue
-            out = r.seq.output_ids[sub.published:]
+            out = r.seq.token_ids[r.seq.num_prompt_tokens + sub.published:]  # the new ones only: O(1) a step
             logprobs = None if r.logprobs is None else r.logprobs[sub.published:]
             sub.published += len(out)
             if r.finished:
