@@ -41,6 +41,14 @@ def hf_tokenizer(qwen_checkpoint):
     return AutoTokenizer.from_pretrained(qwen_checkpoint)
 
 
+def _aliases_reasoning(hf_tokenizer) -> bool:
+    """Whether the installed transformers renders a message's `reasoning` as `reasoning_content`
+    (as ours does, after the transformers CI installs)."""
+    probe = [{"role": "assistant", "content": "", "reasoning": "r"}]
+    return hf_tokenizer.apply_chat_template(probe, chat_template="{{ messages[0].reasoning_content }}",
+                                            tokenize=False) == "r"
+
+
 @pytest.fixture(scope="module")
 def template(qwen_checkpoint) -> ChatTemplate:
     return ChatTemplate.from_dir(qwen_checkpoint)
@@ -60,6 +68,8 @@ def template(qwen_checkpoint) -> ChatTemplate:
         "reasoning-content", "reasoning-alias", "tool-calls", "tools-with-system"])
 def test_render_equals_transformers(template, hf_tokenizer, messages, kwargs):
     add = kwargs.pop("add_generation_prompt", True)
+    if any("reasoning" in m for m in messages) and not _aliases_reasoning(hf_tokenizer):
+        pytest.skip("this transformers does not copy `reasoning` into `reasoning_content` yet (5.17 did not)")
     want = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add, **kwargs)
     assert template.render(messages, add_generation_prompt=add, **kwargs) == want
 
