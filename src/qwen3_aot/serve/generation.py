@@ -84,9 +84,9 @@ class Generation:
         seen, last = 0, self.arrival
         try:
             async for piece in stream:
-                ids, lps = list(stream.token_ids), stream.logprobs
+                total, lps = len(stream.token_ids), stream.logprobs
                 now = time.perf_counter()
-                new = len(ids) - seen
+                new = total - seen
                 if new and self.first_token_s is None:
                     self.first_token_s = now - self.arrival
                     self._metrics.ttft.observe(self.first_token_s)
@@ -95,8 +95,10 @@ class Generation:
                         self._metrics.itl.observe((now - last) / new)
                 if new:
                     last = now
-                self._queue.put_nowait(Event(index, piece, ids[seen:], None if lps is None else list(lps[seen:len(ids)])))
-                seen = len(ids)
+                # only the new tokens: copying the whole output each piece is quadratic in its length
+                self._queue.put_nowait(Event(index, piece, stream.token_ids[seen:total],
+                                             None if lps is None else lps[seen:total]))
+                seen = total
             c = stream.completion
             self.completions[index] = c
             self._metrics.e2e.observe(time.perf_counter() - self.arrival)
