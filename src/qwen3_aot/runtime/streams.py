@@ -4,7 +4,14 @@ an AsyncStream (asyncio), each reading its request's Outputs from its own channe
 A stream submits its request when first read (or `start`ed): one never started holds no
 blocks. Closed, dropped or garbage-collected before its end, it aborts the request, whose
 blocks the loop frees at its next command drain. The channel a stream hands the loop holds
-no reference to the stream, so that dropping the stream is enough to collect it."""
+no reference to the stream, so that dropping the stream is enough to collect it.
+
+A reader that falls behind the loop (a busy event loop serving many streams) gets the Outputs
+waiting for it merged into one piece, as vLLM's output collector does: a stream never lags
+further behind because it is behind, and a server sends one event where it would send many.
+The loop thread hands an event loop its streams' Outputs in batches (`_Mailbox`): one
+`call_soon_threadsafe`, a self-pipe write that wakes the event loop, for all the Outputs a
+step gives its streams, rather than one per Output."""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import asyncio
 import contextlib
 import functools
 import queue
+import threading
+import weakref
 
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.loop import EngineLoop, Output, Submission
@@ -47,6 +56,13 @@ class _StreamBase:
         if out.completion is not None:
             self.completion = out.completion
         return out.text
+
+    def _take_waiting(self, first: Output, channel: queue.SimpleQueue | asyncio.Queue) -> str:
+        """`first` and every Output already waiting behind it, as one piece."""
+        pieces = [self._take(first)]
+        while not self._done and not channel.empty():
+            pieces.append(self._take(channel.get_nowait()))
+        return "".join(pieces)
 
     @property
     def _done(self) -> bool:
@@ -85,7 +101,7 @@ class Stream(_StreamBase):
     def __next__(self) -> str:
         self.start()
         while not self._done:
-            piece = self._take(self._queue.get())
+            piece = self._take_waiting(self._queue.get(), self._queue)
             if piece:
                 return piece
         raise StopIteration(self.completion)
@@ -107,9 +123,9 @@ class AsyncStream(_StreamBase):
     async def __anext__(self) -> str:
         if self._sub is None and not self._closed:
             self._queue: asyncio.Queue[Output] = asyncio.Queue()
-            self._submit(functools.partial(_put_threadsafe, asyncio.get_running_loop(), self._queue))
+            self._submit(functools.partial(_mailbox(asyncio.get_running_loop()).post, self._queue))
         while not self._done:
-            piece = self._take(await self._queue.get())
+            piece = self._take_waiting(await self._queue.get(), self._queue)
             if piece:
                 return piece
         raise StopAsyncIteration
@@ -123,5 +139,44 @@ class AsyncStream(_StreamBase):
         self.close()
 
 
-def _put_threadsafe(event_loop: asyncio.AbstractEventLoop, q: asyncio.Queue, out: Output) -> None:
-    event_loop.call_soon_threadsafe(q.put_nowait, out)
+class _Mailbox:
+    """Outputs on their way from the loop thread to one event loop's streams: the first one
+    posted schedules a delivery of everything posted until that delivery runs."""
+
+    def __init__(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        self._event_loop = weakref.ref(event_loop)  # a strong one would keep its _mailboxes key alive
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Output]] = []
+
+    def post(self, q: asyncio.Queue, out: Output) -> None:
+        event_loop = self._event_loop()
+        if event_loop is None or event_loop.is_closed():  # nobody will read it: the loop thread aborts the request
+            raise RuntimeError("the stream's event loop is closed")
+        with self._lock:
+            self._pending.append((q, out))
+            if len(self._pending) > 1:  # a delivery is scheduled and has not run yet
+                return
+        try:
+            event_loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # closed since the check: no delivery will run, so none is pending
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for q, out in pending:
+            q.put_nowait(out)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(event_loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(event_loop)
+        if box is None:
+            box = _mailboxes[event_loop] = _Mailbox(event_loop)
+        return box
