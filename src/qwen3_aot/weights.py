@@ -72,11 +72,11 @@ def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
 
 
 @contextlib.contextmanager
-def open_safetensors(f: Path, device: str = "cpu") -> Iterator:
-    """safe_open (tensors read onto `device`), with a damaged file (truncated, bad header,
+def open_safetensors(f: Path) -> Iterator:
+    """safe_open (tensors read onto the CPU), with a damaged file (truncated, bad header,
     unreadable) turned into our error naming it."""
     try:
-        with safe_open(str(f), "pt", device=device) as sf:
+        with safe_open(str(f), "pt") as sf:
             yield sf
     except (SafetensorError, OSError) as e:
         raise _unreadable(f, e) from e
@@ -183,19 +183,20 @@ def name_rule() -> dict[str, dict[str, list[str]]]:
             "layer": {f"layers.{{i}}.{k}": list(v) for k, v in LAYER_NAMES.items()}}
 
 
-def model_state_items(cfg: Qwen3Config, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our names and tensors one at a time, each made of the HF tensors `get(name)` gives:
-    q/k/v and gate/up concatenated. A `get` that reads from disk onto a device holds only the
-    parts of one fused tensor at once (they are freed when the next is made)."""
-    def make(names: tuple[str, ...]) -> torch.Tensor:
-        return get(names[0]) if len(names) == 1 else torch.cat([get(n) for n in names])
-
+def model_state_names(cfg: Qwen3Config) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Each of our tensor names with the HF tensors it is made of (concatenated along dim 0)."""
     for ours, names in GLOBAL_NAMES.items():
         if not (ours == "lm_head" and cfg.tie_word_embeddings):
-            yield ours, make(names)
+            yield ours, names
     for i in range(cfg.num_hidden_layers):
         for ours, names in LAYER_NAMES.items():
-            yield f"layers.{i}.{ours}", make(tuple(n.format(i=i) for n in names))
+            yield f"layers.{i}.{ours}", tuple(n.format(i=i) for n in names)
+
+
+def model_state_items(cfg: Qwen3Config, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our names and tensors one at a time, each made of the HF tensors `get(name)` gives."""
+    for ours, names in model_state_names(cfg):
+        yield ours, get(names[0]) if len(names) == 1 else torch.cat([get(n) for n in names])
 
 
 def to_model_state(hf: dict[str, torch.Tensor], cfg: Qwen3Config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -208,31 +209,3 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None) ->
     cfg = Qwen3Config.from_checkpoint(path)
     run_dtype = parse_dtype(dtype or cfg.dtype)
     return cfg, to_model_state(load_hf_tensors(path, cfg), cfg, run_dtype)
-
-
-def read_model_state(files: dict[str, Path], cfg: Qwen3Config, dtype: torch.dtype,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """Our state from checkpoint-named safetensors (`files`: tensor name -> file, as
-    `tensor_files` gives), each tensor read straight onto `device` and fused there: beyond the
-    state itself, the most held at once is the parts of one fused tensor. The bytes are used
-    as stored: every tensor must already be `dtype` (no conversion, so no second copy)."""
-    expected = hf_shapes(cfg)
-    missing = sorted(set(expected) - set(files))
-    if missing:
-        raise Qwen3AotError(f"the weight files lack {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}.")
-    with contextlib.ExitStack() as stack:
-        opened = {f: stack.enter_context(open_safetensors(f, str(device))) for f in {files[n] for n in expected}}
-
-        def get(name: str) -> torch.Tensor:
-            f = files[name]
-            try:  # here, not in open_safetensors: an error inside the stack would name the last file opened
-                t = opened[f].get_tensor(name)
-            except (SafetensorError, OSError) as e:
-                raise _unreadable(f, e) from e
-            t = _checked(f, name, t, expected[name])
-            if t.dtype != dtype:
-                raise Qwen3AotError(f"{f}: tensor {name} is {t.dtype}, the artifact runs {dtype}; the file was "
-                                    "replaced: rebuild the artifact.")
-            return t
-
-        return dict(model_state_items(cfg, get))

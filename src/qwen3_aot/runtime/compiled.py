@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.weights import CHECKPOINT_LAYOUT, DTYPES, name_rule, read_model_state, tensor_files
+from qwen3_aot.runtime.weight_reader import read_file, read_model_state
+from qwen3_aot.weights import CHECKPOINT_LAYOUT, DTYPES, name_rule, tensor_files
 
 # AOTIModelPackageLoader(path, model_name, run_single_threaded, num_runners, device_index): its
 # pybind constructor has no argument names (torch 2.11 and 2.13), so they are passed by position
@@ -83,11 +82,10 @@ class CompiledForward:
 
 def _read_file(artifact: Path, name: str, device: torch.device) -> dict[str, torch.Tensor]:
     """A safetensors file of graph constants under their own names, read onto `device`."""
-    try:
-        return load_file(str(artifact / name), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise Qwen3AotError(f"{artifact}/{name} could not be read ({e}); it is truncated or damaged: "
-                            "rebuild or re-copy the artifact.") from e
+    path = artifact / name
+    if not path.is_file():
+        raise Qwen3AotError(f"{path} is missing; rebuild or re-copy the artifact.")
+    return read_file(path, device)
 
 
 def _read_linked(artifact: Path, entry: dict, manifest: dict, device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,187 @@
+"""Safetensors read straight into the tensors the graph uses, on the CPU or a GPU.
+
+A pool of threads reads the tensors' bytes with os.preadv, which releases the GIL, so that
+several cores copy from the page cache at once. On a GPU each thread reads into its own two
+pinned buffers in turn and copies each to the device on its own stream while it reads the
+next: no pageable staging copy, reads overlapping transfers. A tensor made of several stored
+ones (q/k/v and gate/up, weights.LAYER_NAMES) is allocated whole and each part written into
+its slice of it: no torch.cat, no second copy on the host or the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen3_aot.config import Qwen3Config
+from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.manifest import safetensors_header
+from qwen3_aot.weights import hf_shapes, model_state_names
+
+READ_THREADS = 8         # page-cache reads scale to about this many cores
+CHUNK_BYTES = 16 << 20   # one read and one copy; each thread pins two buffers of this size
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A tensor as a safetensors file holds it: where its bytes are, its dtype and shape."""
+    file: Path
+    name: str
+    start: int   # byte offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def stored_tensors(files: list[Path]) -> dict[str, Stored]:
+    """Every tensor of the files, as their headers place them (each header checked to cover
+    its file exactly, so every tensor's bytes are inside it)."""
+    out: dict[str, Stored] = {}
+    for f in files:
+        header = safetensors_header(f)
+        with open(f, "rb") as fh:
+            data_start = 8 + int.from_bytes(fh.read(8), "little")
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            if t.get("dtype") not in STORED_DTYPES:
+                raise Qwen3AotError(f"{f}: tensor {name} is stored as {t.get('dtype')}, which qwen3-aot does not "
+                                    f"read (it reads {sorted(STORED_DTYPES)}).")
+            begin, end = t["data_offsets"]
+            out[name] = Stored(f, name, data_start + begin, end - begin, STORED_DTYPES[t["dtype"]], tuple(t["shape"]))
+    return out
+
+
+def read_model_state(files: dict[str, Path], cfg: Qwen3Config, dtype: torch.dtype,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Our state from checkpoint-named safetensors (`files`: tensor name -> file, as
+    weights.tensor_files gives), fused on the device as weights.model_state_names says. The
+    bytes are used as stored: every tensor must already be `dtype` (no conversion)."""
+    expected = hf_shapes(cfg)
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        raise Qwen3AotError(f"the weight files lack {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}.")
+    stored = stored_tensors(sorted({files[n] for n in expected}))
+    for name, shape in expected.items():
+        s = stored.get(name)
+        if s is None or s.file != files[name]:
+            raise Qwen3AotError(f"{files[name]} does not hold tensor {name}, which its index places there; "
+                                "download or copy the checkpoint again.")
+        if s.shape != shape:
+            raise Qwen3AotError(f"{s.file.name}: tensor {name} has shape {s.shape}, the config says {shape}.")
+        if s.dtype != dtype:
+            raise Qwen3AotError(f"{s.file}: tensor {name} is {s.dtype}, the artifact runs {dtype}; the file was "
+                                "replaced: rebuild the artifact.")
+    return read_tensors({ours: [stored[n] for n in names] for ours, names in model_state_names(cfg)}, device)
+
+
+def read_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file under its own name."""
+    return read_tensors({name: [s] for name, s in stored_tensors([path]).items()}, device)
+
+
+def read_tensors(layout: dict[str, list[Stored]], device: torch.device) -> dict[str, torch.Tensor]:
+    """One tensor per entry of `layout`, made of its stored parts concatenated along dim 0
+    (parts of one dtype whose shapes agree but in dim 0)."""
+    out, jobs = {}, queue.SimpleQueue()
+    for name, parts in layout.items():
+        first = parts[0]
+        if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
+            raise Qwen3AotError(f"the tensors that make {name} ({', '.join(p.name for p in parts)}) differ in dtype "
+                                "or trailing shape; the checkpoint is not a Qwen3 one.")
+        shape = (sum(p.shape[0] for p in parts), *first.shape[1:]) if first.shape else ()
+        out[name] = t = torch.empty(shape, dtype=first.dtype, device=device)
+        flat, at = t.view(-1).view(torch.uint8), 0
+        for p in parts:
+            for a in range(0, p.nbytes, CHUNK_BYTES):
+                n = min(CHUNK_BYTES, p.nbytes - a)
+                jobs.put((p.file, p.start + a, flat[at + a:at + a + n]))
+            at += p.nbytes
+    _run_reads(jobs, device)
+    return out
+
+
+def _run_reads(jobs: queue.SimpleQueue, device: torch.device) -> None:
+    errors: list[BaseException] = []
+    fds: dict[Path, int] = {}
+    lock = threading.Lock()
+
+    def fd_of(f: Path) -> int:
+        with lock:
+            if f not in fds:
+                fds[f] = os.open(f, os.O_RDONLY)
+            return fds[f]
+
+    def work() -> None:
+        try:
+            (_gpu_reads if device.type == "cuda" else _cpu_reads)(jobs, fd_of, device)
+        except BaseException as e:  # noqa: BLE001  (raised below, in the caller's thread)
+            errors.append(e)
+            while not jobs.empty():  # the others stop too
+                jobs.get_nowait()
+
+    threads = [threading.Thread(target=work, name=f"qwen3-aot read {i}", daemon=True)
+               for i in range(min(READ_THREADS, os.cpu_count() or 1, max(1, jobs.qsize())))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if errors:
+        e = errors[0]
+        if isinstance(e, OSError):
+            raise Qwen3AotError(f"{e.filename or 'a weight file'} could not be read ({e.strerror or e}); it was "
+                                "truncated or damaged after the checks: copy it again.") from e
+        raise e
+
+
+def _next(jobs: queue.SimpleQueue):
+    try:
+        return jobs.get_nowait()
+    except queue.Empty:
+        return None
+
+
+def _cpu_reads(jobs: queue.SimpleQueue, fd_of, device: torch.device) -> None:
+    while (job := _next(jobs)) is not None:
+        f, offset, dest = job
+        _read_into(fd_of(f), f, dest.numpy(), offset)
+
+
+def _gpu_reads(jobs: queue.SimpleQueue, fd_of, device: torch.device) -> None:
+    stream = torch.cuda.Stream(device)
+    buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]  # when each buffer may be refilled
+    turn = 0
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        while (job := _next(jobs)) is not None:
+            f, offset, dest = job
+            if copied[turn] is not None:
+                copied[turn].synchronize()
+            staged = buffers[turn][:dest.numel()]
+            _read_into(fd_of(f), f, staged.numpy(), offset)
+            dest.copy_(staged, non_blocking=True)
+            copied[turn] = torch.cuda.Event()
+            copied[turn].record(stream)
+            turn ^= 1
+    stream.synchronize()
+
+
+def _read_into(fd: int, f: Path, view: np.ndarray, offset: int) -> None:
+    done = 0
+    while done < view.nbytes:
+        n = os.preadv(fd, [memoryview(view[done:])], offset + done)
+        if n == 0:
+            raise OSError(0, "the file ends before the tensor's bytes do", str(f))
+        done += n
