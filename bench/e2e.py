@@ -73,6 +73,7 @@ TTFT_CHILD = r"""
 import json, sys, time
 t = {"start": time.time()}
 import torch
+t["torch"] = time.time()
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
 t["import"] = time.time()
@@ -80,6 +81,8 @@ engine = runtime.load(sys.argv[1], **json.loads(sys.argv[2]))
 t["load"] = time.time()
 engine.generate([list(range(100, 132))], SamplingParams(max_tokens=1, temperature=0))
 t["first_token"] = time.time()
+core = engine._loop.core  # the parts of the load: a benchmark may look inside
+t["parts"] = {**core.forward.load_seconds, "graphs": core.graphs.capture_seconds if core.graphs else 0.0}
 print("CHILD" + json.dumps(t))
 """
 
@@ -143,8 +146,8 @@ def time_to_first_token(artifact: Path, options: dict) -> dict:
         raise RuntimeError(f"the first-token child failed:\n{p.stderr[-3000:]}")
     t = json.loads(lines[0])
     return {"total_s": t["first_token"] - spawn, "interpreter_s": t["start"] - spawn,
-            "import_s": t["import"] - t["start"], "load_s": t["load"] - t["import"],
-            "first_token_s": t["first_token"] - t["load"]}
+            "import_s": t["import"] - t["start"], "import_torch_s": t["torch"] - t["start"],
+            "load_s": t["load"] - t["import"], "load_parts_s": t["parts"], "first_token_s": t["first_token"] - t["load"]}
 
 
 # ---- the systems ----
@@ -311,6 +314,38 @@ def run_workload(engine: runtime.EngineCore, plan: Plan, vocab: int) -> dict:
     assert tokens == sum(p.max_tokens for p in params), "ignore_eos: every request runs to max_tokens"
     return {"output_tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "seconds": t, "tok_s": tokens / t,
             "preemptions": engine.scheduler.num_preemptions, "steps": kinds}
+
+
+def run_workload_lanes(engine: runtime.EngineCore, plan: Plan, vocab: int, lanes: int) -> dict:
+    """The 64-thread arrival pattern without threads: `lanes` lanes on the core in this thread,
+    each adding its next request (request k to lane k mod lanes) between the steps after its
+    previous one ended, which is what a thread's next `generate` call can do at best. The
+    threads' figure over this one is the cost of the Engine's loop and queues; this one over
+    one call of all the requests is the cost of the arrival pattern itself. `critical_steps`:
+    the most output tokens one lane makes, a step each at least, one after another."""
+    prompts, params = workload(plan, vocab)
+    order = [list(range(k, len(prompts), lanes)) for k in range(lanes)]
+    engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))
+    active: dict[int, runtime.Request] = {}
+    tokens = 0
+    sync()
+    t = time.perf_counter()
+    while True:
+        for k in range(lanes):
+            if k not in active and order[k]:
+                i = order[k].pop(0)
+                active[k] = engine.add_request(prompts[i], params[i])
+        if not active:
+            break
+        engine.step()
+        for k, r in list(active.items()):
+            if r.finished:
+                tokens += r.completion().output_tokens
+                del active[k]
+    sync()
+    t = time.perf_counter() - t
+    critical = max(sum(params[i].max_tokens for i in range(k, len(prompts), lanes)) for k in range(lanes))
+    return {"lanes": lanes, "tok_s": tokens / t, "seconds": t, "critical_steps": critical}
 
 
 def run_workload_threads(engine: runtime.Engine, plan: Plan, vocab: int, threads: int) -> dict:
@@ -566,6 +601,8 @@ def main() -> None:
         engine = runtime.load_core(art, verify_files=False)  # the defaults: the cache takes 90% of the GPU
         r["workload"] = run_workload(engine, plan, vocab)
         print(f"[workload] {r['workload']}", flush=True)
+        r["workload_lanes"] = run_workload_lanes(engine, plan, vocab, lanes=64)
+        print(f"[workload] {r['workload_lanes']}", flush=True)
         del engine
         free_memory()
         with runtime.load(art, verify_files=False) as engine:
@@ -639,7 +676,8 @@ def report(r: dict, plan: Plan) -> None:
         print(line)
     t = r["ttft"]
     print(f"new process -> first token: {t['total_s']:.2f} s (interpreter {t['interpreter_s']:.2f}, import "
-          f"{t['import_s']:.2f}, load {t['load_s']:.2f}, first token {t['first_token_s']:.3f}); "
+          f"{t['import_s']:.2f} of which torch {t['import_torch_s']:.2f}, load {t['load_s']:.2f} "
+          f"{t['load_parts_s']}, first token {t['first_token_s']:.3f}); "
           f"verify_files=False, cuda_graphs=False: {r['ttft_unchecked']['total_s']:.2f} s; "
           f"python -c 'import torch' alone: {r['import_torch_s']:.2f} s")
     print("  import torch, largest cumulative: " + ", ".join(f"{m['module'].strip()} {m['cumulative_s']:.2f}"
@@ -657,9 +695,13 @@ def report(r: dict, plan: Plan) -> None:
                 print(f"  {kind}: {k['steps']} steps, {k['seconds']:.2f} s ({k['seconds'] / k['steps'] * 1e3:.2f} ms "
                       f"a step), {k['tokens'] / k['steps']:.0f} tokens of {k['sequences'] / k['steps']:.0f} "
                       "sequences a step")
-        wt = r["workload_threads"]
+        wt, wl = r["workload_threads"], r["workload_lanes"]
         print(f"  through the Engine: one generate call {wt['one_call_tok_s']:.0f} tok/s; {wt['threads']} threads, "
               f"one request at a time each, {wt['threads_tok_s']:.0f} tok/s ({wt['ratio']:.0%} of one call)")
+        print(f"  the same arrivals on the core in one thread ({wl['lanes']} lanes): {wl['tok_s']:.0f} tok/s "
+              f"({wl['tok_s'] / w['tok_s']:.0%} of the core's one batch; the threads reach "
+              f"{wt['threads_tok_s'] / wl['tok_s']:.0%} of it); its busiest lane makes {wl['critical_steps']} tokens "
+              f"one after another, {wl['critical_steps'] / wl['seconds']:.0f} steps/s at least")
     for p in r.get("profile", []):
         print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps, {p['mean_batch']:.0f} sequences on average): "
               "host ms/step "

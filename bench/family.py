@@ -256,6 +256,13 @@ def report(results: list[dict]) -> None:
     for r in results:
         if "stages_s" in r:
             print(f"{r['shape']}: build stages (s) {r['stages_s']}")
+        if "ttft" in r:
+            t = r["ttft"]
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in t["load_parts_s"].items())
+            print(f"{r['shape']}: new process to first token {t['total_s']:.2f} s: import torch "
+                  f"{t['import_torch_s']:.2f}, qwen3_aot.runtime {t['import_s'] - t['import_torch_s']:.2f}, load "
+                  f"{t['load_s']:.2f} ({parts}; checks, KV cache and the rest "
+                  f"{t['load_s'] - sum(t['load_parts_s'].values()):.2f}), first token {t['first_token_s']:.3f}")
         if "checkpoint" in r:
             c = r["checkpoint"]
             print(f"{r['shape']}: checkpoint {c['bytes'] / 1e9:.1f} GB in {c['shards']} shards, drawn in "

@@ -3,6 +3,7 @@ weights.safetensors, or from a linked artifact's checkpoint files and fused on t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ USER_MANAGED = True        # the graph uses our tensors in place: the weights ex
 
 EXTRACTION = re.compile(r"aotinductor_\w{6}")  # the loader's mkdtemp name for the unpacked package
 STALE_AFTER_S = 600  # an extraction this old, mapped by no process, belonged to one that was killed
+
+log = logging.getLogger("qwen3_aot")
 
 
 class CompiledForward:
@@ -55,6 +58,7 @@ class CompiledForward:
             raise Qwen3AotError(f"{artifact}/manifest.json names no weights file for its pt2 graph; rebuild it.")
         self.num_layers = manifest["model_config"]["num_hidden_layers"]
         index = device.index if device.index is not None else -1
+        started = time.perf_counter()
         remove_stale_extractions()
         try:
             self._loader = torch._C._aoti.AOTIModelPackageLoader(
@@ -63,6 +67,7 @@ class CompiledForward:
             raise Qwen3AotError(f"{package} could not be loaded as an AOTInductor package "
                                 f"({str(e).splitlines()[0][:200]}); it is damaged or not one: rebuild the "
                                 "artifact.") from e
+        unpacked = time.perf_counter()
         weights = _read_file(artifact, entry, device) if isinstance(entry, str) else \
             _read_linked(artifact, entry, manifest, device)
         fqns = self._loader.get_constant_fqns()
@@ -72,6 +77,13 @@ class CompiledForward:
                                 f"{missing[:3]}; rebuild the artifact.")
         self._loader.load_constants({k: weights[k] for k in fqns}, USE_INACTIVE, CHECK_FULL_UPDATE, USER_MANAGED)
         self._weights = weights  # the loader holds raw pointers: keep the tensors alive
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        # where start-up goes (bench/family.py reports it): the package's unpacking and loading, the weights
+        self.load_seconds = {"package": unpacked - started, "weights": time.perf_counter() - unpacked}
+        log.info("%s: package loaded in %.2f s, %.2f GB of weights read in %.2f s", artifact.name,
+                 self.load_seconds["package"], sum(w.nbytes for w in weights.values()) / 1e9,
+                 self.load_seconds["weights"])
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                  block_tables: torch.Tensor, logits_indices: torch.Tensor,

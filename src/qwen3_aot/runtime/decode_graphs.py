@@ -3,11 +3,17 @@ sequence (its newest)."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
 
 from qwen3_aot.runtime.compiled import CompiledForward
 from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK, KVCache
+
+
+log = logging.getLogger("qwen3_aot")
 
 
 class DecodeGraphs:
@@ -45,7 +51,7 @@ class DecodeGraphs:
         self.rows = torch.arange(n, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        pool = None
+        pool, started = None, time.perf_counter()
         with torch.cuda.device(device), torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
                 args = (self.ids[:b], self.pos[:b], self.seq_ids[:b], self.tables[:b], self.rows[:b], cache.k, cache.v)
@@ -56,6 +62,8 @@ class DecodeGraphs:
                     self.logits[b] = forward(*args)
                 pool = graph.pool()
                 self.graphs[b] = graph
+        self.capture_seconds = time.perf_counter() - started
+        log.info("CUDA graphs of decode batches %s captured in %.2f s", self.sizes, self.capture_seconds)
 
     def __call__(self, ids: list[int], pos: list[int], tables: np.ndarray) -> torch.Tensor:
         """One decode step: ids and positions of n sequences, their block tables [n, width]."""
