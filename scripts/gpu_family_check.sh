@@ -2,13 +2,14 @@
 # The Qwen3 family on the H200 (issue 15, item 3), one GPU call per part, each under 10 minutes:
 #   small: 1.7B and 4B        mid: 8B        14B: 14B
 #   32b-checkpoint, 32b-build, 32b-measure: 32B in three calls that must run back to back
+#   or any comma-separated shapes that fit one call, e.g. 1.7B,8B
 #   (files survive between calls only while the machine stays warm, 30 s after a call)
 # Each part writes $OUT/family_PART.log and $OUT/family_PART.json and prints the table last.
 #     bash scripts/gpu_family_check.sh small
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0
-part=${1:?usage: gpu_family_check.sh small|mid|14B|32b-checkpoint|32b-build|32b-measure}
+part=${1:?usage: gpu_family_check.sh small|mid|14B|32b-checkpoint|32b-build|32b-measure|SHAPE,SHAPE...}
 case $part in
     small) args=(--shapes 1.7B,4B) ;;
     mid) args=(--shapes 8B) ;;
@@ -16,10 +17,10 @@ case $part in
     32b-checkpoint) args=(--shapes 32B --stage checkpoint) ;;
     32b-build) args=(--shapes 32B --stage build) ;;
     32b-measure) args=(--shapes 32B --stage measure) ;;
-    *) echo "unknown part $part" >&2; exit 2 ;;
+    *) args=(--shapes "$part") ;;  # bench/family.py names the shapes it knows
 esac
 df -h /tmp | tail -1; free -g | head -2; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-timeout 590 python3 bench/family.py "${args[@]}" --json "$OUT/family_$part.json" > "$OUT/family_$part.log" 2>&1
+timeout ${FAMILY_TIMEOUT_S:-590} python3 bench/family.py "${args[@]}" --json "$OUT/family_$part.json" > "$OUT/family_$part.log" 2>&1
 rc=$?
 grep -E "^\[|^shape|^[0-9.]+B |build stages|error|Error" "$OUT/family_$part.log" | grep -v "^\[.*\] \.\.\.$" | tail -40
 echo "family $part exit code: $rc"
