@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tiny", action="store_true", help="a tiny model and workload on the CPU (a smoke run)")
     ap.add_argument("--concurrency", default=None, help="comma-separated (default 1,16,64,256; tiny: 1,4)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="also the workload sent by this many threads through the in-process Engine, and the same "
+                         "arrivals driven on the core in one thread (bench/e2e.py's workload_threads and _lanes)")
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="a tokenizer.json covering the model's vocabulary (Qwen's: tests/qwen_checkpoint.py makes "
                          "one); without one the artifact streams no text, and TTFT and ITL are not measured")
@@ -135,6 +138,14 @@ def main() -> None:
     prompts, params = e2e.workload(plan, vocab)
     r["in_process_tok_s"] = in_process(artifact, prompts, params)
     e2e.free_memory()
+    if a.threads:
+        with runtime.load(artifact, verify_files=False) as engine:
+            r["workload_threads"] = e2e.run_workload_threads(engine, plan, vocab, a.threads)
+        e2e.free_memory()
+        core = runtime.load_core(artifact, verify_files=False)
+        r["workload_lanes"] = e2e.run_workload_lanes(core, plan, vocab, a.threads)
+        del core
+        e2e.free_memory()
     port = free_port()
     server = start_server(artifact, port, a.work / "server.log")
     try:
@@ -153,6 +164,12 @@ def main() -> None:
         print(f"{h['concurrency']:>11d} {h['tok_s']:>9.0f} {h['tok_s'] / r['in_process_tok_s']:>13.0%} "
               f"{h['ttft_ms']['p50']:>9.1f} {h['ttft_ms']['p99']:>8.1f} {h['itl_ms']['p50']:>8.2f} "
               f"{h['itl_ms']['p99']:>8.2f}")
+    if "workload_threads" in r:
+        wt, wl = r["workload_threads"], r["workload_lanes"]
+        print(f"in-process: one generate call {wt['one_call_tok_s']:.0f} tok/s; {wt['threads']} threads one request "
+              f"at a time each {wt['threads_tok_s']:.0f} ({wt['ratio']:.0%} of one call); the same arrivals on the "
+              f"core in one thread {wl['tok_s']:.0f} (the threads reach {wt['threads_tok_s'] / wl['tok_s']:.0%} of "
+              f"it; its busiest lane makes {wl['critical_steps']} tokens one after another)")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ def expected():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [weight_reader.CHUNK_BYTES, 1000])  # 1000: tensors in many chunks, threads racing
-def test_the_fused_state_equals_the_builds(expected, device, chunk, monkeypatch):
+@pytest.mark.parametrize("inference", [False, True])  # the build's verify loads under inference_mode
+def test_the_fused_state_equals_the_builds(expected, device, chunk, inference, monkeypatch):
     monkeypatch.setattr(weight_reader, "CHUNK_BYTES", chunk)
     cfg, want = expected
     dtype = next(iter(want.values())).dtype
-    got = read_model_state(tensor_files(FIXTURE), cfg, dtype, torch.device(device))
+    with torch.inference_mode(inference):
+        got = read_model_state(tensor_files(FIXTURE), cfg, dtype, torch.device(device))
     assert got.keys() == want.keys()
     for name, t in want.items():
         g = got[name]

@@ -112,6 +112,9 @@ def read_tensors(layout: dict[str, list[Stored]], device: torch.device) -> dict[
 def _run_reads(jobs: queue.SimpleQueue, device: torch.device) -> None:
     errors: list[BaseException] = []
     fds: dict[Path, int] = {}
+    # grad modes are per thread: tensors made under the caller's inference_mode are inference
+    # tensors, which the readers' copy_ may write only in inference mode too
+    inference = torch.is_inference_mode_enabled()
     lock = threading.Lock()
 
     def fd_of(f: Path) -> int:
@@ -122,7 +125,8 @@ def _run_reads(jobs: queue.SimpleQueue, device: torch.device) -> None:
 
     def work() -> None:
         try:
-            (_gpu_reads if device.type == "cuda" else _cpu_reads)(jobs, fd_of, device)
+            with torch.inference_mode(inference):
+                (_gpu_reads if device.type == "cuda" else _cpu_reads)(jobs, fd_of, device)
         except BaseException as e:  # noqa: BLE001  (raised below, in the caller's thread)
             errors.append(e)
             while not jobs.empty():  # the others stop too
