@@ -16,7 +16,7 @@ def _export(a: argparse.Namespace) -> None:
                          max_model_len=a.max_model_len)
     export_artifact(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
                     formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify,
-                    weights=a.weights)
+                    weights=a.weights, tensor_parallel=a.tensor_parallel)
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="copy: write the weights into the artifact (fused, any --dtype); link: hard-link the "
                          "checkpoint's safetensors (same filesystem, its dtype), fused at load: no second copy "
                          + DEFAULT)
+    ex.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                    help="split the model over N ranks (GPUs, or CPU processes), each a worker process at load "
+                         "holding its heads' shard of the weights and KV cache; N must divide the KV heads. 1 "
+                         "builds that worker form with one rank (to check it on one GPU) (default: none, the "
+                         "one-process artifact)")
     ex.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens " + DEFAULT)
     ex.add_argument("--max-num-tokens", type=int, default=8192,
                     help="most tokens in one step, prompts and decodes together " + DEFAULT)

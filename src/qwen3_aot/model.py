@@ -98,6 +98,19 @@ class Qwen3ForCausalLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
 
+    # Where a tensor-parallel rank's graph (build/tensor_parallel.py) differs from this one,
+    # which holds every head and the whole vocabulary: its embedding rows are one slice of the
+    # vocabulary, o_proj's and down_proj's products are partial sums over its heads and its
+    # slice of the MLP, and its logits one slice of the vocabulary.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                 block_tables: torch.Tensor, logits_indices: torch.Tensor,
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -131,7 +144,7 @@ def decoder_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: 
     cfg, ops = model.config, ops or model.ops
     eps = cfg.rms_norm_eps
     cos_sin = model.cos_sin if cos_sin is None else cos_sin
-    x = upcast(F.embedding(input_ids, model.embed_tokens))  # the rows first: never the whole table
+    x = upcast(model.embed(input_ids))  # the rows first: never the whole table
     residual = x
     for i, layer in enumerate(model.layers):
         if i == 0:
@@ -140,10 +153,10 @@ def decoder_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: 
             h, residual = ops.add_rms_norm(x, residual, upcast(layer.input_norm), eps)
         q, k, v = ops.qkv_rope(h, upcast(layer.qkv_proj), upcast(layer.q_norm), upcast(layer.k_norm), cos_sin,
                                positions, cfg.num_attention_heads, cfg.num_key_value_heads, eps)
-        x = F.linear(attend(i, q, k, v).flatten(1), upcast(layer.o_proj))
+        x = model.all_reduce(F.linear(attend(i, q, k, v).flatten(1), upcast(layer.o_proj)))
         h, residual = ops.add_rms_norm(x, residual, upcast(layer.post_norm), eps)
         gate, up = F.linear(h, upcast(layer.gate_up_proj)).chunk(2, dim=-1)
-        x = F.linear(F.silu(gate) * up, upcast(layer.down_proj))
+        x = model.all_reduce(F.linear(F.silu(gate) * up, upcast(layer.down_proj)))
     return x, residual
 
 
@@ -153,4 +166,4 @@ def final_logits(model: Qwen3ForCausalLM, x: torch.Tensor, residual: torch.Tenso
     the final norm, lm_head."""
     h, _ = (ops or model.ops).add_rms_norm(x.index_select(0, rows), residual.index_select(0, rows),
                                            upcast(model.norm), model.config.rms_norm_eps)
-    return F.linear(h, upcast(model.lm_head_weight()))
+    return model.gather_vocab(F.linear(h, upcast(model.lm_head_weight())))

@@ -24,6 +24,8 @@ from qwen3_aot import manifest
 from qwen3_aot.build.aoti import compile_package
 from qwen3_aot.build.graph import GraphLimits, export_forward, input_specs
 from qwen3_aot.build.linked import WEIGHT_MODES, link_weights, linkable_files
+from qwen3_aot.build.tensor_parallel import build_rank_graph, check_degree, write_shards
+from qwen3_aot.config import Qwen3Config
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
@@ -146,14 +148,17 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
 def export_artifact(checkpoint: str | Path, output: str | Path, device: str | None = None,
                     dtype: str | None = None, force: bool = False, limits: GraphLimits = GraphLimits(),
                     formats: tuple[str, ...] = ("pt2",), check: bool = True, weights: str = "copy",
-                    log: Callable[[str], None] = _log) -> Path:
+                    tensor_parallel: int | None = None, log: Callable[[str], None] = _log) -> Path:
     """Build an artifact from a Hugging Face Qwen3 checkpoint directory; returns its path.
 
     formats: "pt2" (the AOTInductor package, paged KV cache) and/or "onnx" (onnxruntime,
     past/present KV cache); both share the artifact's manifest and tokenizer files.
     weights: how the pt2 graph's weights are kept: "copy" (weights.safetensors, our names,
     fused at build time, any dtype) or "link" (the checkpoint's files hard-linked, fused at
-    load: no second copy on disk; see build/linked.py)."""
+    load: no second copy on disk; see build/linked.py).
+    tensor_parallel: N ranks, each a worker process at load holding its shard of the weights
+    and its KV heads (build/tensor_parallel.py); None: the one-process artifact. N = 1 builds
+    the worker form with one rank, the same code as N > 1 (to check it on one GPU)."""
     checkpoint, output = Path(checkpoint), Path(output)
     device = resolve_device(device)
     formats = tuple(dict.fromkeys(formats))
@@ -164,6 +169,11 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
     if weights == "link" and "pt2" not in formats:
         raise Qwen3AotError("--weights link is for the pt2 graph; an onnx-only artifact keeps its weights in "
                             "model.onnx.data. Drop --weights or add pt2 to --format.")
+    if tensor_parallel is not None:
+        check_degree(Qwen3Config.from_checkpoint(checkpoint), tensor_parallel)
+        if weights != "copy" or formats != ("pt2",):
+            raise Qwen3AotError("--tensor-parallel writes each rank's shard of the weights for the pt2 graph: use it "
+                                "with --format pt2 and --weights copy (the defaults).")
     if output.exists() and not force:
         raise Qwen3AotError(f"{output} already exists; pass --force to replace it.")
     t_start = time.perf_counter()
@@ -175,7 +185,7 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
     with sigterm_raises():
         tmp.mkdir()
         try:
-            written = _build(checkpoint, tmp, device, dtype, limits, formats, check, shards, log)
+            written = _build(checkpoint, tmp, device, dtype, limits, formats, check, shards, tensor_parallel, log)
             _replace(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -187,20 +197,27 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
 
 
 def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: GraphLimits,
-           formats: tuple[str, ...], check: bool, shards: list[str] | None, log: Callable[[str], None]) -> dict:
+           formats: tuple[str, ...], check: bool, shards: list[str] | None, tensor_parallel: int | None,
+           log: Callable[[str], None]) -> dict:
     """Every file of the artifact into `tmp`, checked; returns the manifest written.
-    shards: the checkpoint files to hard-link as the weights (`linkable_files`), or None to copy them."""
+    shards: the checkpoint files to hard-link as the weights (`linkable_files`), or None to copy them.
+    tensor_parallel: the number of ranks of a tensor-parallel artifact, or None."""
     with stage("load", log):
         model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
         limits = limits.resolved(model.config.max_position_embeddings)
     graphs: dict = {}
     options: dict = {}
-    if "pt2" in formats:
+    if "pt2" in formats and tensor_parallel is not None:
+        with stage("export and compile the rank graph", log):
+            inputs, options = build_rank_graph(model, tensor_parallel, limits, tmp / "model.pt2", device)
+    elif "pt2" in formats:
         with stage("export", log):
             ep = export_forward(model, limits)
         with stage("compile", log):
             options = compile_package(ep, tmp / "model.pt2", device)
-        graphs["forward"] = {"file": "model.pt2", "inputs": input_specs(model, limits),
+        inputs = input_specs(model, limits)
+    if "pt2" in formats:
+        graphs["forward"] = {"file": "model.pt2", "inputs": inputs,
                              "output": {"name": "logits", "shape": ["logit_rows", model.config.vocab_size],
                                         "dtype": "float32"}}
     if "onnx" in formats:
@@ -209,8 +226,11 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
         with stage("onnx", log):
             graphs["onnx"] = export_onnx(model, tmp, log)
     with stage("package", log):
-        weights = None  # an ONNX graph carries its own weights (model.onnx.data)
-        if "pt2" in formats and shards is not None:
+        weights = None  # an ONNX graph carries its own weights (model.onnx.data), a TP one its shards
+        parallel = None
+        if tensor_parallel is not None:
+            parallel = write_shards(model, tensor_parallel, tmp)
+        elif "pt2" in formats and shards is not None:
             weights = link_weights(checkpoint, shards, dict(model.named_buffers()), tmp)
         elif "pt2" in formats:
             tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -234,6 +254,7 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
             "kv_cache": {"block_size": limits.block_size,
                          "layout": ["num_blocks", "block_size", "kv_heads", "head_dim"]},
             "weights": weights,
+            **({"tensor_parallel": parallel} if parallel is not None else {}),
             "tokenizer_files": copied,
             "build_options": options,
             "source_checkpoint": str(checkpoint.resolve()),

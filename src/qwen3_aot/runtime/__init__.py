@@ -20,9 +20,11 @@ from qwen3_aot.runtime.onnx_engine import OnnxEngine
 from qwen3_aot.runtime.requests import Request
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
 from qwen3_aot.runtime.streams import AsyncStream, Stream
+from qwen3_aot.runtime.tensor_parallel import TensorParallelForward, tensor_parallel_size
 
 __all__ = ["AsyncStream", "CompiledForward", "Completion", "Engine", "EngineCore", "EngineStats", "OnnxEngine",
-           "Qwen3AotError", "Request", "SamplingParams", "StepRecord", "Stream", "load", "load_core", "load_forward"]
+           "Qwen3AotError", "Request", "SamplingParams", "StepRecord", "Stream", "TensorParallelForward", "load", "load_core",
+           "load_forward"]
 
 
 def _keyword_options(cls: type) -> set[str]:
@@ -80,10 +82,15 @@ def _check_options(options: dict, format: str) -> None:
 
 
 def load_forward(path: str | Path, device: str | torch.device | None = None,
-                 run_single_threaded: bool = False, verify_files: bool = True) -> CompiledForward:
-    """Check an artifact's manifest against this process and load its compiled forward."""
+                 run_single_threaded: bool = False,
+                 verify_files: bool = True) -> CompiledForward | TensorParallelForward:
+    """Check an artifact's manifest against this process and load its compiled forward: of a
+    tensor-parallel artifact, its worker processes (`close()` stops them)."""
     path, man = _read_pt2(path, verify_files)
-    return CompiledForward(path, man, _compiled_device(path, man, device), run_single_threaded)
+    dev = _compiled_device(path, man, device)
+    if tensor_parallel_size(man) is not None:
+        return TensorParallelForward(path, man, dev)
+    return CompiledForward(path, man, dev, run_single_threaded)
 
 
 def _read_pt2(path: str | Path, verify_files: bool) -> tuple[Path, dict]:

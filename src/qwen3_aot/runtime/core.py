@@ -24,6 +24,7 @@ from qwen3_aot.runtime.requests import Prompt, Request, make_request, pair_up
 from qwen3_aot.runtime.sampler import Sampler
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
 from qwen3_aot.runtime.scheduler import Batch, Scheduler
+from qwen3_aot.runtime.tensor_parallel import META, TensorParallelForward, tensor_parallel_size
 from qwen3_aot.runtime.tokenizer import Tokenizer
 from qwen3_aot.weights import DTYPES
 
@@ -68,8 +69,15 @@ class EngineCore:
         self.artifact, self.device, self.max_model_len = artifact, device, limits["max_model_len"]
         self.dtype, self.block_size = DTYPES[manifest["dtype"]], manifest["kv_cache"]["block_size"]
         self.tokenizer = Tokenizer.from_dir(artifact)
-        use_graphs = cuda_graphs and device.type == "cuda"
-        self.forward = CompiledForward(artifact, manifest, device, run_single_threaded=use_graphs)
+        # -- tensor-parallel hook: a TP artifact's forward is its worker processes, which hold the
+        # weights and each rank's share of the KV cache; here the cache is block bookkeeping on
+        # the meta device (runtime/tensor_parallel.py). Its ranks run without CUDA graphs.
+        self.tensor_parallel = tensor_parallel_size(manifest)
+        use_graphs = cuda_graphs and device.type == "cuda" and self.tensor_parallel is None
+        self.forward = CompiledForward(artifact, manifest, device, run_single_threaded=use_graphs) \
+            if self.tensor_parallel is None else TensorParallelForward(artifact, manifest, device)
+        cache_device = device if self.tensor_parallel is None else META
+        # -- end of the tensor-parallel hook
         self.sampler = Sampler()
         max_num_seqs = _within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
         max_tokens = _within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
@@ -78,7 +86,7 @@ class EngineCore:
             num_blocks = min(self._plan_blocks(kv_cache_tokens, gpu_memory_utilization, max_num_seqs, max_tokens),
                              limits["max_num_blocks"])
         num_blocks = _within("num_blocks", num_blocks, num_blocks, limits["max_num_blocks"], "max_num_blocks")
-        self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, device)
+        self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, cache_device)
         max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens, max_blocks_per_seq)
         self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq,
@@ -258,7 +266,7 @@ class EngineCore:
 
     def _plan_blocks(self, kv_cache_tokens: int | None, utilization: float, max_num_seqs: int,
                      max_tokens: int) -> int:
-        per_block = block_bytes(self.config, self.block_size, self.dtype)
+        per_block = block_bytes(self.config, self.block_size, self.dtype) // (self.tensor_parallel or 1)  # a rank's
         if kv_cache_tokens is not None:
             if kv_cache_tokens < 1:
                 raise Qwen3AotError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}.")
@@ -266,7 +274,8 @@ class EngineCore:
         if self.device.type == "cuda":
             if not 0 < utilization <= 1:
                 raise Qwen3AotError(f"gpu_memory_utilization must be in (0, 1], got {utilization}.")
-            budget = self._cuda_cache_bytes(utilization, max_num_seqs, max_tokens)
+            budget = self._cuda_cache_bytes(utilization, max_num_seqs, max_tokens) if self.tensor_parallel is None \
+                else self.forward.cuda_cache_bytes(utilization, max_tokens, min(max_num_seqs, max_tokens))
             if budget < 2 * per_block:
                 raise Qwen3AotError(f"no GPU memory left for the KV cache at gpu_memory_utilization={utilization} "
                                     "(weights, activations and other processes take it); raise it, lower "
