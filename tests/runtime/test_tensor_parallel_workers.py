@@ -1,9 +1,7 @@
-"""A tensor-parallel artifact (the fixture at --tensor-parallel 2, CPU, gloo): its manifest
-records the ranks and their shards, its forward runs as two worker processes, and a worker
-that dies ends it with our error in bounded time; close() stops the workers.
-
-Greedy and logits parity with tp=1 are not tested here yet: on CPU a step can deadlock (the
-compiled graph holds the GIL while a gloo thread waits for it; docs/ARCHITECTURE.md).
+"""A tensor-parallel artifact (the fixture at --tensor-parallel 2, CPU, gloo): greedy tokens
+equal transformers', fp32 logits as close to float64 as tp=1's; its manifest records the
+ranks and their shards, its forward runs as two worker processes, and a worker that dies
+ends it with our error in bounded time; close() stops the workers.
 """
 
 import os
@@ -13,10 +11,15 @@ import time
 import pytest
 import torch
 
-from support import FIXTURE
-from qwen3_aot import manifest
+from reference import GREEDY, hf_greedy, prompts
+from support import FIXTURE, rel_err
+from qwen3_aot import manifest, runtime
+from qwen3_aot.build.reference import Float64Forward
+from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import TensorParallelForward, load_forward
+from qwen3_aot.runtime import tensor_parallel as tp_runtime
 
 # one worker builds the artifact once; every wait inside TensorParallelForward has a timeout,
 # so a hang fails the test (pytest-timeout is not installed)
@@ -30,6 +33,31 @@ def tp_artifact(tmp_path_factory):
 
     return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-tp2", device="cpu",
                            dtype="float32", tensor_parallel=2, check=False, log=lambda _m: None)
+
+
+@pytest.fixture(autouse=True)
+def short_step_timeout(monkeypatch):
+    monkeypatch.setattr(tp_runtime, "STEP_TIMEOUT_S", 60.0)  # a hung step fails its test in a minute
+
+
+def test_greedy_tokens_equal_transformers(tp_artifact):
+    with runtime.load(tp_artifact) as engine:
+        got = [c.token_ids for c in engine.generate(prompts(), GREEDY)]
+    assert got == hf_greedy()
+
+
+def test_fp32_logits_are_as_close_to_float64_as_one_ranks(tp_artifact, tiny_artifact):
+    model = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu")
+    seqs = [list(range(3, 40)), [7] * 5 + list(range(100, 150)), [300, 301, 302]]  # several blocks each
+    ref = torch.cat(FlatBatchDriver(Float64Forward(model), model.config, torch.float64, "cpu").logits(seqs))
+    fwd = load_forward(tp_artifact)
+    try:
+        tp2 = torch.cat(FlatBatchDriver(fwd, model.config, torch.float32, "cpu").logits(seqs))
+    finally:
+        fwd.close()
+    tp1 = torch.cat(FlatBatchDriver(load_forward(tiny_artifact), model.config, torch.float32, "cpu").logits(seqs))
+    assert rel_err(tp2, tp1) < 1e-5
+    assert rel_err(tp2, ref) <= 1.25 * rel_err(tp1, ref) + 1e-7  # the all-reduce reassociates sums: no worse
 
 
 def _gone(pid: int, within_s: float) -> bool:

@@ -22,10 +22,14 @@ step, as at tp=1. Two things that check found:
   traced rank's value unless `always_keep_tensor_constants` is set, which would make every
   rank compute rank 0's embedding: with it set, the one compiled graph serves every rank,
   each loading its own shard as AOTInductor user-managed constants.
-- On CPU, where our ops are Python calls from the graph, a step can deadlock on the GIL
-  (runtime/tensor_parallel.py says how); `RankModel._copied` makes it rarer, not impossible.
-  Cutting the graph at the collectives (the runtime all-reducing with the GIL released) or
-  C++ CPU kernels for our ops would remove it; neither is done yet.
+- On CPU our ops are Python calls from the graph, which holds the GIL while it runs
+  (`boxed_run`); a tensor Python has seen keeps a Python object, and a gloo thread dropping
+  the last reference to one waits for the GIL while the graph waits for that thread's
+  collective: a deadlock. So no such tensor may reach a collective, either way: on CPU the
+  graph is compiled without buffer reuse (Inductor would otherwise hand a Python op's dead
+  output buffer to a collective as its input), and each collective's result is copied before
+  anything else sees it (`RankModel._copied`). Without either, the fixture's tp=2 steps hung
+  (tests/runtime/test_tensor_parallel_workers.py fails, in its step timeout).
 """
 
 from __future__ import annotations
@@ -109,13 +113,9 @@ class RankModel(Qwen3ForCausalLM):
 
     def _copied(self, t: torch.Tensor) -> torch.Tensor:
         """On CPU, a copy of a collective's result, so that the buffer the process group's work
-        holds is never handed to Python. Our ops are Python calls there; a tensor they see keeps
-        a Python object, and the group's thread, dropping the work's last reference to it, then
-        waits for the GIL, which the thread running the graph holds (boxed_run does not release
-        it) while it waits for the next collective: a deadlock, certain with gloo at one intra-op
-        thread per rank. Inductor removes a `clone`; it cannot remove an add of a constant it
-        does not know (`copy_zero`, kept a runtime constant). On CUDA our ops are compiled
-        kernels: no Python, no copy."""
+        holds is never handed to Python (the module docstring says why). Inductor removes a
+        `clone`; it cannot remove an add of a constant it does not know (`copy_zero`, kept a
+        runtime constant). On CUDA our ops are compiled kernels: no Python, no copy."""
         return t + self.copy_zero if self.copy_zero.numel() else t
 
 
@@ -170,11 +170,14 @@ def build_rank_graph(model: Qwen3ForCausalLM, n: int, limits: GraphLimits, path:
     returns its input specs (a rank's KV heads) and the build options. The rank's copy of its
     weights is dropped on return: the build holds the whole model and little more."""
     rm = rank_model(model, n, 0)
-    with rank_group(n), torch.no_grad(), torch._inductor.config.patch(always_keep_tensor_constants=True):
+    inductor = {"always_keep_tensor_constants": True}
+    if device == "cpu":  # no Python-seen buffer may become a collective's input (module docstring)
+        inductor.update(allow_buffer_reuse=False, inplace_buffers=False)
+    with rank_group(n), torch.no_grad(), torch._inductor.config.patch(**inductor):
         ep = torch.export.export(rm, example_inputs(rm, limits), dynamic_shapes=dynamic_shapes(
             rm.config.num_hidden_layers, limits))
         options = compile_package(ep, path, device)
-    options["inductor_configs"]["always_keep_tensor_constants"] = True
+    options["inductor_configs"].update(inductor)
     return input_specs(rm, limits), options
 
 

@@ -25,12 +25,10 @@ Decode steps run without CUDA graphs here (the workers call the graph directly).
 are spawned, so they import the caller's main module: a script that loads a tensor-parallel
 artifact must guard its top level with `if __name__ == "__main__":`.
 
-Known to fail on CPU: a step can deadlock, and then ends with the step timeout's error. The
-compiled graph calls our ops there as Python functions and `boxed_run` holds the GIL for the
-whole forward; a gloo thread dropping the last reference to a tensor Python has seen waits
-for the GIL while the graph waits for that thread's collective (gdb: the gloo runloop in
-`decref_pyobject` -> `take_gil`, the main thread in `c10d::wait_tensor`). See
-docs/ARCHITECTURE.md, "Tensor parallel".
+On CPU the compiled graph calls our ops as Python functions and `boxed_run` holds the GIL for
+the whole forward, so no tensor Python has seen may reach a collective: a gloo thread dropping
+its last reference would wait for the GIL while the graph waits for that thread (a deadlock,
+seen in gdb). The rank graph's build keeps them apart (build/tensor_parallel.py).
 """
 
 from __future__ import annotations
