@@ -20,8 +20,9 @@ case $part in
     *) args=(--shapes "$part") ;;  # bench/family.py names the shapes it knows
 esac
 df -h /tmp | tail -1; free -g | head -2; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-timeout ${FAMILY_TIMEOUT_S:-590} python3 bench/family.py "${args[@]}" --json "$OUT/family_$part.json" > "$OUT/family_$part.log" 2>&1
+name=${part//,/_}  # a comma in a file name keeps it from coming back from the GPU machine
+timeout ${FAMILY_TIMEOUT_S:-590} python3 bench/family.py "${args[@]}" --json "$OUT/family_$name.json" > "$OUT/family_$name.log" 2>&1
 rc=$?
-grep -E "^\[|^shape|^[0-9.]+B |build stages|error|Error" "$OUT/family_$part.log" | grep -v "^\[.*\] \.\.\.$" | tail -40
+grep -E "^\\[|^shape|^[0-9.]+B[ :]|error|Error" "$OUT/family_$name.log" | grep -v "^\[.*\] \.\.\.$" | tail -40
 echo "family $part exit code: $rc"
 exit $rc
