@@ -74,3 +74,21 @@ def test_the_mailbox_wakes_the_event_loop_once_for_what_was_posted_meanwhile():
     box = asyncio.run(main())
     with pytest.raises(RuntimeError, match="closed"):  # the loop thread then aborts the request
         box.post(asyncio.Queue(), Output())
+
+
+def test_generate_callers_are_woken_once_per_request(engine, monkeypatch):
+    """generate and generate_async wait for Completions: the loop hands each request one
+    Output, its last, and the Completion is the same as a streamed request's."""
+    from qwen3_aot.runtime import streams
+
+    taken = []
+    real = streams._StreamBase._take
+    monkeypatch.setattr(streams._StreamBase, "_take", lambda self, out: (taken.append(out), real(self, out))[1])
+    want = [engine.stream(p, GREEDY).result() for p in prompts()[:3]]
+    streamed = len(taken)
+    taken.clear()
+    assert engine.generate(prompts()[:3], GREEDY) == want
+    assert len(taken) == 3 and all(o.completion is not None for o in taken) and streamed > 3
+    taken.clear()
+    assert asyncio.run(asyncio.wait_for(engine.generate_async(prompts()[1], GREEDY), DEADLINE_S)) == want[1]
+    assert len(taken) == 1

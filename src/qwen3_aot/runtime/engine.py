@@ -44,7 +44,8 @@ class Engine:
                  sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Completions of one prompt (text or token ids) or a list of them, in order; one
         SamplingParams for all or one per prompt. All are checked before any is submitted."""
-        streams = [Stream(self._loop, self._request(p, s)) for p, s in pair_up(prompts, sampling)]
+        # final_only: the Completion is all a caller of generate sees, so it is woken once
+        streams = [Stream(self._loop, self._request(p, s), final_only=True) for p, s in pair_up(prompts, sampling)]
         try:
             for s in streams:
                 s.start()
@@ -70,7 +71,7 @@ class Engine:
     async def generate_async(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Completion:
         """The Completion of one prompt, awaited without blocking the event loop; a cancelled
         await aborts the request."""
-        stream = self.stream_async(prompt, sampling)
+        stream = AsyncStream(self._loop, self._request(prompt, sampling), final_only=True)
         try:
             return await stream.result()
         finally:

@@ -43,9 +43,12 @@ class Output:
 
 @dataclasses.dataclass
 class Submission:
-    """A request and where its Outputs go; `published`: how many of its output tokens went."""
+    """A request and where its Outputs go; `published`: how many of its output tokens went.
+    `final_only`: one Output, at the end: a caller that waits for the Completion alone is woken
+    once, not every step (each wake-up takes the GIL from the loop thread)."""
     request: Request
     put: Callable[[Output], None]
+    final_only: bool = False
     published: int = 0
 
 
@@ -155,7 +158,7 @@ class EngineLoop:
         self._snapshot()
         for r in took:
             sub = self._live.get(r.seq.seq_id)
-            if sub is None:
+            if sub is None or sub.final_only and not r.finished:
                 continue
             out = r.seq.token_ids[r.seq.num_prompt_tokens + sub.published:]  # the new ones only: O(1) a step
             logprobs = None if r.logprobs is None else r.logprobs[sub.published:]

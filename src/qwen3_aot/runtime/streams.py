@@ -32,8 +32,8 @@ class _StreamBase:
     """token_ids / logprobs: the output so far, updated before each piece is handed out;
     completion: set once the request has ended (finished, stopped or aborted)."""
 
-    def __init__(self, loop: EngineLoop, request: Request) -> None:
-        self._loop = loop
+    def __init__(self, loop: EngineLoop, request: Request, final_only: bool = False) -> None:
+        self._loop, self._final_only = loop, final_only
         self._sub: Submission | None = None
         self._request = request
         self.token_ids: list[int] = []
@@ -42,7 +42,7 @@ class _StreamBase:
         self._closed = False
 
     def _submit(self, put) -> None:
-        self._sub = Submission(self._request, put)
+        self._sub = Submission(self._request, put, self._final_only)
         self._loop.submit(self._sub)
 
     def _take(self, out: Output) -> str:
