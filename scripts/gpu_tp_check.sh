@@ -4,10 +4,11 @@
 # artifact: build time, load time, decode tok/s at batch 1 and 64, and the all-reduce time per
 # step (torch.profiler in each rank is future work; here: the step time at tp N against tp 1
 # is what is printed). UNMEASURED: this script has never run; no multi-GPU machine was lent.
+# Disk: a TP artifact copies its weights (shards), so 32B needs about 130 GB (the x4 and x8 machines have 235).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0   # NVLink multicast off, as these machines require
-PY=${PY:-.venv/bin/python}
+PY=${PY:-python3}  # the GPU machines run the tree with their own python3 (PYTHONPATH=src)
 OUT=${OUT:-/tmp/qwen3-aot-tp}
 mkdir -p "$OUT"
 for shape in 8B 32B; do

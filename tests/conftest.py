@@ -17,7 +17,7 @@ if _WORKERS > 1:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 from qwen_checkpoint import qwen_artifact, qwen_checkpoint, qwen_tokenizer_json  # noqa: E402,F401  (fixtures)
-from support import FIXTURE, HAS_CUDA, RUNTIME_DEVICE  # noqa: E402
+from support import FIXTURE, HAS_CUDA, RUNTIME_DEVICE, built_once  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +43,12 @@ def poison_new_tensors(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory):
-    """The trained fixture as a CPU fp32 pt2 artifact, built once per test run (~10 s)."""
+    """The trained fixture as a CPU fp32 pt2 artifact, built once per test run for every
+    worker (~10 s alone, ~30 s beside the other worker's tests on 2 cores)."""
     from qwen3_aot.build import export_artifact
 
-    return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-fp32", device="cpu",
-                           dtype="float32", log=lambda _msg: None)
+    return built_once(tmp_path_factory, "tiny-fp32", lambda path: export_artifact(
+        FIXTURE, path, device="cpu", dtype="float32", log=lambda _msg: None))
 
 
 @pytest.fixture(scope="session")

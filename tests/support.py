@@ -3,9 +3,11 @@ measures and tolerances, prompts from the trained fixture's text. A module of it
 because every folder's conftest.py is imported under the one name `conftest`, so importing
 names from it reaches whichever conftest came last."""
 
+import fcntl
 import functools
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,3 +60,18 @@ def rounded_once_tol(dtype: torch.dtype, interpreted: bool) -> float:
     (a sum, an rsqrt, approximate on CUDA, and products)."""
     truncates = interpreted and dtype == torch.bfloat16
     return (2 if truncates else 1) * torch.finfo(dtype).eps / 2 + 8 * torch.finfo(torch.float32).eps / 2
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(path)` run once per test session, by whichever pytest-xdist worker asks first;
+    the others wait for it and share the result (the workers' temp dirs have one parent).
+    For artifacts, whose export renames a finished build into place: a manifest means done."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "manifest.json").is_file():
+            build(path)
+    return path

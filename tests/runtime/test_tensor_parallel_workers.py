@@ -41,12 +41,13 @@ def short_step_timeout(monkeypatch):
 
 
 def test_greedy_tokens_equal_transformers(tp_artifact):
+    n = 6  # of the 16 prompts, 3 to 73 tokens: several blocks, prefills and decodes batched together
     with runtime.load(tp_artifact) as engine:
-        got = [c.token_ids for c in engine.generate(prompts(), GREEDY)]
-    assert got == hf_greedy()
+        got = [c.token_ids for c in engine.generate(prompts()[:n], GREEDY)]
+    assert got == hf_greedy()[:n]
 
 
-def test_fp32_logits_are_as_close_to_float64_as_one_ranks(tp_artifact, tiny_artifact):
+def test_fp32_logits_are_as_close_to_float64_as_one_ranks_and_close_stops_the_workers(tp_artifact, tiny_artifact):
     model = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu")
     seqs = [list(range(3, 40)), [7] * 5 + list(range(100, 150)), [300, 301, 302]]  # several blocks each
     ref = torch.cat(FlatBatchDriver(Float64Forward(model), model.config, torch.float64, "cpu").logits(seqs))
@@ -55,6 +56,7 @@ def test_fp32_logits_are_as_close_to_float64_as_one_ranks(tp_artifact, tiny_arti
         tp2 = torch.cat(FlatBatchDriver(fwd, model.config, torch.float32, "cpu").logits(seqs))
     finally:
         fwd.close()
+    assert all(_gone(p, 15) for p in fwd.worker_pids)
     tp1 = torch.cat(FlatBatchDriver(load_forward(tiny_artifact), model.config, torch.float32, "cpu").logits(seqs))
     assert rel_err(tp2, tp1) < 1e-5
     assert rel_err(tp2, ref) <= 1.25 * rel_err(tp1, ref) + 1e-7  # the all-reduce reassociates sums: no worse
@@ -95,10 +97,3 @@ def test_a_killed_worker_ends_the_forward_with_our_error(tp_artifact):
     assert _gone(fwd.worker_pids[0], 15), "the surviving rank was not stopped"
     with pytest.raises(Qwen3AotError, match="rank 1"):  # and it stays ended
         fwd(z, z, z.int(), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1]), [], [])
-
-
-def test_close_stops_the_workers(tp_artifact):
-    fwd = load_forward(tp_artifact)
-    pids = fwd.worker_pids
-    fwd.close()
-    assert all(_gone(p, 15) for p in pids)
