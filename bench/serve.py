@@ -106,7 +106,10 @@ async def _clients(port: int, jobs: list, concurrency: int, start_at: float) -> 
 
 
 def _client_process(port: int, jobs: list, concurrency: int, start_at: float) -> tuple[list[dict], float]:
-    return asyncio.run(_clients(port, jobs, concurrency, start_at))
+    try:
+        return asyncio.run(_clients(port, jobs, concurrency, start_at))
+    except Exception as e:  # httpx's errors do not unpickle: the pool would only say a process broke
+        raise RuntimeError(f"a client failed: {type(e).__name__}: {e}") from None
 
 
 def client_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
