@@ -1,0 +1,80 @@
+"""Where a CPU artifact's EngineCore runs fast: the same workload stepped in the thread that
+loaded the core, and in another thread (as the Engine's loop thread does), with torch's
+intra-op threads as they are and with the loading thread's set to 1.
+
+On the 2-core CPU machine (torch 2.13) the core stepped in another thread than the one that
+loaded it ran at about a third of the speed; loaded and stepped in one thread, or loaded by a
+thread whose intra-op pool is 1, it did not. What the cause is (two OpenMP teams on two
+cores?) is not established; this probe is the repro.
+
+    PYTHONPATH=src python bench/cpu_threads_probe.py artifacts/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import e2e  # noqa: E402
+
+from qwen3_aot import runtime  # noqa: E402
+
+MODES = {"one thread": "load and step in one (non-main) thread",
+         "main loads": "load in the main thread, step in another",
+         "main loads, 1 thread": "as main loads, the main thread's intra-op threads set to 1 first"}
+
+
+def run_mode(artifact: str, mode: str) -> float:
+    plan = e2e.Plan(workload=(96, 8, 48))
+    prompts, params = e2e.workload(plan, 512)
+    out: dict = {}
+
+    def step(core: runtime.EngineCore) -> None:
+        with torch.inference_mode():
+            core.generate(prompts[:8], params[:8])  # warm-up
+            t = time.perf_counter()
+            tokens = sum(c.output_tokens for c in core.generate(prompts, params))
+            out["tok_s"] = tokens / (time.perf_counter() - t)
+
+    if mode == "one thread":
+        target = lambda: step(runtime.load_core(artifact, verify_files=False))  # noqa: E731
+    else:
+        if mode == "main loads, 1 thread":
+            torch.set_num_threads(1)
+        core = runtime.load_core(artifact, verify_files=False)
+        threads = torch.get_num_threads() if mode == "main loads" else len(os.sched_getaffinity(0))
+
+        def target() -> None:
+            torch.set_num_threads(threads)
+            step(core)
+    th = threading.Thread(target=target)
+    th.start()
+    th.join()
+    return out["tok_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--mode", choices=list(MODES), default=None, help="one mode, in this process")
+    a = ap.parse_args()
+    if a.mode:
+        print(f"{run_mode(a.artifact, a.mode):.0f}")
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+    for mode, what in MODES.items():  # each in a fresh process: thread pools are per process
+        p = subprocess.run([sys.executable, __file__, a.artifact, "--mode", mode], capture_output=True, text=True,
+                           timeout=600)
+        print(f"{mode:22s} {p.stdout.strip().splitlines()[-1] if p.returncode == 0 else 'failed':>8s} tok/s   {what}")
+
+
+if __name__ == "__main__":
+    main()
