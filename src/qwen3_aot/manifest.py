@@ -126,7 +126,7 @@ def check_files(artifact: Path, manifest: dict[str, Any], full: bool = False) ->
                                 "(truncated or replaced); rebuild or re-copy the artifact.")
         checked = [f"{size} bytes"]
         if name.endswith(".safetensors"):
-            safetensors_header(f)
+            safetensors_layout(f)
             checked.append("safetensors header")
         if full or name in graph_files or size <= HASH_AT_LOAD_MAX_BYTES:
             got, how = sha256(f), "sha256"
@@ -166,8 +166,9 @@ def remember_hashes(artifact: Path, manifest: dict[str, Any]) -> None:
             _remember(artifact / name, digest)
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, checked to cover the file exactly."""
+def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
+    """Where a safetensors file's tensor bytes start (its tensors' offsets count from there),
+    and its JSON header, checked to cover the file exactly."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -181,7 +182,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     if 8 + n + end != size:
         raise Qwen3AotError(f"{path} holds {size} bytes, its safetensors header describes {8 + n + end} "
                             "(truncated or damaged); rebuild or re-copy the artifact.")
-    return header
+    return 8 + n, header
 
 
 def hash_cache_dir() -> Path:

@@ -21,13 +21,13 @@ import torch
 
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.manifest import safetensors_header
-from qwen3_aot.weights import hf_shapes, model_state_names
+from qwen3_aot.manifest import safetensors_layout
+from qwen3_aot.weights import STORED_DTYPES as WEIGHT_DTYPES, hf_shapes, model_state_names
 
 READ_THREADS = 8         # page-cache reads scale to about this many cores
 CHUNK_BYTES = 16 << 20   # one read and one copy; each thread pins two buffers of this size
-STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                 "I64": torch.int64, "I32": torch.int32}
+# the weights' dtypes and those of the graph's other constants (a TP rank's vocabulary offset)
+STORED_DTYPES = {**WEIGHT_DTYPES, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +46,7 @@ def stored_tensors(files: list[Path]) -> dict[str, Stored]:
     its file exactly, so every tensor's bytes are inside it)."""
     out: dict[str, Stored] = {}
     for f in files:
-        header = safetensors_header(f)
-        with open(f, "rb") as fh:
-            data_start = 8 + int.from_bytes(fh.read(8), "little")
+        data_start, header = safetensors_layout(f)
         for name, t in header.items():
             if name == "__metadata__":
                 continue
