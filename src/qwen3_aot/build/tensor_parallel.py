@@ -44,7 +44,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from qwen3_aot.build.aoti import compile_package
-from qwen3_aot.build.graph import GraphLimits, dynamic_shapes, example_inputs, input_specs
+from qwen3_aot.build.graph import GraphLimits, export_forward, input_specs
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
@@ -173,10 +173,8 @@ def build_rank_graph(model: Qwen3ForCausalLM, n: int, limits: GraphLimits, path:
     inductor = {"always_keep_tensor_constants": True}
     if device == "cpu":  # no Python-seen buffer may become a collective's input (module docstring)
         inductor.update(allow_buffer_reuse=False, inplace_buffers=False)
-    with rank_group(n), torch.no_grad(), torch._inductor.config.patch(**inductor):
-        ep = torch.export.export(rm, example_inputs(rm, limits), dynamic_shapes=dynamic_shapes(
-            rm.config.num_hidden_layers, limits))
-        options = compile_package(ep, path, device)
+    with rank_group(n), torch._inductor.config.patch(**inductor):
+        options = compile_package(export_forward(rm, limits), path, device)
     options["inductor_configs"].update(inductor)
     return input_specs(rm, limits), options
 

@@ -19,7 +19,7 @@ import torch
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.compiled import CompiledForward
 from qwen3_aot.runtime.decode_graphs import DecodeGraphs
-from qwen3_aot.runtime.kv_cache import KVCache, block_bytes
+from qwen3_aot.runtime.kv_cache import KVCache, block_bytes, cuda_cache_bytes
 from qwen3_aot.runtime.requests import Prompt, Request, make_request, pair_up
 from qwen3_aot.runtime.sampler import Sampler
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
@@ -285,27 +285,11 @@ class EngineCore:
         return max(2, min(wanted, CPU_CACHE_BYTES // per_block))
 
     def _cuda_cache_bytes(self, utilization: float, max_num_seqs: int, max_tokens: int) -> int:
-        """`utilization` of the GPU, less what is in use (weights, CUDA context, other
-        processes) and the peak of the largest step, measured by running one: max_tokens
-        tokens (all at position 0 of a scratch cache: activations, not context length, set
-        the peak) with max_num_seqs logit rows, sampled with top-p (the sort is the costliest)."""
-        dev, rows = self.device, min(max_num_seqs, max_tokens)
-        scratch = KVCache(self.config, 2, self.block_size, self.dtype, dev)
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        zeros = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-        with torch.inference_mode():
-            logits = self.forward(zeros, zeros, zeros.int(), torch.ones(1, 1, dtype=torch.int32, device=dev),
-                                  torch.arange(rows, device=dev), scratch.k, scratch.v)
-            self.sampler(logits, [SamplingParams(top_p=0.9)] * rows, [None] * rows)
-        peak = torch.cuda.max_memory_allocated(dev) - base
-        del logits, scratch, zeros
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(dev)
-        return int(total * utilization - (total - free) - peak)
-
-
+        """kv_cache.cuda_cache_bytes, its step's logits sampled with top-p (the sort is the costliest)."""
+        rows = min(max_num_seqs, max_tokens)
+        return cuda_cache_bytes(self.forward, self.config, self.block_size, self.dtype, self.device, utilization,
+                                max_tokens, rows, lambda logits: self.sampler(logits, [SamplingParams(top_p=0.9)] * rows,
+                                                                              [None] * rows))
 
 
 class Launched:

@@ -4,6 +4,7 @@ and the free list of their blocks."""
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 import torch
 
@@ -19,6 +20,16 @@ def block_bytes(model_config: dict, block_size: int, dtype: torch.dtype) -> int:
     return per_token * block_size
 
 
+def cache_tensors(model_config: dict, num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's K and V [num_blocks, block_size, kv_heads, head_dim], zeros."""
+    c = model_config
+    shape = (num_blocks, block_size, c["num_key_value_heads"], c["head_dim"])
+    layers = range(c["num_hidden_layers"])
+    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in layers])
+
+
 class KVCache:
     """`num_blocks` blocks of `block_size` tokens, each layer's K and V
     [num_blocks, block_size, kv_heads, head_dim]. Whole, freshly allocated tensors:
@@ -30,11 +41,7 @@ class KVCache:
         if num_blocks < 2:
             raise Qwen3AotError(f"the KV cache needs at least 2 blocks (one is reserved), got {num_blocks}; "
                                 "raise num_blocks / kv_cache_tokens (or gpu_memory_utilization).")
-        c = model_config
-        shape = (num_blocks, block_size, c["num_key_value_heads"], c["head_dim"])
-        layers = range(c["num_hidden_layers"])
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.k, self.v = cache_tensors(model_config, num_blocks, block_size, dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = deque(b for b in range(num_blocks) if b != RESERVED_BLOCK)
 
@@ -56,3 +63,27 @@ class KVCache:
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(blocks)
+
+
+def cuda_cache_bytes(forward: Callable[..., torch.Tensor], model_config: dict, block_size: int, dtype: torch.dtype,
+                     device: torch.device, utilization: float, max_tokens: int, rows: int,
+                     after: Callable[[torch.Tensor], object] | None = None) -> int:
+    """The bytes a KV cache may take: `utilization` of the GPU, less what is in use (weights,
+    CUDA context, other processes) and the peak of the largest step, measured by running one:
+    max_tokens tokens (all at position 0 of a scratch cache: activations, not context length,
+    set the peak) with `rows` logit rows, then `after` on the logits (the engine's sampling)."""
+    scratch = KVCache(model_config, 2, block_size, dtype, device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    zeros = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        logits = forward(zeros, zeros, zeros.int(), torch.ones(1, 1, dtype=torch.int32, device=device),
+                         torch.arange(rows, device=device), scratch.k, scratch.v)
+        if after is not None:
+            after(logits)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del logits, scratch, zeros
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total * utilization - (total - free) - peak)

@@ -46,6 +46,8 @@ import torch.distributed as dist
 import torch.multiprocessing  # noqa: F401  (registers the reductions that share tensors through pipes)
 
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.kv_cache import cache_tensors, cuda_cache_bytes
+from qwen3_aot.weights import DTYPES
 
 STARTUP_TIMEOUT_S = 600.0  # start, join the group and load a shard (a 32B shard reads tens of GB)
 STEP_TIMEOUT_S = 300.0     # one step, or the cache allocated (NCCL connects the ranks at the first)
@@ -228,8 +230,9 @@ def _serve_rank(rank: int, size: int, port: int, artifact: str, manifest: dict, 
     conn.send(("ok", None))
     caches: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     out: torch.Tensor | None = None
-    cfg = manifest["model_config"]
-    kv_heads = cfg["num_key_value_heads"] // size
+    # the rank's config as its caches see it: its share of the KV heads
+    cfg = {**manifest["model_config"], "num_key_value_heads": manifest["model_config"]["num_key_value_heads"] // size}
+    block_size, dtype = manifest["kv_cache"]["block_size"], DTYPES[manifest["dtype"]]
     try:
         while True:
             try:
@@ -241,11 +244,13 @@ def _serve_rank(rank: int, size: int, port: int, artifact: str, manifest: dict, 
             try:
                 with torch.inference_mode():
                     if "plan" in msg:
-                        conn.send(("ok", _cache_budget(forward, cfg, kv_heads, manifest, dev, *msg["plan"])))
+                        utilization, max_tokens, rows = msg["plan"]
+                        conn.send(("ok", cuda_cache_bytes(forward, cfg, block_size, dtype, dev, utilization,
+                                                          max_tokens, rows)))
                         continue
                     if "cache" in msg:
                         caches = ([], [])  # the old one freed first
-                        caches = _new_cache(cfg, kv_heads, *msg["cache"], manifest, dev)
+                        caches = cache_tensors(cfg, *msg["cache"], dtype, dev)
                     out = msg.get("out", out)
                     inputs = [torch.from_numpy(a).to(dev) for a in msg["inputs"]]
                     logits = forward(*inputs, *caches)
@@ -277,32 +282,3 @@ def _start_rank(rank: int, size: int, port: int, artifact: Path, manifest: dict,
     torch._C._distributed_c10d._register_process_group(entry["group_name"], dist.group.WORLD)
     shard = {**manifest, "weights": entry["shards"][rank]["weights"]}
     return CompiledForward(artifact, shard, dev, run_single_threaded=False), dev
-
-
-def _new_cache(cfg: dict, kv_heads: int, num_blocks: int, block_size: int, manifest: dict,
-               dev: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The rank's KV cache: its KV heads, whole fresh tensors per layer (as runtime/kv_cache.py's)."""
-    from qwen3_aot.weights import DTYPES
-
-    shape = (num_blocks, block_size, kv_heads, cfg["head_dim"])
-    dtype = DTYPES[manifest["dtype"]]
-    layers = range(cfg["num_hidden_layers"])
-    return ([torch.zeros(shape, dtype=dtype, device=dev) for _ in layers],
-            [torch.zeros(shape, dtype=dtype, device=dev) for _ in layers])
-
-
-def _cache_budget(forward: Any, cfg: dict, kv_heads: int, manifest: dict, dev: torch.device, utilization: float,
-                  max_tokens: int, rows: int) -> int:
-    """As EngineCore._cuda_cache_bytes, on this rank's GPU, for this rank's cache."""
-    scratch = _new_cache(cfg, kv_heads, 2, manifest["kv_cache"]["block_size"], manifest, dev)
-    torch.cuda.synchronize(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
-    zeros = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-    forward(zeros, zeros, zeros.int(), torch.ones(1, 1, dtype=torch.int32, device=dev),
-            torch.arange(rows, device=dev), *scratch)
-    peak = torch.cuda.max_memory_allocated(dev) - base
-    del scratch, zeros
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(dev)
-    return int(total * utilization - (total - free) - peak)
