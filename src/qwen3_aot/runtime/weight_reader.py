@@ -89,7 +89,24 @@ def read_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
 def read_tensors(layout: dict[str, list[Stored]], device: torch.device) -> dict[str, torch.Tensor]:
     """One tensor per entry of `layout`, made of its stored parts concatenated along dim 0
     (parts of one dtype whose shapes agree but in dim 0)."""
-    out, jobs = {}, queue.SimpleQueue()
+    out, jobs, fds = {}, queue.SimpleQueue(), {}
+    try:
+        for f in {p.file for parts in layout.values() for p in parts}:
+            fds[f] = os.open(f, os.O_RDONLY)
+        _queue_reads(layout, out, jobs, fds, device)
+        _run_reads(jobs, device)
+    except OSError as e:
+        raise Qwen3AotError(f"{e.filename or 'a weight file'} could not be read ({e.strerror or e}); it was "
+                            "truncated or damaged after the checks: copy it again.") from e
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
+
+
+def _queue_reads(layout: dict[str, list[Stored]], out: dict[str, torch.Tensor], jobs: queue.SimpleQueue,
+                 fds: dict[Path, int], device: torch.device) -> None:
+    """Allocate each tensor of `layout` into `out`, and queue the reads that fill it."""
     for name, parts in layout.items():
         first = parts[0]
         if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
@@ -101,30 +118,20 @@ def read_tensors(layout: dict[str, list[Stored]], device: torch.device) -> dict[
         for p in parts:
             for a in range(0, p.nbytes, CHUNK_BYTES):
                 n = min(CHUNK_BYTES, p.nbytes - a)
-                jobs.put((p.file, p.start + a, flat[at + a:at + a + n]))
+                jobs.put((fds[p.file], p.file, p.start + a, flat[at + a:at + a + n]))
             at += p.nbytes
-    _run_reads(jobs, device)
-    return out
 
 
 def _run_reads(jobs: queue.SimpleQueue, device: torch.device) -> None:
     errors: list[BaseException] = []
-    fds: dict[Path, int] = {}
     # grad modes are per thread: tensors made under the caller's inference_mode are inference
     # tensors, which the readers' copy_ may write only in inference mode too
     inference = torch.is_inference_mode_enabled()
-    lock = threading.Lock()
-
-    def fd_of(f: Path) -> int:
-        with lock:
-            if f not in fds:
-                fds[f] = os.open(f, os.O_RDONLY)
-            return fds[f]
 
     def work() -> None:
         try:
             with torch.inference_mode(inference):
-                (_gpu_reads if device.type == "cuda" else _cpu_reads)(jobs, fd_of, device)
+                _gpu_reads(jobs, device) if device.type == "cuda" else _cpu_reads(jobs)
         except BaseException as e:  # noqa: BLE001  (raised below, in the caller's thread)
             errors.append(e)
             while not jobs.empty():  # the others stop too
@@ -132,20 +139,12 @@ def _run_reads(jobs: queue.SimpleQueue, device: torch.device) -> None:
 
     threads = [threading.Thread(target=work, name=f"qwen3-aot read {i}", daemon=True)
                for i in range(min(READ_THREADS, os.cpu_count() or 1, max(1, jobs.qsize())))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     if errors:
-        e = errors[0]
-        if isinstance(e, OSError):
-            raise Qwen3AotError(f"{e.filename or 'a weight file'} could not be read ({e.strerror or e}); it was "
-                                "truncated or damaged after the checks: copy it again.") from e
-        raise e
+        raise errors[0]
 
 
 def _next(jobs: queue.SimpleQueue):
@@ -155,24 +154,24 @@ def _next(jobs: queue.SimpleQueue):
         return None
 
 
-def _cpu_reads(jobs: queue.SimpleQueue, fd_of, device: torch.device) -> None:
+def _cpu_reads(jobs: queue.SimpleQueue) -> None:
     while (job := _next(jobs)) is not None:
-        f, offset, dest = job
-        _read_into(fd_of(f), f, dest.numpy(), offset)
+        fd, f, offset, dest = job
+        _read_into(fd, f, dest.numpy(), offset)
 
 
-def _gpu_reads(jobs: queue.SimpleQueue, fd_of, device: torch.device) -> None:
+def _gpu_reads(jobs: queue.SimpleQueue, device: torch.device) -> None:
     stream = torch.cuda.Stream(device)
     buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
     copied: list[torch.cuda.Event | None] = [None, None]  # when each buffer may be refilled
     turn = 0
     with torch.cuda.device(device), torch.cuda.stream(stream):
         while (job := _next(jobs)) is not None:
-            f, offset, dest = job
+            fd, f, offset, dest = job
             if copied[turn] is not None:
                 copied[turn].synchronize()
             staged = buffers[turn][:dest.numel()]
-            _read_into(fd_of(f), f, staged.numpy(), offset)
+            _read_into(fd, f, staged.numpy(), offset)
             dest.copy_(staged, non_blocking=True)
             copied[turn] = torch.cuda.Event()
             copied[turn].record(stream)
