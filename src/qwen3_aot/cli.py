@@ -52,7 +52,8 @@ def _serve(a: argparse.Namespace) -> None:
                             "pip install 'qwen3-aot[serve]'") from e
     options = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("num_blocks", a.num_blocks)) if v is not None}
     run(a.artifact, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
-        max_queue=a.max_queue, grace_s=a.grace_period, device=a.device, **options)
+        max_queue=a.max_queue, grace_s=a.grace_period, device=a.device, engine_process=not a.engine_in_process,
+        **options)
 
 
 DEFAULT = "(default: %(default)s)"  # argparse fills in the option's default
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
                          "aborted " + DEFAULT)
     se.add_argument("--device", default=None, help=DEVICE_HELP)
+    se.add_argument("--engine-in-process", action="store_true",
+                    help="run the engine in the server's process (default: a process of its own, so that the "
+                         "HTTP side's Python never holds the GIL the engine needs between steps)")
     se.set_defaults(func=_serve)
     return ap
 

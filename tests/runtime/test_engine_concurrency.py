@@ -17,6 +17,7 @@ import pytest
 
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
+from qwen3_aot.runtime.loop import EngineLoop
 from reference import GREEDY, prompts
 
 DEADLINE_S = 120  # for a whole concurrent run on a loaded 2-core CI machine
@@ -246,7 +247,7 @@ def test_a_failing_step_reaches_every_caller_as_our_error(runtime_artifact):
         return forward(*args)
 
     core.forward = failing
-    eng = runtime.Engine(core)
+    eng = runtime.Engine(EngineLoop(core))
 
     def caller(k):
         with pytest.raises(Qwen3AotError, match="device lost"):

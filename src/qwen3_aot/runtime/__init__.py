@@ -15,7 +15,8 @@ from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.compiled import CompiledForward
 from qwen3_aot.runtime.core import EngineCore, StepRecord
 from qwen3_aot.runtime.engine import Engine
-from qwen3_aot.runtime.loop import EngineStats
+from qwen3_aot.runtime.engine_process import ProcessLoop
+from qwen3_aot.runtime.loop import EngineLoop, EngineStats
 from qwen3_aot.runtime.onnx_engine import OnnxEngine
 from qwen3_aot.runtime.requests import Request
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
@@ -37,7 +38,7 @@ ENGINE_OPTIONS = {"pt2": _keyword_options(EngineCore), "onnx": _keyword_options(
 
 
 def load(path: str | Path, device: str | torch.device | None = None, *, verify_files: bool = True,
-         format: str | None = None, **options) -> Engine | OnnxEngine:
+         format: str | None = None, engine_process: bool = False, **options) -> Engine | OnnxEngine:
     """Check an artifact against this process (format, torch build, device, GPU, file sizes
     and headers, checksums: see manifest.read) and start an engine on it: weights loaded once, the paged KV cache sized,
     CUDA graphs captured on a GPU, and the Engine's loop thread started (it is safe to share
@@ -45,6 +46,9 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
 
     format: which graph to serve, "pt2" (an Engine, continuous batching) or "onnx" (an
     OnnxEngine on onnxruntime, static batching); default pt2 when the artifact has one.
+    engine_process: run the Engine's loop, and its core, in a process of its own
+    (runtime/engine_process.py), so that callers busy in Python (a server's event loop) never
+    hold the GIL the loop needs between steps; the Engine's API is the same.
     `options` are the engine's: for pt2 EngineCore's (num_blocks, kv_cache_tokens,
     gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap); for
     onnx OnnxEngine's (max_batch_size)."""
@@ -61,8 +65,13 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
                             f"--format {format} (or pt2,onnx).")
     _check_options(options, format)
     if format == "onnx":
+        if engine_process:
+            raise Qwen3AotError("engine_process is for the pt2 Engine; an onnx engine runs in the caller's thread.")
         return OnnxEngine(path, man, device, **options)
-    return Engine(EngineCore(path, man, _compiled_device(path, man, device), **options))
+    dev = _compiled_device(path, man, device)
+    if engine_process:
+        return Engine(ProcessLoop(path, dev, options))
+    return Engine(EngineLoop(EngineCore(path, man, dev, **options)))
 
 
 def load_core(path: str | Path, device: str | torch.device | None = None, *, verify_files: bool = True,

@@ -20,7 +20,7 @@ from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.compiled import CompiledForward
 from qwen3_aot.runtime.decode_graphs import DecodeGraphs
 from qwen3_aot.runtime.kv_cache import KVCache, block_bytes, cuda_cache_bytes
-from qwen3_aot.runtime.requests import Prompt, Request, make_request, pair_up
+from qwen3_aot.runtime.requests import Prompt, Request, make_request, pair_up, request_limits
 from qwen3_aot.runtime.sampler import Sampler
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
 from qwen3_aot.runtime.scheduler import Batch, Scheduler
@@ -103,11 +103,8 @@ class EngineCore:
     def make_request(self, prompt: Prompt, params: SamplingParams | None) -> Request:
         """Check a prompt and its parameters (our error, nothing changed if bad) and make its
         request. Touches no state but an id counter: any thread may call it."""
-        limits = [(self.max_model_len, f"the artifact's max_model_len ({self.max_model_len}); shorten one of them"),
-                  (self.cache.capacity, f"the KV cache ({self.cache.capacity} tokens); shorten them or load with a "
-                                        "larger cache (num_blocks, kv_cache_tokens or gpu_memory_utilization)")]
-        return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"], limits,
-                            self.device)
+        return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"],
+                            request_limits(self.max_model_len, self.cache.capacity), self.device)
 
     def add(self, request: Request) -> None:
         """Queue a request made by `make_request`; `step` advances it."""

@@ -3,7 +3,8 @@ tasks at once, all in one continuous batch.
 
 Who owns what: the EngineCore (scheduler, paged KV cache, compiled forward, CUDA graphs,
 sampler) belongs to the loop thread that `runtime.load` starts (runtime/loop.py), and
-nothing else touches it. Callers check and make their requests in their own thread (a bad
+nothing else touches it; with `engine_process=True` that thread runs in a process of its own
+(runtime/engine_process.py), so that the callers' Python never holds the GIL it needs. Callers check and make their requests in their own thread (a bad
 one raises our error there, and nothing is queued), submit them through the loop's command
 queue, and read text from a Stream or AsyncStream (runtime/streams.py). `close()`, leaving a
 `with` block, dropping the engine or the interpreter's exit stops the loop and frees the cache.
@@ -16,7 +17,7 @@ import weakref
 from typing import Any
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.core import EngineCore
+from qwen3_aot.runtime.engine_process import ProcessLoop
 from qwen3_aot.runtime.loop import EngineLoop, EngineStats
 from qwen3_aot.runtime.requests import Prompt, Request, pair_up
 from qwen3_aot.runtime.sampling import Completion, SamplingParams
@@ -26,15 +27,17 @@ EXIT_TIMEOUT_S = 5.0  # at interpreter exit, how long a step in progress may tak
 
 
 class Engine:
-    """Built by `qwen3_aot.runtime.load`; thread-safe and asyncio-safe (see the module
-    docstring). The options of `load` are EngineCore's."""
+    """Built by `qwen3_aot.runtime.load` around the loop that owns its core, in this process
+    (EngineLoop) or another (ProcessLoop); thread-safe and asyncio-safe (see the module
+    docstring)."""
 
-    def __init__(self, core: EngineCore) -> None:
-        self.tokenizer, self.config, self.device = core.tokenizer, core.config, core.device
-        self.max_model_len, self.block_size = core.max_model_len, core.block_size
-        self.cache_capacity = core.cache.capacity  # the most tokens one sequence can hold
-        self._artifact = core.artifact
-        self._loop = EngineLoop(core)
+    def __init__(self, loop: EngineLoop | ProcessLoop) -> None:
+        info = loop.info
+        self.tokenizer, self.config, self.device = loop.tokenizer, info.config, info.device
+        self.max_model_len, self.block_size = info.max_model_len, info.block_size
+        self.cache_capacity = info.cache_capacity  # the most tokens one sequence can hold
+        self._artifact = info.artifact
+        self._loop = loop
         # the finalizer holds the loop, not the engine: dropping the engine stops its loop
         self._stop = weakref.finalize(self, self._loop.stop, EXIT_TIMEOUT_S)
 
@@ -148,7 +151,7 @@ class Engine:
         self.close()
 
     def _request(self, prompt: Prompt, sampling: SamplingParams | None) -> Request:
-        return self._loop.checked_core().make_request(prompt, sampling)
+        return self._loop.make_request(prompt, sampling)
 
 
 def _separated(completion: Completion, prompt: str) -> Completion:

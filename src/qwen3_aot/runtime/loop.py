@@ -10,6 +10,10 @@ whoever reads it and however late, so a stream read late loses nothing.
 
 A failure inside a step ends the loop: every request in flight, and every later submission,
 gets our error instead of a hang. `stop` ends it cleanly: requests in flight end as aborted.
+
+The same interface (`info`, `tokenizer`, `make_request`, `submit`, `abort`, `stop`, `stats`,
+`thread`) is ProcessLoop's (runtime/engine_process.py), which runs this loop in a process of
+its own; its `flush` sends what each pass of the loop gave out.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import dataclasses
 import logging
 import queue
 import threading
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.core import EngineCore
-from qwen3_aot.runtime.requests import Request
-from qwen3_aot.runtime.sampling import Completion
+from qwen3_aot.runtime.requests import Prompt, Request
+from qwen3_aot.runtime.sampling import Completion, SamplingParams
+from qwen3_aot.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("qwen3_aot")
 
@@ -66,15 +72,34 @@ class EngineStats:
     num_steps: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What an Engine tells its callers about its core, in whichever process the core runs."""
+    artifact: Path
+    config: dict
+    device: torch.device
+    max_model_len: int
+    block_size: int
+    cache_capacity: int  # the most tokens one sequence can hold
+
+
 class EngineLoop:
-    def __init__(self, core: EngineCore) -> None:
+    """`flush`: called by the loop thread after each pass (a step's Outputs or a command's
+    handed out, the stats snapshot taken) and once at its end."""
+
+    def __init__(self, core: EngineCore, flush: Callable[[], None] | None = None) -> None:
         self.core: EngineCore | None = core
+        self.info = EngineInfo(core.artifact, core.config, core.device, core.max_model_len, core.block_size,
+                               core.cache.capacity)
+        self.tokenizer: Tokenizer = core.tokenizer
+        self._flush = flush or (lambda: None)
         self.stats = EngineStats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # orders submissions against the loop's end; reentrant because a stream garbage-collected
         # inside the locked region of the same thread aborts through it
         self._lock = threading.RLock()
         self._ended: BaseException | None = None  # why no more submissions are taken
+        self.failure: str | None = None  # set when a step failed: "the engine's loop failed (...)"
         self._live: dict[int, Submission] = {}  # by sequence id: only the loop thread touches it
         self._steps = 0
         self._snapshot()
@@ -83,13 +108,14 @@ class EngineLoop:
 
     # ---- any thread ----
 
-    def checked_core(self) -> EngineCore:
-        """The core, for what any thread may call on it (`make_request`); our error once the
-        loop has ended."""
+    def make_request(self, prompt: Prompt, params: SamplingParams | None) -> Request:
+        """Check a prompt and its parameters and make its request (our error if bad, or once
+        the loop has ended)."""
         with self._lock:
             if self._ended is not None:
                 raise self._ended
-            return self.core
+            core = self.core
+        return core.make_request(prompt, params)
 
     def submit(self, sub: Submission) -> None:
         self._command("add", sub)
@@ -127,10 +153,12 @@ class EngineLoop:
                         took = core.step()
                         self._steps += 1
                         self._publish(took)
+                    self._flush()
         except BaseException as e:  # noqa: BLE001  (a dying loop must tell every caller)
             log.exception("the engine loop failed")
             error = e.with_traceback(None)  # logged; its frames would keep the core's memory alive
         self._end(error)
+        self._flush()
         on_cuda = core.device.type == "cuda"
         del core  # the last reference: the KV cache, weights and graphs are freed here
         if on_cuda:
@@ -191,8 +219,8 @@ class EngineLoop:
         error if the loop failed."""
         with self._lock:
             if error is not None:
-                self._ended = Qwen3AotError(f"the engine's loop failed ({type(error).__name__}: {error}); load the "
-                                            "artifact again.")
+                self.failure = f"the engine's loop failed ({type(error).__name__}: {error})"
+                self._ended = Qwen3AotError(f"{self.failure}; load the artifact again.")
                 self._ended.__cause__ = error
             queued = []
             while True:

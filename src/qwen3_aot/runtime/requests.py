@@ -58,6 +58,13 @@ class Request:
                           prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs)
 
 
+def request_limits(max_model_len: int, cache_capacity: int) -> list[tuple[int, str]]:
+    """The limits a prompt + max_tokens must stay within, with what sets each and how to raise it."""
+    return [(max_model_len, f"the artifact's max_model_len ({max_model_len}); shorten one of them"),
+            (cache_capacity, f"the KV cache ({cache_capacity} tokens); shorten them or load with a larger cache "
+                             "(num_blocks, kv_cache_tokens or gpu_memory_utilization)")]
+
+
 def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tokenizer: Tokenizer, vocab_size: int,
                  limits: list[tuple[int, str]], device: torch.device) -> Request:
     """Check a prompt and its parameters (our error if bad) and make its request. `limits`:

@@ -21,14 +21,17 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def run(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         served_model_name: str | None = None, max_queue: int = 1024, grace_s: float = 10.0,
-        device: str | None = None, **engine_options: Any) -> None:
-    """Serve `artifact` over HTTP until a signal stops it. `engine_options` go to runtime.load."""
+        device: str | None = None, engine_process: bool = True, **engine_options: Any) -> None:
+    """Serve `artifact` over HTTP until a signal stops it. `engine_options` go to runtime.load.
+    engine_process: the engine in a process of its own (runtime/engine_process.py): the event
+    loop serving hundreds of streams would otherwise hold the GIL the engine's loop needs."""
     from qwen3_aot import runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # the pt2 graph: the continuously batched, thread- and asyncio-safe Engine (an ONNX-only
     # artifact gets load's error saying to rebuild it with --format pt2)
-    with runtime.load(artifact, device=device, format="pt2", **engine_options) as engine:
+    with runtime.load(artifact, device=device, format="pt2", engine_process=engine_process,
+                      **engine_options) as engine:
         app = build_app(engine, served_model_name or Path(artifact).resolve().name, api_key=api_key,
                         max_queue=max_queue)
         # access_log off: the app logs one line per request itself, with its tokens and timings

@@ -1,0 +1,103 @@
+"""The Engine with its loop in a process of its own (`load(engine_process=True)`): the same
+answers as each request alone in-process, from many threads and asyncio tasks at once; aborts
+that free blocks; a killed engine process or a close that reach every caller, never a hang;
+load errors in the child that come back as our error."""
+
+import asyncio
+import time
+
+import pytest
+
+from qwen3_aot import Qwen3AotError, runtime
+from qwen3_aot.runtime import SamplingParams
+from reference import GREEDY, prompts
+from test_engine_concurrency import run_threads, wait_until
+
+PARAMS = [GREEDY, SamplingParams(max_tokens=24, temperature=1.5, top_p=0.9, seed=11)]
+LONG = SamplingParams(max_tokens=300, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(runtime_artifact):
+    # 40 blocks of 16 tokens for up to 32 requests: preemption inside the child too
+    with runtime.load(runtime_artifact, engine_process=True, num_blocks=40) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def alone(runtime_artifact) -> dict[tuple[int, int], runtime.Completion]:
+    """Each request run by itself on an in-process core."""
+    core = runtime.load_core(runtime_artifact, num_blocks=40)
+    return {(i, j): core.generate(p, PARAMS[j])[0] for i, p in enumerate(prompts()[:8]) for j in range(len(PARAMS))}
+
+
+def test_threads_and_asyncio_tasks_get_what_each_request_gets_alone(engine, alone):
+    def caller(k: int):
+        i, j = k % 8, k % len(PARAMS)
+        if k % 2:
+            got = engine.generate(prompts()[i], PARAMS[j])[0]
+        else:
+            stream = engine.stream(prompts()[i], PARAMS[j])
+            list(stream)
+            got = stream.completion
+        assert got.token_ids == alone[i, j].token_ids, f"caller {k}"
+        assert got.finish_reason == alone[i, j].finish_reason
+
+    async def tasks():
+        async def one(k: int):
+            i, j = k % 8, (k + 1) % len(PARAMS)
+            stream = engine.stream_async(prompts()[i], PARAMS[j])
+            async for _ in stream:
+                pass
+            assert stream.completion.token_ids == alone[i, j].token_ids, f"task {k}"
+        await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(16))), timeout=120)
+
+    run_threads(lambda k: caller(k) if k < 16 else asyncio.run(tasks()), 17)
+    assert engine.stats().num_preemptions > 0, "40 blocks for these requests: the child's scheduler preempts"
+    wait_until(lambda: engine.stats().num_free_blocks == engine.stats().num_blocks, "every block to come back")
+    assert engine.stats().generation_tokens >= sum(c.output_tokens for c in alone.values())
+
+
+def test_a_closed_stream_aborts_its_request_in_the_child(engine):
+    before = engine.stats().generation_tokens
+    stream = engine.stream(prompts()[0], LONG).start()
+    wait_until(lambda: engine.stats().generation_tokens > before, "the request to start")
+    stream.close()
+    wait_until(lambda: engine.stats().num_running == 0 and engine.stats().num_free_blocks == engine.stats().num_blocks,
+               "the aborted request's blocks to come back")
+    assert engine.stats().generation_tokens - before < LONG.max_tokens, "the abort cut it short"
+
+
+def test_a_killed_engine_process_ends_every_caller_with_our_error(runtime_artifact):
+    eng = runtime.load(runtime_artifact, engine_process=True)
+    streams = [eng.stream(p, LONG).start() for p in prompts()[:4]]
+    wait_until(lambda: eng.stats().num_running > 0, "the requests to start")
+    eng._loop.process.kill()
+
+    def read(k: int):
+        with pytest.raises(Qwen3AotError, match="engine process ended unexpectedly"):
+            streams[k].result()
+
+    run_threads(read, 4)
+    wait_until(lambda: not eng.running, "the engine to end")
+    with pytest.raises(Qwen3AotError, match="load the artifact again"):
+        eng.generate("x")
+    eng.close()
+
+
+def test_close_aborts_what_is_in_flight_and_the_process_exits_0(runtime_artifact):
+    eng = runtime.load(runtime_artifact, engine_process=True)
+    stream = eng.stream(prompts()[1], LONG).start()
+    wait_until(lambda: eng.stats().num_running > 0, "the request to start")
+    t = time.monotonic()
+    eng.close()
+    assert eng._loop.process.returncode == 0
+    assert time.monotonic() - t < 30
+    assert stream.result().finish_reason == "abort"
+    with pytest.raises(Qwen3AotError, match="closed"):
+        eng.generate("x")
+
+
+def test_the_childs_load_errors_are_ours(runtime_artifact):
+    with pytest.raises(Qwen3AotError, match="at least 2 blocks"):
+        runtime.load(runtime_artifact, engine_process=True, num_blocks=1)
