@@ -9,7 +9,8 @@ and writes JSON.
 
 Each server variant (--variants) is a fresh server process started by bench/server_process.py:
 "default" as installed, "h11" without uvloop and httptools (uvicorn then runs asyncio and h11),
-"si" with a 0.5 ms GIL switch interval. Each run reports how late a thread of the server that
+"si" with a 0.5 ms GIL switch interval, "thread" with the engine in the server's process (its
+loop a thread beside the event loop) rather than a process of its own. Each run reports how late a thread of the server that
 sleeps 1 ms wakes (the GIL wait its threads see), and with --py-spy a profile of the threads
 holding the GIL during the highest concurrency.
 
@@ -44,7 +45,9 @@ import e2e  # noqa: E402
 from qwen3_aot import runtime  # noqa: E402
 
 HEALTH_TIMEOUT_S = 300  # the server's start: torch's import, the load, CUDA-graph capture
-VARIANTS = {"default": [], "h11": ["--without", "uvloop,httptools"], "si": ["--switch-interval", "0.0005"]}
+VARIANTS = {  # (bench/server_process.py's options, serve's)
+    "default": ([], []), "h11": (["--without", "uvloop,httptools"], []), "si": (["--switch-interval", "0.0005"], []),
+    "thread": ([], ["--engine-in-process"])}
 PY_SPY_SECONDS = 6
 
 
@@ -65,8 +68,8 @@ def free_port() -> int:
 def start_server(artifact: Path, port: int, log: Path, variant: str, probe: Path) -> subprocess.Popen:
     probe.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "server_process.py"), "--probe", str(probe),
-                             *VARIANTS[variant], "--", "serve", str(artifact), "--port", str(port),
-                             "--served-model-name", "bench", "--max-queue", "100000"],
+                             *VARIANTS[variant][0], "--", "serve", str(artifact), "--port", str(port),
+                             "--served-model-name", "bench", "--max-queue", "100000", *VARIANTS[variant][1]],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -169,14 +172,14 @@ def probe_mark(server: subprocess.Popen, probe: Path) -> dict:
 
 def py_spy(binary: str, pid: int, out: Path) -> subprocess.Popen:
     """Samples of the threads holding the GIL, PY_SPY_SECONDS long, as collapsed stacks."""
-    return subprocess.Popen([binary, "record", "--pid", str(pid), "--nonblocking", "--gil", "--threads",
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--gil", "--threads",
                              "--rate", "250", "--duration", str(PY_SPY_SECONDS), "--format", "raw", "--output",
                              str(out)], stdout=subprocess.DEVNULL, stderr=out.with_suffix(".err").open("w"))
 
 
 def summarize_stacks(raw: Path, top: int = 15) -> dict:
-    """Who held the GIL: samples by thread role (the engine's loop thread, the event loop, other)
-    and the functions they were in (self samples)."""
+    """Who held the GIL (a GIL per process): samples by process and thread, and the functions
+    they were in (self samples). The engine process is the one started with child_main."""
     roles, leaves, total = collections.Counter(), collections.Counter(), 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -184,8 +187,9 @@ def summarize_stacks(raw: Path, top: int = 15) -> dict:
             continue
         n, frames = int(count), stack.split(";")
         total += n
-        role = ("engine loop" if any("runtime/loop.py" in f for f in frames) else
-                "event loop" if any("asyncio" in f or "uvicorn" in f or "uvloop" in f for f in frames) else "other")
+        process = "engine process" if "child_main" in stack.split(";thread", 1)[0] else "server"
+        thread = next((f.split("): ", 1)[-1] for f in frames if f.startswith("thread (")), "?")
+        role = f"{process} {thread}"
         roles[role] += n
         leaves[f"{role}: {frames[-1]}"] += n
     return {"samples": total, "roles": dict(roles), "top": leaves.most_common(top)}
