@@ -2,9 +2,18 @@
 under the Triton interpreter, which must be switched on before triton is imported."""
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if Path("/dev/nvidiactl").exists() else "1")
+
+# Each pytest-xdist worker compiles into an Inductor cache of its own: AOTInductor writes a
+# graph's .json files into the shared cache non-atomically, under names given by the graph's
+# hash, so two workers compiling the same graph at once packaged an empty one (seen in CI:
+# "parse error ... attempting to parse an empty input" when the package loaded).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) /
+                                                        f"torchinductor-{os.getuid()}-{os.environ['PYTEST_XDIST_WORKER']}"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
