@@ -19,6 +19,7 @@ with our error; a parent that dies closes the pipe, which ends the child.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import signal
@@ -59,15 +60,20 @@ class ProcessLoop:
         theirs.close()
         self._conn = Connection(ours.detach())
         self._conn.send((str(path), str(device), options))
-        first = self._first_message(start_timeout_s)
+        try:  # the tokenizer while the child loads (a large tokenizer.json takes half a second to parse)
+            self.tokenizer = Tokenizer.from_dir(path)
+            first = self._first_message(start_timeout_s)
+        except BaseException:
+            self.process.kill()
+            self.process.wait(10)
+            raise
         if first[0] == "failed":
             self.process.wait(10)
             raise Qwen3AotError(first[1])
         _, self.info, self.stats = first
         self.info: EngineInfo
         self.stats: EngineStats
-        self.tokenizer = Tokenizer.from_dir(path)
-        self._ids = iter(range(1 << 62))
+        self._ids = itertools.count()
         self._lock = threading.Lock()  # orders commands and submissions against the end
         self._ended: Qwen3AotError | None = None
         self._subs: dict[int, Submission] = {}  # by the parent's sequence id
