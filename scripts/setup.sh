@@ -8,11 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# pip byte-compiles what it installs one file at a time (26 of the 40 s torch and triton take on
-# a 2-core machine); compileall does the same on every core afterwards. Imports need the .pyc
-# files where PYTHONDONTWRITEBYTECODE is set, as on the project's machines.
-.venv/bin/python -m pip install -q --no-compile "torch==2.13.0" triton
-.venv/bin/python -m pip install -q --no-compile -e ".[test]"
-# a few files in some packages are not valid Python 3 (templates, fixtures); pip skips them too
-.venv/bin/python -m compileall -q -j 0 .venv/lib/python3*/site-packages src > /dev/null || true
+.venv/bin/python -m pip install -q "torch==2.13.0" triton
+.venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/python -c "import torch, triton, qwen3_aot; print('torch', torch.__version__, 'triton', triton.__version__)"
