@@ -1,9 +1,11 @@
 """The Engine with its loop in a process of its own (`load(engine_process=True)`): the same
 answers as each request alone in-process, from many threads and asyncio tasks at once; aborts
-that free blocks; a killed engine process or a close that reach every caller, never a hang;
-load errors in the child that come back as our error."""
+that free blocks; a killed engine process, a failing step in it, or a close that reach every
+caller, never a hang; load errors in the child that come back as our error."""
 
 import asyncio
+import os
+import textwrap
 import time
 
 import pytest
@@ -96,6 +98,37 @@ def test_close_aborts_what_is_in_flight_and_the_process_exits_0(runtime_artifact
     assert stream.result().finish_reason == "abort"
     with pytest.raises(Qwen3AotError, match="closed"):
         eng.generate("x")
+
+
+def test_a_failing_step_in_the_child_reaches_every_caller_as_our_error(runtime_artifact, tmp_path, monkeypatch):
+    # the fault goes into the child through a sitecustomize on its PYTHONPATH (the child
+    # inherits our environment): its forward fails from the fourth call on
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        from qwen3_aot.runtime import compiled
+
+        calls, forward = [0], compiled.CompiledForward.__call__
+
+        def failing(self, *args):
+            calls[0] += 1
+            if calls[0] > 3:
+                raise RuntimeError("device lost")
+            return forward(self, *args)
+
+        compiled.CompiledForward.__call__ = failing
+    """))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    eng = runtime.load(runtime_artifact, engine_process=True, cuda_graphs=False)  # every step through forward
+
+    def caller(k: int):
+        with pytest.raises(Qwen3AotError, match="device lost"):
+            eng.generate(prompts()[k], LONG)
+
+    run_threads(caller, 4)
+    with pytest.raises(Qwen3AotError, match="loop failed"):
+        eng.generate("x")
+    wait_until(lambda: not eng.running, "the engine to end")
+    eng.close()
+    assert eng._loop.process.returncode == 0, "the child exits once the parent has heard why"
 
 
 def test_the_childs_load_errors_are_ours(runtime_artifact):
