@@ -3,9 +3,12 @@ loaded the core, and in another thread (as the Engine's loop thread does), with 
 intra-op threads as they are and with the loading thread's set to 1.
 
 On the 2-core CPU machine (torch 2.13) the core stepped in another thread than the one that
-loaded it ran at about a third of the speed; loaded and stepped in one thread, or loaded by a
-thread whose intra-op pool is 1, it did not. What the cause is (two OpenMP teams on two
-cores?) is not established; this probe is the repro.
+loaded it ran at about half the speed (911 against 1,822 tok/s); loaded and stepped in one
+thread, or loaded by a thread whose intra-op pool is 1, it did not. The cause: each thread that
+runs parallel work gets an OpenMP team of its own, and with two teams libgomp counts more
+threads than cores and stops spinning between parallel regions (with OMP_WAIT_POLICY=PASSIVE
+every mode ran at about 950). Since then the Engine builds its core in its loop thread
+(runtime/loop.py); the "engine" mode measures that (921 -> 1,654 tok/s when it changed).
 
     PYTHONPATH=src python bench/cpu_threads_probe.py artifacts/tiny
 """
@@ -27,7 +30,8 @@ import e2e  # noqa: E402
 
 from qwen3_aot import runtime  # noqa: E402
 
-MODES = {"one thread": "load and step in one (non-main) thread",
+MODES = {"engine": "runtime.load's Engine: its loop thread builds the core and steps it",
+         "one thread": "load and step in one (non-main) thread",
          "main loads": "load in the main thread, step in another",
          "main loads, 1 thread": "as main loads, the main thread's intra-op threads set to 1 first"}
 
@@ -44,6 +48,12 @@ def run_mode(artifact: str, mode: str) -> float:
             tokens = sum(c.output_tokens for c in core.generate(prompts, params))
             out["tok_s"] = tokens / (time.perf_counter() - t)
 
+    if mode == "engine":
+        with runtime.load(artifact, verify_files=False) as engine:
+            engine.generate(prompts[:8], params[:8])  # warm-up
+            t = time.perf_counter()
+            tokens = sum(c.output_tokens for c in engine.generate(prompts, params))
+            return tokens / (time.perf_counter() - t)
     if mode == "one thread":
         target = lambda: step(runtime.load_core(artifact, verify_files=False))  # noqa: E731
     else:

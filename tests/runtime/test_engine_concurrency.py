@@ -247,7 +247,7 @@ def test_a_failing_step_reaches_every_caller_as_our_error(runtime_artifact):
         return forward(*args)
 
     core.forward = failing
-    eng = runtime.Engine(EngineLoop(core))
+    eng = runtime.Engine(EngineLoop(lambda: core, core.device))
 
     def caller(k):
         with pytest.raises(Qwen3AotError, match="device lost"):

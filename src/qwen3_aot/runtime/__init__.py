@@ -71,7 +71,7 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
     dev = _compiled_device(path, man, device)
     if engine_process:
         return Engine(ProcessLoop(path, dev, options))
-    return Engine(EngineLoop(EngineCore(path, man, dev, **options)))
+    return Engine(EngineLoop(lambda: EngineCore(path, man, dev, **options), dev))
 
 
 def load_core(path: str | Path, device: str | torch.device | None = None, *, verify_files: bool = True,

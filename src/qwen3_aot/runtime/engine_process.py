@@ -203,26 +203,29 @@ def child_main(fd: int) -> None:
     conn = Connection(fd)
     path, device, options = conn.recv()
     try:
-        from qwen3_aot import runtime
-
-        core = runtime.load_core(path, device, verify_files=False, **options)  # the parent checked the files
+        child = _Child(conn, path, device, options)
     except Qwen3AotError as e:
         conn.send(("failed", str(e)))
         return
     except BaseException as e:  # noqa: BLE001  (the parent must hear why, not wait)
         conn.send(("failed", f"the engine process could not load {path} ({type(e).__name__}: {e})."))
         raise
-    _Child(conn, core).run()
+    child.run()
 
 
 class _Child:
-    """The loop thread sends; the main thread receives commands until stop (or the parent's end)."""
+    """The loop thread builds the core and sends; the main thread receives commands until stop
+    (or the parent's end)."""
 
-    def __init__(self, conn, core) -> None:
+    def __init__(self, conn, path: str, device: str, options: dict) -> None:
+        from qwen3_aot import runtime
+
         self.conn, self.outbox, self.sent_stats = conn, [], None
         self.send_lock = threading.Lock()  # the loop thread's flushes, the main thread's refusals
         self.subs: dict[int, Submission] = {}  # by the parent's sequence id
-        self.loop = EngineLoop(core, flush=self.flush)
+        # the parent checked the files
+        self.loop = EngineLoop(lambda: runtime.load_core(path, device, verify_files=False, **options),
+                               torch.device(device), flush=self.flush)
         self.send(("ready", self.loop.info, self.loop.stats))
 
     def post(self, seq_id: int, out: Output) -> None:  # the loop thread

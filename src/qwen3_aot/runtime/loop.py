@@ -84,14 +84,21 @@ class EngineInfo:
 
 
 class EngineLoop:
-    """`flush`: called by the loop thread after each pass (a step's Outputs or a command's
+    """Starts the loop thread, which builds the core (`make_core`, on `device`) and then runs
+    it; returns once the core is built, raising what building it raised.
+
+    The core is built in the thread that steps it: on a CPU, torch's OpenMP pool belongs to the
+    thread that first runs parallel work, and a second pool (the loop thread's, beside the
+    loading thread's) makes libgomp see more threads than cores and stop spinning, which ran
+    a CPU core at half its speed (bench/cpu_threads_probe.py).
+
+    `flush`: called by the loop thread after each pass (a step's Outputs or a command's
     handed out, the stats snapshot taken) and once at its end."""
 
-    def __init__(self, core: EngineCore, flush: Callable[[], None] | None = None) -> None:
-        self.core: EngineCore | None = core
-        self.info = EngineInfo(core.artifact, core.config, core.device, core.max_model_len, core.block_size,
-                               core.cache.capacity)
-        self.tokenizer: Tokenizer = core.tokenizer
+    def __init__(self, make_core: Callable[[], EngineCore], device: torch.device,
+                 flush: Callable[[], None] | None = None) -> None:
+        self.core: EngineCore | None = None
+        self._make_core, self._device = make_core, device
         self._flush = flush or (lambda: None)
         self.stats = EngineStats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -102,9 +109,22 @@ class EngineLoop:
         self.failure: str | None = None  # set when a step failed: "the engine's loop failed (...)"
         self._live: dict[int, Submission] = {}  # by sequence id: only the loop thread touches it
         self._steps = 0
-        self._snapshot()
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="qwen3-aot-engine", daemon=True)
         self.thread.start()
+        try:
+            while not self._built.wait(0.1):  # a timed wait lets Ctrl-C through
+                pass
+        except BaseException:
+            self.stop(timeout=0)  # the thread stops once the core is built
+            raise
+        if self._build_error is not None:
+            raise self._build_error
+        core = self.core
+        self.info = EngineInfo(core.artifact, core.config, core.device, core.max_model_len, core.block_size,
+                               core.cache.capacity)
+        self.tokenizer: Tokenizer = core.tokenizer
 
     # ---- any thread ----
 
@@ -143,11 +163,24 @@ class EngineLoop:
     # ---- the loop thread ----
 
     def _run(self) -> None:
+        with torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext():
+            try:
+                self.core = self._make_core()
+            except BaseException as e:  # noqa: BLE001  (the constructor raises it)
+                self._build_error = e
+                self._built.set()
+                return
+            finally:
+                self._make_core = None  # what it holds goes with the core
+            self._snapshot()
+            self._built.set()
+            self._loop()
+
+    def _loop(self) -> None:
         core = self.core
-        device = torch.cuda.device(core.device) if core.device.type == "cuda" else contextlib.nullcontext()
         error: BaseException | None = None
         try:
-            with device, torch.inference_mode():
+            with torch.inference_mode():
                 while self._drain(block=not core.has_unfinished()):
                     if core.has_unfinished():
                         took = core.step()
