@@ -166,6 +166,9 @@ class TensorParallelForward:
                     except (EOFError, OSError):
                         self._fail(self._ended(rank, what))
                     if kind == "error":
+                        dead = self._dead_peer(rank)
+                        if dead is not None:  # its collective failed because a peer died: report the death
+                            self._fail(self._ended(dead, what))
                         self._fail(f"tensor-parallel rank {rank} failed in {what}: {payload}. Its workers were "
                                    "stopped; load the artifact again.")
                     answers[rank] = payload
@@ -173,6 +176,15 @@ class TensorParallelForward:
                 if obj in sentinels and not self._procs[sentinels[obj]].is_alive():
                     self._fail(self._ended(sentinels[obj], what))
         return [answers[r] for r in range(self.size)]
+
+    def _dead_peer(self, rank: int) -> int | None:
+        """A rank other than `rank` that has ended, if any (given a moment to be reaped)."""
+        for r, p in enumerate(self._procs):
+            if r != rank:
+                p.join(0.2)
+                if not p.is_alive():
+                    return r
+        return None
 
     def _ended(self, rank: int, what: str) -> str:
         p = self._procs[rank]
