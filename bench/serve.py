@@ -10,9 +10,9 @@ and writes JSON.
 Each server variant (--variants) is a fresh server process started by bench/server_process.py:
 "default" as installed, "h11" without uvloop and httptools (uvicorn then runs asyncio and h11),
 "si" with a 0.5 ms GIL switch interval, "thread" with the engine in the server's process (its
-loop a thread beside the event loop) rather than a process of its own. Each run reports how late a thread of the server that
-sleeps 1 ms wakes (the GIL wait its threads see), and with --py-spy a profile of the threads
-holding the GIL during the highest concurrency.
+loop a thread beside the event loop) rather than a process of its own. Each run reports how
+late a thread of the server that sleeps 1 ms wakes (the GIL wait its threads see), and with
+--py-spy a profile of the threads holding the GIL during the highest concurrency.
 
     PYTHONPATH=src python bench/serve.py --json serve.json
 """
@@ -172,9 +172,10 @@ def probe_mark(server: subprocess.Popen, probe: Path) -> dict:
 
 def py_spy(binary: str, pid: int, out: Path) -> subprocess.Popen:
     """Samples of the threads holding the GIL, PY_SPY_SECONDS long, as collapsed stacks."""
-    return subprocess.Popen([binary, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--gil", "--threads",
-                             "--rate", "250", "--duration", str(PY_SPY_SECONDS), "--format", "raw", "--output",
-                             str(out)], stdout=subprocess.DEVNULL, stderr=out.with_suffix(".err").open("w"))
+    return subprocess.Popen([binary, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--gil",
+                             "--threads", "--rate", "250", "--duration", str(PY_SPY_SECONDS), "--format", "raw",
+                             "--output", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=out.with_suffix(".err").open("w"))
 
 
 def summarize_stacks(raw: Path, top: int = 15) -> dict:
@@ -275,7 +276,8 @@ def main() -> None:
           f"{'ITL p50':>8s} {'p99':>8s} {'GIL p50':>8s} {'p99':>6s}  (ms)")
     for h in r["http"]:
         gil = h["gil_probe"].get("late_ms", {})
-        print(f"{h['variant']:>8s} {h['concurrency']:>11d} {h['tok_s']:>9.0f} {h['tok_s'] / r['in_process_tok_s']:>13.0%} "
+        share = h["tok_s"] / r["in_process_tok_s"]
+        print(f"{h['variant']:>8s} {h['concurrency']:>11d} {h['tok_s']:>9.0f} {share:>13.0%} "
               f"{h['ttft_ms']['p50']:>9.1f} {h['ttft_ms']['p99']:>8.1f} {h['itl_ms']['p50']:>8.2f} "
               f"{h['itl_ms']['p99']:>8.2f} {gil.get('50', 0):>8.2f} {gil.get('99', 0):>6.2f}")
     if "workload_threads" in r:

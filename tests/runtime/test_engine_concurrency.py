@@ -247,11 +247,16 @@ def test_a_failing_step_reaches_every_caller_as_our_error(runtime_artifact):
         return forward(*args)
 
     core.forward = failing
-    eng = runtime.Engine(EngineLoop(lambda: core, core.device))
+    assert_a_failing_step_ends_every_caller(runtime.Engine(EngineLoop(lambda: core, core.device)), GREEDY)
 
+
+def assert_a_failing_step_ends_every_caller(eng: runtime.Engine, params: SamplingParams) -> None:
+    """For an engine whose forward raises "device lost" from its fourth call on: four callers
+    at once each get our error with it, a later call hears that the loop failed, and the
+    engine ends."""
     def caller(k):
         with pytest.raises(Qwen3AotError, match="device lost"):
-            eng.generate(prompts()[k], GREEDY)
+            eng.generate(prompts()[k], params)
 
     run_threads(caller, 4)
     with pytest.raises(Qwen3AotError, match="loop failed"):

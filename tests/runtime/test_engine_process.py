@@ -13,7 +13,7 @@ import pytest
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
 from reference import GREEDY, prompts
-from test_engine_concurrency import run_threads, wait_until
+from test_engine_concurrency import assert_a_failing_step_ends_every_caller, run_threads, wait_until
 
 PARAMS = [GREEDY, SamplingParams(max_tokens=24, temperature=1.5, top_p=0.9, seed=11)]
 LONG = SamplingParams(max_tokens=300, ignore_eos=True)
@@ -118,15 +118,7 @@ def test_a_failing_step_in_the_child_reaches_every_caller_as_our_error(runtime_a
     """))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     eng = runtime.load(runtime_artifact, engine_process=True, cuda_graphs=False)  # every step through forward
-
-    def caller(k: int):
-        with pytest.raises(Qwen3AotError, match="device lost"):
-            eng.generate(prompts()[k], LONG)
-
-    run_threads(caller, 4)
-    with pytest.raises(Qwen3AotError, match="loop failed"):
-        eng.generate("x")
-    wait_until(lambda: not eng.running, "the engine to end")
+    assert_a_failing_step_ends_every_caller(eng, LONG)
     eng.close()
     assert eng._loop.process.returncode == 0, "the child exits once the parent has heard why"
 

@@ -24,8 +24,8 @@ from qwen3_aot.runtime.streams import AsyncStream, Stream
 from qwen3_aot.runtime.tensor_parallel import TensorParallelForward, tensor_parallel_size
 
 __all__ = ["AsyncStream", "CompiledForward", "Completion", "Engine", "EngineCore", "EngineStats", "OnnxEngine",
-           "Qwen3AotError", "Request", "SamplingParams", "StepRecord", "Stream", "TensorParallelForward", "load", "load_core",
-           "load_forward"]
+           "Qwen3AotError", "Request", "SamplingParams", "StepRecord", "Stream", "TensorParallelForward", "load",
+           "load_core", "load_forward"]
 
 
 def _keyword_options(cls: type) -> set[str]:

@@ -4,10 +4,11 @@ tasks at once, all in one continuous batch.
 Who owns what: the EngineCore (scheduler, paged KV cache, compiled forward, CUDA graphs,
 sampler) belongs to the loop thread that `runtime.load` starts (runtime/loop.py), and
 nothing else touches it; with `engine_process=True` that thread runs in a process of its own
-(runtime/engine_process.py), so that the callers' Python never holds the GIL it needs. Callers check and make their requests in their own thread (a bad
-one raises our error there, and nothing is queued), submit them through the loop's command
-queue, and read text from a Stream or AsyncStream (runtime/streams.py). `close()`, leaving a
-`with` block, dropping the engine or the interpreter's exit stops the loop and frees the cache.
+(runtime/engine_process.py), so that the callers' Python never holds the GIL it needs.
+Callers check and make their requests in their own thread (a bad one raises our error there,
+and nothing is queued), submit them through the loop's command queue, and read text from a
+Stream or AsyncStream (runtime/streams.py). `close()`, leaving a `with` block, dropping the
+engine or the interpreter's exit stops the loop and frees the cache.
 """
 
 from __future__ import annotations

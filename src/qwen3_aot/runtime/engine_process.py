@@ -12,8 +12,8 @@ one message with every Output the pass gave and the stats. In the parent, Proces
 and makes requests as the loop does (its own tokenizer; the child makes each one again from
 its token ids); a sender thread writes the commands, so that no caller, and not the receiver
 thread, ever waits on a full pipe; the receiver thread hands each Output to its Submission's
-channel, so the streams of runtime/streams.py work unchanged. A child that dies ends every request in flight
-with our error; a parent that dies closes the pipe, which ends the child.
+channel, so the streams of runtime/streams.py work unchanged. A child that dies ends every
+request in flight with our error; a parent that dies closes the socket, which ends the child.
 """
 
 from __future__ import annotations
@@ -165,14 +165,13 @@ class ProcessLoop:
         self._end(reason)
 
     def _deliver(self, seq_id: int, out: Output) -> None:
-        last = out.completion is not None or out.error is not None
-        sub = self._subs.pop(seq_id, None) if last else self._subs.get(seq_id)
+        sub = self._subs.pop(seq_id, None) if out.last else self._subs.get(seq_id)
         if sub is None:
             return
         try:
             sub.put(out)
         except Exception:  # noqa: BLE001  (e.g. its event loop closed: nobody reads it any more)
-            if not last:
+            if not out.last:
                 self.abort(sub)
 
     def _end(self, reason: str | None) -> None:
@@ -229,7 +228,7 @@ class _Child:
         self.send(("ready", self.loop.info, self.loop.stats))
 
     def post(self, seq_id: int, out: Output) -> None:  # the loop thread
-        if out.completion is not None or out.error is not None:
+        if out.last:
             self.subs.pop(seq_id, None)
         self.outbox.append((seq_id, out))
 

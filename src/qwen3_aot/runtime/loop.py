@@ -46,6 +46,11 @@ class Output:
     completion: Completion | None = None  # set on the request's last Output
     error: BaseException | None = None    # the loop failed: no more Outputs come
 
+    @property
+    def last(self) -> bool:
+        """No Output comes after this one for its request."""
+        return self.completion is not None or self.error is not None
+
 
 @dataclasses.dataclass
 class Submission:
@@ -237,7 +242,7 @@ class EngineLoop:
         try:
             sub.put(output)
         except Exception:  # noqa: BLE001  (e.g. its event loop closed: nobody reads it any more)
-            if output.completion is None and output.error is None:
+            if not output.last:
                 self._live.pop(sub.request.seq.seq_id, None)
                 self.core.abort(sub.request)
 
