@@ -5,6 +5,8 @@
 #            its goal shapes;
 #   e2e:     the end-to-end benchmark with its decode-step profile (and the workload sent by
 #            64 threads through the Engine against one generate call);
+#   small:   the small-batch projections (custom_ops/small_linear.py): their tests on CUDA,
+#            then bench/small_linear.py against cuBLAS with its launch sweep (not part of all);
 #   serve:   bench/serve.py, the OpenAI server under the workload by streaming clients at
 #            concurrency 1, 16, 64, 256 against in-process (not part of all). The GPU machine
 #            lacks the serve extra: bring its wheels and dashscope's (Qwen's tokenizer, which
@@ -13,7 +15,7 @@
 #            uvloop and httptools for the "default" server variant to be uvicorn[standard]'s, and
 #            py-spy for SERVE_ARGS="--py-spy /tmp/serve-site/bin/py-spy".
 # Logs, JSON and the chart under $OUT; the tables last.
-#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|serve]      (default all)
+#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|small|serve]      (default all)
 #     E2E_SKIP= bash scripts/gpu_perf_check.sh e2e           # transformers on the nano-vllm workload too (~1 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
@@ -42,6 +44,16 @@ if [[ $part == e2e || $part == all ]]; then
     grep -v "^\[\|Loading\|^  ours\|^  transformers" "$OUT/e2e.log" | tail -60
     echo "e2e exit code: $e2e_rc"
     (( e2e_rc )) && rc=1
+fi
+if [[ $part == small ]]; then
+    python3 -m pytest -q -n 0 -p no:cacheprovider tests/custom_ops/test_small_linear.py > "$OUT/small_tests.txt" 2>&1
+    small_rc=$?
+    timeout ${SMALL_TIMEOUT_S:-300} python3 bench/small_linear.py ${SMALL_ARGS:-} --json "$OUT/small_linear.json" \
+        > "$OUT/small_linear.txt" 2>&1
+    bench_rc=$?
+    tail -2 "$OUT/small_tests.txt"; tail -50 "$OUT/small_linear.txt"
+    echo "small tests exit code: $small_rc, bench exit code: $bench_rc"
+    (( small_rc || bench_rc )) && rc=1
 fi
 if [[ $part == serve ]]; then
     wheels=${QWEN3_AOT_WHEELS:?set QWEN3_AOT_WHEELS to the folder of wheels (see the top of this script)}

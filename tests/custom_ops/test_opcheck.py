@@ -29,6 +29,12 @@ CASES = {
     "rms_norm": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(48).to(dt), 1e-6),
     "add_rms_norm": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(3, 48).to(dt), torch.randn(48).to(dt), 1e-6),
     "qkv_rope": _qkv_args,
+    "qk_norm_rope": lambda dt: (torch.randn(5, 8 * 32).to(dt), *_qkv_args(dt)[2:]),
+    "small_linear": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(20, 48).to(dt)),
+    "rms_norm_linear": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(48).to(dt), torch.randn(20, 48).to(dt),
+                                   1e-6, True),
+    "add_rms_norm_linear": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(3, 48).to(dt), torch.randn(48).to(dt),
+                                       torch.randn(20, 48).to(dt), 1e-6, False),
     "paged_attention": _attention_args,
 }
 

@@ -19,6 +19,11 @@ num_q_heads, num_kv_heads, eps) -> (q, k, v)``
     not commute with the per-dimension weight. Qwen3-0.6B's k_norm weights
     reach 96.5, so k reaches ~220: nothing is rounded between norm and RoPE.
 
+``qk_norm_rope(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads,
+num_kv_heads, eps) -> (q, k, v)``
+    the same from qkv, the projection already made (the small-batch graph's own
+    projection, custom_ops/small_linear.py, makes it with the input norm fused in).
+
 The Triton kernel is the epilogue: one program per (token, head), q, k and v
 heads alike (v is copied out so that no output aliases another).
 """
@@ -72,10 +77,17 @@ def qkv_rope_triton(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torch.T
                     num_q_heads: int, num_kv_heads: int, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    qkv = torch.nn.functional.linear(x, w_qkv)
+    return qk_norm_rope_triton(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads, num_kv_heads, eps)
+
+
+def qk_norm_rope_triton(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                        cos_sin: torch.Tensor, positions: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     head_dim = q_norm_weight.shape[0]
-    qkv = torch.nn.functional.linear(x, w_qkv).contiguous()
-    q, k, v = _empty_qkv(x, num_q_heads, num_kv_heads, head_dim)
-    wrap_triton(_qkv_epilogue_kernel)[(x.shape[0], num_q_heads + 2 * num_kv_heads)](
+    qkv = qkv.contiguous()
+    q, k, v = _empty_qkv(qkv, num_q_heads, num_kv_heads, head_dim)
+    wrap_triton(_qkv_epilogue_kernel)[(qkv.shape[0], num_q_heads + 2 * num_kv_heads)](
         qkv, q_norm_weight, k_norm_weight, cos_sin, positions, q, k, v, EPS=eps,
         HQ=num_q_heads, HKV=num_kv_heads, D=head_dim, num_warps=1,
     )
@@ -96,19 +108,27 @@ def qkv_rope_reference(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torc
                        num_q_heads: int, num_kv_heads: int, eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain torch, same rounding as the kernel; float64 inputs give the float64 oracle."""
-    c = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return qk_norm_rope_reference(torch.nn.functional.linear(x, w_qkv), q_norm_weight, k_norm_weight, cos_sin,
+                                  positions, num_q_heads, num_kv_heads, eps)
+
+
+def qk_norm_rope_reference(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                           cos_sin: torch.Tensor, positions: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype = qkv.dtype
+    c = torch.float64 if dtype == torch.float64 else torch.float32
     d = q_norm_weight.shape[0]
-    qkv = torch.nn.functional.linear(x, w_qkv).to(c)
+    qkv = qkv.to(c)
     q, k, v = qkv.split([num_q_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
 
     def norm_rope(u: torch.Tensor, w: torch.Tensor, heads: int) -> torch.Tensor:
         u = u.reshape(-1, heads, d)
         u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * w.to(c)
-        return rope_reference(u, cos_sin, positions).to(x.dtype)
+        return rope_reference(u, cos_sin, positions).to(dtype)
 
     # contiguous: v is a slice of qkv, and the op's outputs have the fake's (dense) strides
     return (norm_rope(q, q_norm_weight, num_q_heads), norm_rope(k, k_norm_weight, num_kv_heads),
-            v.reshape(-1, num_kv_heads, d).to(x.dtype).contiguous())
+            v.reshape(-1, num_kv_heads, d).to(dtype).contiguous())
 
 
 @triton_op("qwen3_aot::qkv_rope", mutates_args=())
@@ -119,12 +139,25 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torch.Tensor, 
                            num_q_heads, num_kv_heads, eps)
 
 
+@triton_op("qwen3_aot::qk_norm_rope", mutates_args=())
+def qk_norm_rope(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos_sin: torch.Tensor,
+                 positions: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qk_norm_rope_triton(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads, num_kv_heads, eps)
+
+
 qkv_rope.register_kernel("cpu")(qkv_rope_reference)
+qk_norm_rope.register_kernel("cpu")(qk_norm_rope_reference)
 
 
 @qkv_rope.register_fake
 def _(x, w_qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads, num_kv_heads, eps):
     return _empty_qkv(x, num_q_heads, num_kv_heads, q_norm_weight.shape[0])
+
+
+@qk_norm_rope.register_fake
+def _(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads, num_kv_heads, eps):
+    return _empty_qkv(qkv, num_q_heads, num_kv_heads, q_norm_weight.shape[0])
 
 
 def rope_cos_sin(head_dim: int, theta: float, max_positions: int, device: torch.device | str = "cpu") -> torch.Tensor:
