@@ -35,8 +35,19 @@ def hf_logits(model, seqs):
     return [model(torch.tensor([s])).logits[0].double() for s in seqs]
 
 
-def test_fp32_logits_match_transformers(ckpt, kernel_device):
-    ours = eager(Qwen3ForCausalLM.from_pretrained(ckpt, dtype="float32", device=kernel_device)).logits(SEQS)
+def load(ckpt, dtype, device, layers="decoder_layers") -> Qwen3ForCausalLM:
+    """The model; layers="small_batch_layers": its small-batch form (the second graph's)."""
+    model = Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=device)
+    model.small_batch = layers == "small_batch_layers"
+    return model
+
+
+LAYERS = ["decoder_layers", "small_batch_layers"]
+
+
+@pytest.mark.parametrize("layers", LAYERS)
+def test_fp32_logits_match_transformers(ckpt, layers, kernel_device):
+    ours = eager(load(ckpt, "float32", kernel_device, layers)).logits(SEQS)
     theirs = hf_logits(hf_model(ckpt, torch.float32), SEQS)
     for o, t, s in zip(ours, theirs, SEQS):
         assert o.shape == (len(s), t.shape[-1])
@@ -67,12 +78,13 @@ def corpus_float64_logits(ckpt):
     return logits.flatten(0, 1)
 
 
+@pytest.mark.parametrize("layers", LAYERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_transformers(ckpt, dtype, kernel_device, corpus_float64_logits):
+def test_low_precision_no_worse_than_transformers(ckpt, dtype, layers, kernel_device, corpus_float64_logits):
     seqs = corpus(ckpt)
     exact = corpus_float64_logits
     theirs = torch.cat(hf_logits(hf_model(ckpt, dtype), seqs))
-    ours = torch.cat(eager(Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=kernel_device)).logits(seqs))
+    ours = torch.cat(eager(load(ckpt, dtype, kernel_device, layers)).logits(seqs))
     assert torch.isfinite(ours).all()
     assert rel_err(ours, exact) <= rel_err(theirs, exact)
 

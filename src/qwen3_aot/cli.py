@@ -16,7 +16,8 @@ def _export(a: argparse.Namespace) -> None:
                          max_model_len=a.max_model_len)
     export_artifact(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
                     formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify,
-                    weights=a.weights, tensor_parallel=a.tensor_parallel)
+                    weights=a.weights, tensor_parallel=a.tensor_parallel,
+                    small_batch_graph=not a.no_small_batch_graph)
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-model-len", type=int, default=0,
                     help="longest sequence, prompt and output, in tokens; 0: the model's max_position_embeddings "
                          + DEFAULT)
+    ex.add_argument("--no-small-batch-graph", action="store_true",
+                    help="on CUDA, compile only the main graph: the build is faster, small decode batches slower "
+                         "(by default the forward's small-batch form is compiled too, for the batches it runs faster)")
     ex.add_argument("--no-verify", action="store_true",
                     help="skip the build's check (the artifact loaded once, its logits measured against the eager "
                          "model's)")

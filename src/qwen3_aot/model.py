@@ -60,6 +60,10 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
+    # which layers the forward runs: `decoder_layers`, or `small_batch_layers` for the second
+    # graph of an artifact, the one small decode batches replay (build/graph.py exports both)
+    small_batch = False
+
     def __init__(self, cfg: Qwen3Config, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", ops: Any = OPS) -> None:
         super().__init__()
@@ -129,7 +133,8 @@ class Qwen3ForCausalLM(nn.Module):
             return self.ops.paged_attention(q, k, v, k_caches[i], v_caches[i], positions, seq_ids, block_tables,
                                             scale)
 
-        x, residual = decoder_layers(self, input_ids, positions, attend)
+        layers = small_batch_layers if self.small_batch else decoder_layers
+        x, residual = layers(self, input_ids, positions, attend)
         return final_logits(self, x, residual, logits_indices).float()
 
 
@@ -157,6 +162,30 @@ def decoder_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: 
         h, residual = ops.add_rms_norm(x, residual, upcast(layer.post_norm), eps)
         gate, up = F.linear(h, upcast(layer.gate_up_proj)).chunk(2, dim=-1)
         x = model.all_reduce(F.linear(F.silu(gate) * up, upcast(layer.down_proj)))
+    return x, residual
+
+
+def small_batch_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
+                       attend: Attend) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decoder_layers` for a few tokens (small decode batches): the same math and roundings
+    in fewer kernels. Each RMSNorm is computed inside the projection after it, SiLU(gate) * up
+    inside the gate/up projection, and every projection is a kernel that streams its weights
+    once per row (custom_ops/small_linear.py), where cuBLAS's tiles for many rows left most
+    of the bandwidth unused."""
+    cfg, ops = model.config, model.ops
+    eps = cfg.rms_norm_eps
+    x = model.embed(input_ids)
+    residual = x
+    for i, layer in enumerate(model.layers):
+        if i == 0:
+            qkv = ops.rms_norm_linear(x, layer.input_norm, layer.qkv_proj, eps, False)
+        else:
+            qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, layer.qkv_proj, eps, False)
+        q, k, v = ops.qk_norm_rope(qkv, layer.q_norm, layer.k_norm, model.cos_sin, positions,
+                                   cfg.num_attention_heads, cfg.num_key_value_heads, eps)
+        x = model.all_reduce(ops.small_linear(attend(i, q, k, v).flatten(1), layer.o_proj))
+        act, residual = ops.add_rms_norm_linear(x, residual, layer.post_norm, layer.gate_up_proj, eps, True)
+        x = model.all_reduce(ops.small_linear(act, layer.down_proj))
     return x, residual
 
 

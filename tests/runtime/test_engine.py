@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference
-from support import FIXTURE, RUNTIME_DEVICE, train_text
+from support import FIXTURE, RUNTIME_DEVICE, rel_err, train_text
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
 from reference import GREEDY, MAX_NEW, decode, prompts, tokenizer
@@ -289,5 +289,28 @@ def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, 
         assert all(r.replayed == graphs for r in decodes) and not any(r.replayed for r in steps if r.prefills)
         ahead = [r for r in steps if r.ahead]
         assert len({r.decodes for r in decodes}) > 3 and (len(ahead) > MAX_NEW // 2) == (graphs and overlap)
+        if graphs:  # the tiny model's small decode batches run faster through the small-batch graph
+            assert 1 in eng.graphs.small
     want = [w[:m] for w, m in zip(hf_greedy, max_tokens)]
     assert outputs[True, True] == outputs[True, False] == outputs[False, True] == want
+
+
+@pytest.mark.skipif(RUNTIME_DEVICE != "cuda", reason="needs a CUDA artifact (QWEN3_AOT_RUNTIME_DEVICE=cuda)")
+def test_small_batch_graph_computes_what_the_main_graph_computes(runtime_artifact):
+    """The two graphs of a CUDA artifact on the build check's steps (prompts in one step, then
+    decode steps of four sequences), each with its own cache: fp32 logits within 1e-5 (the
+    build's verify bounds each against float64)."""
+    from qwen3_aot import manifest
+    from qwen3_aot.build.pipeline import check_logits, check_sequences
+    from qwen3_aot.config import Qwen3Config
+    from qwen3_aot.driver import FlatBatchDriver
+
+    forward = runtime.load_forward(runtime_artifact)
+    assert forward.small is not None and forward.small_batch_max >= 8
+    man = manifest.read(runtime_artifact)
+    cfg, block_size = Qwen3Config.from_dict(man["model_config"]), man["kv_cache"]["block_size"]
+    seqs = check_sequences(cfg.vocab_size, block_size, man["limits"]["max_model_len"])
+    with torch.inference_mode():
+        main, small = (check_logits(FlatBatchDriver(f, cfg, torch.float32, torch.device("cuda"), block_size), *seqs)
+                       for f in (forward, forward.small))
+    assert rel_err(small, main) <= 1e-5

@@ -83,10 +83,17 @@ def dynamic_shapes(num_layers: int, limits: GraphLimits) -> dict:
     }
 
 
-def export_forward(model: Qwen3ForCausalLM, limits: GraphLimits) -> torch.export.ExportedProgram:
-    with torch.no_grad():
-        return torch.export.export(model, example_inputs(model, limits),
-                                   dynamic_shapes=dynamic_shapes(model.config.num_hidden_layers, limits))
+def export_forward(model: Qwen3ForCausalLM, limits: GraphLimits, small_batch: bool = False
+                   ) -> torch.export.ExportedProgram:
+    """The forward as one graph; small_batch: its small-batch form (`model.small_batch_layers`),
+    the same inputs and weights (under the same names, so both graphs share one copy)."""
+    model.small_batch = small_batch
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, example_inputs(model, limits),
+                                       dynamic_shapes=dynamic_shapes(model.config.num_hidden_layers, limits))
+    finally:
+        del model.small_batch  # back to the class's default
 
 
 def input_specs(model: Qwen3ForCausalLM, limits: GraphLimits) -> list[dict]:

@@ -29,6 +29,7 @@ from qwen3_aot.config import Qwen3Config
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
+from qwen3_aot.runtime.compiled import SMALL_BATCH_GRAPH
 from qwen3_aot.weights import dtype_name
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -40,6 +41,8 @@ VERIFY_RATIO = 1.25
 VERIFY_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # ONNX's check (build/onnx_export.verify_onnx) still bounds its difference from the eager model
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+SMALL_BATCH_FILE = "model_small.pt2"
+SMALL_BATCH_MAX = 16  # the largest decode batch the runtime may replay the small-batch graph for
 DECODE_STEPS = 2  # teacher-forced decode steps after the prefill: they read what it cached
 HEARTBEAT_S = 10.0  # how often a running stage logs its elapsed time
 
@@ -131,24 +134,30 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
         ref = check_logits(FlatBatchDriver(Float64Forward(model), cfg, REFERENCE_DTYPE, dev, block_size), *seqs)
         eager = check_logits(FlatBatchDriver(model, cfg, model.dtype, dev, block_size), *seqs)
         compiled = load_forward(artifact, device=dev, verify_files=False)
-        got = check_logits(FlatBatchDriver(compiled, cfg, model.dtype, dev, block_size), *seqs)
+        got = {"compiled": check_logits(FlatBatchDriver(compiled, cfg, model.dtype, dev, block_size), *seqs)}
+        if compiled.small is not None:  # every row through it, prompts too: it takes any batch
+            small = FlatBatchDriver(compiled.small, cfg, model.dtype, dev, block_size)
+            got["small-batch graph"] = check_logits(small, *seqs)
     err = lambda x: float((x - ref).norm() / ref.norm()) if torch.isfinite(x).all() else float("inf")  # noqa: E731
-    err_compiled, err_eager = err(got), err(eager)
+    err_eager = err(eager)
+    errors = {name: err(x) for name, x in got.items()}
     bound = VERIFY_RATIO * err_eager + VERIFY_FLOOR[model.dtype]
     log(f"[verify] compiled vs eager, each against float64 (relative error of {len(ref)} rows of logits): "
-        f"compiled {err_compiled:.2e}, eager {err_eager:.2e} (bound {bound:.2e} = {VERIFY_RATIO} x eager + "
-        f"{VERIFY_FLOOR[model.dtype]:.0e})")
-    if not err_compiled <= bound:
-        raise Qwen3AotError(f"the compiled artifact is less accurate than the eager model (relative error against "
-                            f"float64: compiled {err_compiled:.2e}, eager {err_eager:.2e}, bound {bound:.2e}); the "
-                            "build is not kept. Rebuild; if it persists, report it with this output.")
-    return err_compiled, err_eager
+        + ", ".join(f"{name} {e:.2e}" for name, e in errors.items())
+        + f", eager {err_eager:.2e} (bound {bound:.2e} = {VERIFY_RATIO} x eager + {VERIFY_FLOOR[model.dtype]:.0e})")
+    for name, e in errors.items():
+        if not e <= bound:
+            raise Qwen3AotError(f"the artifact ({name}) is less accurate than the eager model (relative error "
+                                f"against float64: {name} {e:.2e}, eager {err_eager:.2e}, bound {bound:.2e}); the "
+                                "build is not kept. Rebuild; if it persists, report it with this output.")
+    return max(errors.values()), err_eager
 
 
 def export_artifact(checkpoint: str | Path, output: str | Path, device: str | None = None,
                     dtype: str | None = None, force: bool = False, limits: GraphLimits = GraphLimits(),
                     formats: tuple[str, ...] = ("pt2",), check: bool = True, weights: str = "copy",
-                    tensor_parallel: int | None = None, log: Callable[[str], None] = _log) -> Path:
+                    tensor_parallel: int | None = None, small_batch_graph: bool = True,
+                    log: Callable[[str], None] = _log) -> Path:
     """Build an artifact from a Hugging Face Qwen3 checkpoint directory; returns its path.
 
     formats: "pt2" (the AOTInductor package, paged KV cache) and/or "onnx" (onnxruntime,
@@ -158,7 +167,10 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
     load: no second copy on disk; see build/linked.py).
     tensor_parallel: N ranks, each a worker process at load holding its shard of the weights
     and its KV heads (build/tensor_parallel.py); None: the one-process artifact. N = 1 builds
-    the worker form with one rank, the same code as N > 1 (to check it on one GPU)."""
+    the worker form with one rank, the same code as N > 1 (to check it on one GPU).
+    small_batch_graph: on CUDA, also compile the forward's small-batch form (model_small.pt2,
+    `model.small_batch_layers`, the same weights), which the runtime replays for the decode
+    batches it runs faster (runtime/decode_graphs.py); it adds its compile to the build."""
     checkpoint, output = Path(checkpoint), Path(output)
     device = resolve_device(device)
     formats = tuple(dict.fromkeys(formats))
@@ -185,7 +197,9 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
     with sigterm_raises():
         tmp.mkdir()
         try:
-            written = _build(checkpoint, tmp, device, dtype, limits, formats, check, shards, tensor_parallel, log)
+            small = small_batch_graph and device == "cuda" and tensor_parallel is None and "pt2" in formats
+            written = _build(checkpoint, tmp, device, dtype, limits, formats, check, shards, tensor_parallel, small,
+                             log)
             _replace(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -198,10 +212,11 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
 
 def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: GraphLimits,
            formats: tuple[str, ...], check: bool, shards: list[str] | None, tensor_parallel: int | None,
-           log: Callable[[str], None]) -> dict:
+           small_batch: bool, log: Callable[[str], None]) -> dict:
     """Every file of the artifact into `tmp`, checked; returns the manifest written.
     shards: the checkpoint files to hard-link as the weights (`linkable_files`), or None to copy them.
-    tensor_parallel: the number of ranks of a tensor-parallel artifact, or None."""
+    tensor_parallel: the number of ranks of a tensor-parallel artifact, or None.
+    small_batch: compile the small-batch graph too."""
     with stage("load", log):
         model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
         limits = limits.resolved(model.config.max_position_embeddings)
@@ -216,10 +231,16 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
         with stage("compile", log):
             options = compile_package(ep, tmp / "model.pt2", device)
         inputs = input_specs(model, limits)
+    output = {"name": "logits", "shape": ["logit_rows", model.config.vocab_size], "dtype": "float32"}
     if "pt2" in formats:
-        graphs["forward"] = {"file": "model.pt2", "inputs": inputs,
-                             "output": {"name": "logits", "shape": ["logit_rows", model.config.vocab_size],
-                                        "dtype": "float32"}}
+        graphs["forward"] = {"file": "model.pt2", "inputs": inputs, "output": output}
+    if small_batch:
+        with stage("export the small-batch graph", log):
+            ep = export_forward(model, limits, small_batch=True)
+        with stage("compile the small-batch graph", log):
+            compile_package(ep, tmp / SMALL_BATCH_FILE, device)
+        graphs[SMALL_BATCH_GRAPH] = {"file": SMALL_BATCH_FILE, "inputs": inputs, "output": output,
+                                     "max_batch": SMALL_BATCH_MAX}
     if "onnx" in formats:
         from qwen3_aot.build.onnx_export import export_onnx
 

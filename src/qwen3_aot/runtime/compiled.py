@@ -27,6 +27,7 @@ USE_INACTIVE = False       # fill the active constant buffer (no double-buffered
 CHECK_FULL_UPDATE = True   # every constant the graph needs must be given
 USER_MANAGED = True        # the graph uses our tensors in place: the weights exist once in memory
 
+SMALL_BATCH_GRAPH = "decode_small"  # the manifest's name for the small-batch graph (build/pipeline.py)
 EXTRACTION = re.compile(r"aotinductor_\w{6}")  # the loader's mkdtemp name for the unpacked package
 STALE_AFTER_S = 600  # an extraction this old, mapped by no process, belonged to one that was killed
 
@@ -52,44 +53,66 @@ class CompiledForward:
     def __init__(self, artifact: Path, manifest: dict, device: torch.device, run_single_threaded: bool) -> None:
         if device.type == "cpu":
             import qwen3_aot.custom_ops  # noqa: F401  (CPU packages call our ops' registered kernels)
-        package = artifact / manifest["graphs"]["forward"]["file"]
         entry = manifest.get("weights")
         if not (isinstance(entry, str) or isinstance(entry, dict) and entry.get("layout") == CHECKPOINT_LAYOUT):
             raise Qwen3AotError(f"{artifact}/manifest.json names no weights file for its pt2 graph; rebuild it.")
         self.num_layers = manifest["model_config"]["num_hidden_layers"]
-        index = device.index if device.index is not None else -1
         started = time.perf_counter()
         remove_stale_extractions()
-        try:
-            self._loader = torch._C._aoti.AOTIModelPackageLoader(
-                str(package), MODEL_NAME, run_single_threaded, NUM_RUNNERS, index)
-        except RuntimeError as e:
-            raise Qwen3AotError(f"{package} could not be loaded as an AOTInductor package "
-                                f"({str(e).splitlines()[0][:200]}); it is damaged or not one: rebuild the "
-                                "artifact.") from e
+        small = manifest["graphs"].get(SMALL_BATCH_GRAPH)
+        packages = [artifact / manifest["graphs"]["forward"]["file"]] + ([artifact / small["file"]] if small else [])
+        loaders = [_load_package(p, device, run_single_threaded) for p in packages]
         unpacked = time.perf_counter()
         weights = _read_file(artifact, entry, device) if isinstance(entry, str) else \
             _read_linked(artifact, entry, manifest, device)
-        fqns = self._loader.get_constant_fqns()
-        missing = sorted(set(fqns) - set(weights))
-        if missing:
-            raise Qwen3AotError(f"{artifact}: its weights lack constants the graph needs, e.g. "
-                                f"{missing[:3]}; rebuild the artifact.")
-        self._loader.load_constants({k: weights[k] for k in fqns}, USE_INACTIVE, CHECK_FULL_UPDATE, USER_MANAGED)
+        for loader in loaders:  # every graph uses the one copy of the weights
+            fqns = loader.get_constant_fqns()
+            missing = sorted(set(fqns) - set(weights))
+            if missing:
+                raise Qwen3AotError(f"{artifact}: its weights lack constants the graph needs, e.g. "
+                                    f"{missing[:3]}; rebuild the artifact.")
+            loader.load_constants({k: weights[k] for k in fqns}, USE_INACTIVE, CHECK_FULL_UPDATE, USER_MANAGED)
+        self._main = _Graph(loaders[0])
+        # the small-batch form of the forward (model.small_batch_layers), same inputs and result,
+        # fewer kernels: for decode batches up to small_batch_max (DecodeGraphs picks per batch)
+        self.small = _Graph(loaders[1]) if small else None
+        self.small_batch_max = int(small.get("max_batch", 0)) if small else 0
         self._weights = weights  # the loader holds raw pointers: keep the tensors alive
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         # where start-up goes (bench/family.py reports it): the package's unpacking and loading, the weights
         self.load_seconds = {"package": unpacked - started, "weights": time.perf_counter() - unpacked}
-        log.info("%s: package loaded in %.2f s, %.2f GB of weights read in %.2f s", artifact.name,
-                 self.load_seconds["package"], sum(w.nbytes for w in weights.values()) / 1e9,
+        log.info("%s: %d package(s) loaded in %.2f s, %.2f GB of weights read in %.2f s", artifact.name,
+                 len(loaders), self.load_seconds["package"], sum(w.nbytes for w in weights.values()) / 1e9,
                  self.load_seconds["weights"])
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
+                 block_tables: torch.Tensor, logits_indices: torch.Tensor,
+                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        return self._main(input_ids, positions, seq_ids, block_tables, logits_indices, k_caches, v_caches)
+
+
+class _Graph:
+    """One more compiled graph of the same forward (inputs and result as CompiledForward's)."""
+
+    def __init__(self, loader: object) -> None:
+        self._loader = loader
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                  block_tables: torch.Tensor, logits_indices: torch.Tensor,
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         return self._loader.boxed_run([input_ids, positions, seq_ids, block_tables, logits_indices,
                                        *k_caches, *v_caches])[0]
+
+
+def _load_package(package: Path, device: torch.device, run_single_threaded: bool) -> object:
+    index = device.index if device.index is not None else -1
+    try:
+        return torch._C._aoti.AOTIModelPackageLoader(str(package), MODEL_NAME, run_single_threaded, NUM_RUNNERS, index)
+    except RuntimeError as e:
+        raise Qwen3AotError(f"{package} could not be loaded as an AOTInductor package "
+                            f"({str(e).splitlines()[0][:200]}); it is damaged or not one: rebuild the "
+                            "artifact.") from e
 
 
 def _read_file(artifact: Path, name: str, device: torch.device) -> dict[str, torch.Tensor]:

@@ -89,8 +89,8 @@ class EngineCore:
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, cache_device)
         max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens, max_blocks_per_seq)
-        self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq,
-                                   device) if use_graphs else None
+        self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq, device,
+                                   self.forward.small, self.forward.small_batch_max) if use_graphs else None
         self.overlap = overlap
         self.observers: list[Callable[[StepRecord], None]] = []
         self.prompt_tokens = self.generation_tokens = 0  # since load, for metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,13 @@ class DecodeGraphs:
     position 0 into the reserved block. The AOTI package must be loaded with
     run_single_threaded=True to be capturable.
 
+    An artifact built on CUDA also holds the forward's small-batch graph (fewer kernels,
+    projections that stream the weights once per row), which wins at a few rows and loses
+    as they grow, by an amount that depends on the model's shape and the GPU. So for each
+    batch up to its limit both graphs are captured and replayed, and the faster one kept
+    (`small`, the small-batch graph, for batches up to `small_max`; `self.small`: the batches
+    that replay it).
+
     The buffer rule: at most one step may be in flight (queued, its tokens not yet taken)
     when the next is queued. A step's inputs go over from pinned host buffers asynchronously,
     so the host must not rewrite a set of them before the device has read it: two sets,
@@ -32,7 +40,7 @@ class DecodeGraphs:
     (`EngineCore.step` takes the tokens of the step before before queueing a third)."""
 
     def __init__(self, forward: CompiledForward, cache: KVCache, max_batch: int, max_blocks_per_seq: int,
-                 device: torch.device) -> None:
+                 device: torch.device, small: Callable[..., torch.Tensor] | None = None, small_max: int = 0) -> None:
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.max_batch = n = self.sizes[-1]
         # two sets of pinned host buffers, taken in turn (the buffer rule above)
@@ -51,19 +59,29 @@ class DecodeGraphs:
         self.rows = torch.arange(n, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        pool, started = None, time.perf_counter()
+        self.small: list[int] = []
+        self._pool, started = None, time.perf_counter()
         with torch.cuda.device(device), torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
                 args = (self.ids[:b], self.pos[:b], self.seq_ids[:b], self.tables[:b], self.rows[:b], cache.k, cache.v)
-                forward(*args)  # warm up outside the graph (first-call allocations, kernel loading)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.logits[b] = forward(*args)
-                pool = graph.pool()
-                self.graphs[b] = graph
+                self.graphs[b], self.logits[b] = self._capture(forward, args)
+                if small is not None and b <= small_max:
+                    other = self._capture(small, args)
+                    if _replay_seconds(other[0]) < _replay_seconds(self.graphs[b]):
+                        self.graphs[b], self.logits[b] = other
+                        self.small.insert(0, b)
         self.capture_seconds = time.perf_counter() - started
-        log.info("CUDA graphs of decode batches %s captured in %.2f s", self.sizes, self.capture_seconds)
+        log.info("CUDA graphs of decode batches %s captured in %.2f s (the small-batch graph for %s)", self.sizes,
+                 self.capture_seconds, self.small or "none")
+
+    def _capture(self, forward: Callable[..., torch.Tensor], args: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        forward(*args)  # warm up outside the graph (first-call allocations, kernel loading)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = forward(*args)
+        self._pool = graph.pool()
+        return graph, logits
 
     def __call__(self, ids: list[int], pos: list[int], tables: np.ndarray) -> torch.Tensor:
         """One decode step: ids and positions of n sequences, their block tables [n, width]."""
@@ -106,3 +124,17 @@ class DecodeGraphs:
         self.graphs[b].replay()
         return self.logits[b][:n]
 
+
+
+def _replay_seconds(graph: torch.cuda.CUDAGraph, replays: int = 10) -> float:
+    """The fastest of a few replays, after one to warm up (padding inputs: the reserved block)."""
+    graph.replay()
+    best = float("inf")
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e-3)
+    return best
