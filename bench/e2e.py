@@ -471,6 +471,7 @@ def profile_decode(engine: runtime.EngineCore, plan: Plan, vocab: int, batch: in
         b = next(s for s in g.sizes if s >= batch)
         args = (g.ids[:b], g.pos[:b], g.seq_ids[:b], g.tables[:b], g.rows[:b], cache.k, cache.v)
         out["replayed_context"] = int(g.pos[:batch].max()) + 1
+        out["replays_small_batch_graph"] = b in g.small
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.graphs[b].replay()
         start.record()
@@ -490,6 +491,30 @@ def profile_decode(engine: runtime.EngineCore, plan: Plan, vocab: int, batch: in
                 out[label] = kernel_table(fn)
             except Exception as e:  # the profiler's event API moves between torch versions; keep the rest
                 out[label] = {"error": repr(e)}
+    return out
+
+
+def small_batch_comparison(ours: Ours, plan: Plan, vocab: int) -> dict:
+    """Decode tok/s at small batches with the CUDA graphs the engine chose (the small-batch
+    graph where it replayed faster) and with the main graph's alone, in the same run."""
+    from qwen3_aot.runtime.decode_graphs import DecodeGraphs
+
+    engine = ours.engine
+    chosen = engine.graphs
+    out = {"replayed_for": list(chosen.small), "tok_s": {}}
+    main_only = DecodeGraphs(engine.forward, engine.cache, chosen.max_batch, chosen.tables.shape[1], engine.device)
+    for b in (1, 2, 4, 8, 16):
+        if b > chosen.max_batch:
+            break
+        prompts = random_prompts(b, plan.prompt_len, vocab, seed=b)
+        row = {}
+        for label, graphs in (("chosen", chosen), ("main graph only", main_only)):
+            engine.graphs = graphs
+            row[label] = b / ours.decode_step_seconds(prompts, plan.new_tokens, plan.repeats)
+        out["tok_s"][b] = row
+        print(f"  decode batch {b}: {row['chosen']:.0f} tok/s with the graphs chosen, {row['main graph only']:.0f} "
+              "with the main graph alone", flush=True)
+    engine.graphs = chosen
     return out
 
 
@@ -591,6 +616,8 @@ def main() -> None:
     sizes = model_sizes(engine.config, sum(w.nbytes for w in engine.forward._weights.values()), dtype)
     if a.profile:
         r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 64, 256) if b <= max(plan.batches)]
+    if engine.graphs is not None and engine.forward.small is not None:
+        r["small_batch_graph"] = small_batch_comparison(ours, plan, vocab)
     del ours, engine
     if "eager" not in skip:
         def eager() -> Ours:  # the same engine, the eager model as its forward
@@ -704,12 +731,18 @@ def report(r: dict, plan: Plan) -> None:
               f"({wl['tok_s'] / w['tok_s']:.0%} of the core's one batch; the threads reach "
               f"{wt['threads_tok_s'] / wl['tok_s']:.0%} of it); its busiest lane makes {wl['critical_steps']} tokens "
               f"one after another, {wl['critical_steps'] / wl['seconds']:.0f} steps/s at least")
+    if "small_batch_graph" in r:
+        c = r["small_batch_graph"]
+        print(f"small-batch graph replayed for decode batches {c['replayed_for']}; decode tok/s, the graphs chosen / "
+              "the main graph alone: " + ", ".join(f"batch {b} {v['chosen']:.0f} / {v['main graph only']:.0f}"
+                                                  for b, v in c["tok_s"].items()))
     for p in r.get("profile", []):
         print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps, {p['mean_batch']:.0f} sequences on average): "
               "host ms/step "
               + ", ".join(f"{k} {v:.3f}" for k, v in p["host_ms_per_step"].items()))
         if "graph_replay_ms" in p:
-            print(f"  graph replay {p['graph_replay_ms']:.3f} ms (context {p['replayed_context']}); "
+            which = "the small-batch graph" if p.get("replays_small_batch_graph") else "the main graph"
+            print(f"  graph replay ({which}) {p['graph_replay_ms']:.3f} ms (context {p['replayed_context']}); "
                   f"compiled call without graph {p['compiled_call_ms']:.3f} ms; host: replay launch "
                   f"{p['replay_launch_host_ms']:.3f} ms, decode call {p['decode_call_host_ms']:.3f} ms")
         for label in ("eager call", "graph replay"):
