@@ -433,3 +433,30 @@ def test_torchs_leafspec_deprecation_is_the_one_warning_the_compile_hides():
             copy.deepcopy(spec)  # what Inductor's debug wrapper does to the graph (torch 2.13 warns)
             warnings.warn("any other FutureWarning", FutureWarning)
     assert [str(w.message) for w in seen] == ["any other FutureWarning"]
+
+
+# ---- the small-batch graph (built on CUDA only: on a CPU its ops are the same reference kernels) ----
+
+def test_the_small_batch_graph_exports_its_fused_ops_and_computes_the_forward():
+    """Its export holds the fused projections and no matmul of its own (lm_head's is the one
+    F.linear left), leaves the model as it was, and computes what the main forward computes
+    over the build check's steps (prompts in one step, then decodes), fp32 within 1e-5."""
+    from qwen3_aot.build.graph import GraphLimits, export_forward
+    from qwen3_aot.build.pipeline import check_logits, check_sequences
+
+    model = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu")
+    limits = GraphLimits().resolved(model.config.max_position_embeddings)
+    model.small_batch = "as the caller left it"
+    ep = export_forward(model, limits, small_batch=True)
+    assert model.small_batch == "as the caller left it"
+    model.small_batch = False  # the main forward, for the comparison
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    layers = model.config.num_hidden_layers
+    assert targets.count("qwen3_aot.small_linear.default") == 2 * layers
+    assert targets.count("qwen3_aot.add_rms_norm_linear.default") == 2 * layers - 1
+    assert sum("aten.linear" in t or "aten.mm" in t or "aten.addmm" in t for t in targets) == 1
+    seqs = check_sequences(model.config.vocab_size, limits.block_size, limits.max_model_len)
+    with torch.no_grad():
+        small, main = (check_logits(FlatBatchDriver(f, model.config, torch.float32, torch.device("cpu")), *seqs)
+                       for f in (ep.module(), model))
+    assert (small - main).norm() / main.norm() <= 1e-5

@@ -87,13 +87,13 @@ def export_forward(model: Qwen3ForCausalLM, limits: GraphLimits, small_batch: bo
                    ) -> torch.export.ExportedProgram:
     """The forward as one graph; small_batch: its small-batch form (`model.small_batch_layers`),
     the same inputs and weights (under the same names, so both graphs share one copy)."""
-    model.small_batch = small_batch
+    was, model.small_batch = model.small_batch, small_batch
     try:
         with torch.no_grad():
             return torch.export.export(model, example_inputs(model, limits),
                                        dynamic_shapes=dynamic_shapes(model.config.num_hidden_layers, limits))
     finally:
-        del model.small_batch  # back to the class's default
+        model.small_batch = was
 
 
 def input_specs(model: Qwen3ForCausalLM, limits: GraphLimits) -> list[dict]:
