@@ -97,3 +97,13 @@ def test_a_killed_worker_ends_the_forward_with_our_error(tp_artifact):
     assert _gone(fwd.worker_pids[0], 15), "the surviving rank was not stopped"
     with pytest.raises(Qwen3AotError, match="rank 1"):  # and it stays ended
         fwd(z, z, z.int(), torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1]), [], [])
+
+
+def test_the_builds_verify_takes_a_tensor_parallel_artifact(tp_artifact):
+    """The check `export` runs by default loads the artifact as a service would: for a TP one,
+    its workers (the forward without a small-batch graph) against float64 and eager."""
+    from qwen3_aot.build.pipeline import verify
+
+    model = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu")
+    compiled, eager = verify(tp_artifact, model, lambda _m: None)
+    assert compiled <= 1.25 * eager + 1e-5
