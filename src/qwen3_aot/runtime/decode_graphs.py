@@ -28,10 +28,10 @@ class DecodeGraphs:
 
     An artifact built on CUDA also holds the forward's small-batch graph (fewer kernels,
     projections that stream the weights once per row), which wins at a few rows and loses
-    as they grow, by an amount that depends on the model's shape and the GPU. So for each
-    batch up to its limit both graphs are captured and replayed, and the faster one kept
-    (`small`, the small-batch graph, for batches up to `small_max`; `self.small`: the batches
-    that replay it).
+    as they grow, by an amount that depends on the model's shape and the GPU. So once the
+    main graph is captured for every batch, the small-batch graph (`small`, for batches up to
+    `small_max`) is captured and timed against it from batch 1 up, kept where it replays
+    faster, and tried no further once it loses (`self.small`: the batches that replay it).
 
     The buffer rule: at most one step may be in flight (queued, its tokens not yet taken)
     when the next is queued. A step's inputs go over from pinned host buffers asynchronously,
@@ -63,16 +63,23 @@ class DecodeGraphs:
         self._pool, started = None, time.perf_counter()
         with torch.cuda.device(device), torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
-                args = (self.ids[:b], self.pos[:b], self.seq_ids[:b], self.tables[:b], self.rows[:b], cache.k, cache.v)
-                self.graphs[b], self.logits[b] = self._capture(forward, args)
-                if small is not None and b <= small_max:
-                    other = self._capture(small, args)
-                    if _replay_seconds(other[0]) < _replay_seconds(self.graphs[b]):
-                        self.graphs[b], self.logits[b] = other
-                        self.small.insert(0, b)
+                self.graphs[b], self.logits[b] = self._capture(forward, self._args(b, cache))
+            for b in self.sizes if small is not None else ():
+                if b > small_max:
+                    break
+                # a graph that loses is dropped, its outputs with it; replays never overlap, so
+                # the graphs sharing the pool only ever reuse each other's dead intermediates
+                other = self._capture(small, self._args(b, cache))
+                if _replay_seconds(other[0]) >= _replay_seconds(self.graphs[b]):
+                    break  # it loses more as the batch grows
+                self.graphs[b], self.logits[b] = other
+                self.small.append(b)
         self.capture_seconds = time.perf_counter() - started
         log.info("CUDA graphs of decode batches %s captured in %.2f s (the small-batch graph for %s)", self.sizes,
                  self.capture_seconds, self.small or "none")
+
+    def _args(self, b: int, cache: KVCache) -> tuple:
+        return self.ids[:b], self.pos[:b], self.seq_ids[:b], self.tables[:b], self.rows[:b], cache.k, cache.v
 
     def _capture(self, forward: Callable[..., torch.Tensor], args: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         forward(*args)  # warm up outside the graph (first-call allocations, kernel loading)
