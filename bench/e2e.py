@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -77,12 +78,15 @@ t["torch"] = time.time()
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
 t["import"] = time.time()
+if torch.cuda.is_available():  # what load would do first: timed apart, as a part of the load
+    torch.cuda.init()
+t["cuda"] = time.time()
 engine = runtime.load(sys.argv[1], **json.loads(sys.argv[2]))
 t["load"] = time.time()
 engine.generate([list(range(100, 132))], SamplingParams(max_tokens=1, temperature=0))
 t["first_token"] = time.time()
 core = engine._loop.core  # the parts of the load: a benchmark may look inside
-t["parts"] = {**core.forward.load_seconds, "graphs": core.graphs.capture_seconds if core.graphs else 0.0}
+t["parts"] = {"cuda_init": t["cuda"] - t["import"], **core.load_seconds}
 print("CHILD" + json.dumps(t))
 """
 
@@ -145,9 +149,13 @@ def time_to_first_token(artifact: Path, options: dict) -> dict:
     if not lines:
         raise RuntimeError(f"the first-token child failed:\n{p.stderr[-3000:]}")
     t = json.loads(lines[0])
+    load = t["load"] - t["import"]
+    # the load's parts one after another (package and weights are the forward's own parts)
+    rest = load - sum(v for k, v in t["parts"].items() if k not in ("package", "weights"))
     return {"total_s": t["first_token"] - spawn, "interpreter_s": t["start"] - spawn,
             "import_s": t["import"] - t["start"], "import_torch_s": t["torch"] - t["start"],
-            "load_s": t["load"] - t["import"], "load_parts_s": t["parts"], "first_token_s": t["first_token"] - t["load"]}
+            "load_s": load, "load_parts_s": {**t["parts"], "checks and the rest": rest},
+            "first_token_s": t["first_token"] - t["load"]}
 
 
 # ---- the systems ----
@@ -518,6 +526,37 @@ def small_batch_comparison(ours: Ours, plan: Plan, vocab: int) -> dict:
     return out
 
 
+def prefill_one_package_or_two(art: Path, plan: Plan, vocab: int, work: Path, rounds: int = 2) -> dict:
+    """Prefill ms of the artifact loaded whole (both packages) and of a view of it that holds
+    the main graph alone (the small-batch graph left out of its manifest), engines taken in
+    turn in one process: prefill runs the main graph either way, so a difference is the cost
+    of the second package being loaded, and the spread between rounds the machine's."""
+    from qwen3_aot.runtime.compiled import SMALL_BATCH_GRAPH
+
+    view = work / "main-graph-only"
+    shutil.rmtree(view, ignore_errors=True)
+    shutil.copytree(art, view, copy_function=os.link)
+    man = json.loads((view / "manifest.json").read_text())
+    del man["graphs"][SMALL_BATCH_GRAPH]
+    (view / "manifest.json").unlink()  # a link to the artifact's own: not written through
+    (view / "manifest.json").write_text(json.dumps(man))
+    out: dict = {label: {n: [] for n in plan.prefill} for label in ("both packages", "main package only")}
+    for _ in range(rounds):
+        for label, path in (("both packages", art), ("main package only", view)):
+            free_memory()
+            system = Ours(load_ours(path, plan), label)
+            for n in plan.prefill:
+                prompt = random_prompts(1, n, vocab, seed=n)[0]
+                system.prefill(prompt)
+                out[label][n].append(best_of(plan.repeats + 1, lambda: system.prefill(prompt)) * 1e3)
+            del system
+    for label, by_len in out.items():
+        print(f"  prefill, {label}: " + ", ".join(f"{n}: {' / '.join(f'{ms:.2f}' for ms in v)} ms"
+                                                 for n, v in by_len.items()), flush=True)
+    shutil.rmtree(view)
+    return out
+
+
 def host_ms(fn: Callable[[], object], calls: int = 20) -> float:
     """Median host milliseconds of fn() returning, the GPU idle before each call."""
     times = []
@@ -618,7 +657,10 @@ def main() -> None:
         r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 64, 256) if b <= max(plan.batches)]
     if engine.graphs is not None and engine.forward.small is not None:
         r["small_batch_graph"] = small_batch_comparison(ours, plan, vocab)
+    small_graph = engine.forward.small is not None
     del ours, engine
+    if small_graph:
+        r["prefill_packages"] = prefill_one_package_or_two(art, plan, vocab, a.work)
     if "eager" not in skip:
         def eager() -> Ours:  # the same engine, the eager model as its forward
             engine = load_ours(art, plan, cuda_graphs=False)
@@ -706,7 +748,8 @@ def report(r: dict, plan: Plan) -> None:
     t = r["ttft"]
     print(f"new process -> first token: {t['total_s']:.2f} s (interpreter {t['interpreter_s']:.2f}, import "
           f"{t['import_s']:.2f} of which torch {t['import_torch_s']:.2f}, load {t['load_s']:.2f} "
-          f"{t['load_parts_s']}, first token {t['first_token_s']:.3f}); "
+          f"({', '.join(f'{k} {v:.3f}' for k, v in t['load_parts_s'].items())}), first token "
+          f"{t['first_token_s']:.3f}); "
           f"verify_files=False, cuda_graphs=False: {r['ttft_unchecked']['total_s']:.2f} s; "
           f"python -c 'import torch' alone: {r['import_torch_s']:.2f} s")
     print("  import torch, largest cumulative: " + ", ".join(f"{m['module'].strip()} {m['cumulative_s']:.2f}"

@@ -43,6 +43,9 @@ def test_e2e_tiny_run_fills_every_figure(tmp_path):
     assert 0 < steps["decode only"]["seconds"] + steps["with prefill"]["seconds"] <= w["seconds"]
     t = r["ttft"]
     assert 0 < t["import_s"] < t["total_s"] and t["load_s"] > 0 and r["build_s"] > 0
+    parts = t["load_parts_s"]  # the core's start-up, part by part, and what the parts leave
+    assert {"tokenizer", "forward", "package", "weights", "kv_cache", "graphs"} <= set(parts)
+    assert parts["package"] + parts["weights"] <= parts["forward"] and parts["checks and the rest"] >= 0
     # one step call a token, and one more that takes the last (overlap takes a step's tokens in the next call)
     assert r["profile"][0]["steps"] == plan["new_tokens"] + 1 and r["profile"][0]["host_ms_per_step"]["step"] > 0
     assert "goal" not in p.stdout  # goals are the GPU shape's, not the tiny model's

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -68,7 +69,9 @@ class EngineCore:
         limits, self.config = manifest["limits"], manifest["model_config"]
         self.artifact, self.device, self.max_model_len = artifact, device, limits["max_model_len"]
         self.dtype, self.block_size = DTYPES[manifest["dtype"]], manifest["kv_cache"]["block_size"]
+        clock = _StartClock()  # where start-up goes: `load_seconds`, which benchmarks report
         self.tokenizer = Tokenizer.from_dir(artifact)
+        clock.lap("tokenizer")
         # -- tensor-parallel hook: a TP artifact's forward is its worker processes, which hold the
         # weights and each rank's share of the KV cache; here the cache is block bookkeeping on
         # the meta device (runtime/tensor_parallel.py). Its ranks run without CUDA graphs.
@@ -78,6 +81,7 @@ class EngineCore:
             if self.tensor_parallel is None else TensorParallelForward(artifact, manifest, device)
         cache_device = device if self.tensor_parallel is None else META
         # -- end of the tensor-parallel hook
+        clock.lap("forward")
         self.sampler = Sampler()
         max_num_seqs = _within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
         max_tokens = _within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
@@ -87,10 +91,15 @@ class EngineCore:
                              limits["max_num_blocks"])
         num_blocks = _within("num_blocks", num_blocks, num_blocks, limits["max_num_blocks"], "max_num_blocks")
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, cache_device)
+        clock.lap("kv_cache")  # on CUDA: sized by running the largest step, the graph's first call
         max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens, max_blocks_per_seq)
         self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq, device,
                                    self.forward.small, self.forward.small_batch_max) if use_graphs else None
+        clock.lap("graphs")
+        self.load_seconds = {"tokenizer": clock.laps["tokenizer"], "forward": clock.laps["forward"],
+                             **getattr(self.forward, "load_seconds", {}),  # the forward's parts, within it
+                             "kv_cache": clock.laps["kv_cache"], "graphs": clock.laps["graphs"]}
         self.overlap = overlap
         self.observers: list[Callable[[StepRecord], None]] = []
         self.prompt_tokens = self.generation_tokens = 0  # since load, for metrics
@@ -314,6 +323,20 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return host.copy_(t, non_blocking=True)
+
+
+class _StartClock:
+    """Seconds between laps, the device's queued work included (synchronised at each)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.laps[name], self._last = now - self._last, now
 
 
 def _within(name: str, value: int | None, default: int, limit: int, build_option: str) -> int:
