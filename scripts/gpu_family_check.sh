@@ -24,5 +24,6 @@ name=${part//,/_}  # a comma in a file name keeps it from coming back from the G
 timeout ${FAMILY_TIMEOUT_S:-590} python3 bench/family.py "${args[@]}" --json "$OUT/family_$name.json" > "$OUT/family_$name.log" 2>&1
 rc=$?
 grep -E "^\\[|^shape|^[0-9.]+B[ :]|error|Error" "$OUT/family_$name.log" | grep -v "^\[.*\] \.\.\.$" | tail -40
+df -h /tmp | tail -1; du -sh /tmp/torchinductor_* 2>/dev/null  # what the disk kept (32B leaves ~3 GiB)
 echo "family $part exit code: $rc"
 exit $rc
