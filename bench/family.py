@@ -135,17 +135,10 @@ def checkpoint_bytes(hf: dict) -> int:
     return sum(torch.Size(s).numel() for s in hf_shapes(Qwen3Config.from_hf_dict(hf)).values()) * dtype.itemsize
 
 
-# Shapes built without the small-batch graph: at 32B its second compile would take the build
-# past one 10-minute GPU call, and at 8B's sizes it already lost to cuBLAS on the larger
-# projections (bench/small_linear.py), so the runtime would replay the main graph anyway
-MAIN_GRAPH_ONLY = {"32B"}
-
-
-def build(ckpt: Path, art: Path, device: str, dtype: str, tiny: bool, main_graph_only: bool = False) -> dict:
+def build(ckpt: Path, art: Path, device: str, dtype: str, tiny: bool) -> dict:
     """scripts/export.py --weights link, as a user runs it; its log streamed, and the seconds
     of each stage the pipeline logs (load, export, compile, package, verify)."""
     limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
-    limits += ["--no-small-batch-graph"] if main_graph_only else []
     cmd = [sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
            "--dtype", dtype, "--weights", "link", "--force", *limits]
     t = time.perf_counter()
@@ -209,7 +202,10 @@ def measure(art: Path, plan: e2e.Plan, device: torch.device) -> dict:
     e2e.free_memory()
     r["copy_GBps"] = e2e.copy_bandwidth(device) / 1e9
     vocab = man["model_config"]["vocab_size"]
-    _, ours = e2e.measure(lambda: e2e.Ours(e2e.load_ours(art, plan), "ours"), plan, vocab)
+    system, ours = e2e.measure(lambda: e2e.Ours(e2e.load_ours(art, plan), "ours"), plan, vocab)
+    if system.engine.graphs is not None and system.engine.forward.small is not None:
+        r["small_batch_graph"] = e2e.small_batch_comparison(system, plan, vocab)
+    del system
     e2e.free_memory()
     sizes = e2e.model_sizes(man["model_config"], weight_bytes, parse_dtype(man["dtype"]))
     context = plan.prompt_len + plan.new_tokens / 2
@@ -235,7 +231,7 @@ def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bo
         r["checkpoint"] = write_checkpoint(ckpt, hf, device)
         print(f"[{shape}] checkpoint {r['checkpoint']}", flush=True)
     if stage in ("build", "all"):
-        r.update(build(ckpt, art, device.type, dtype, tiny, shape in MAIN_GRAPH_ONLY))
+        r.update(build(ckpt, art, device.type, dtype, tiny))
         r["disk"] = disk_usage(art, ckpt)
         print(f"[{shape}] build {r['build_s']:.0f} s {r['stages_s']}, disk {r['disk']}", flush=True)
     record.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ def _export(a: argparse.Namespace) -> None:
     export_artifact(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
                     formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify,
                     weights=a.weights, tensor_parallel=a.tensor_parallel,
-                    small_batch_graph=not a.no_small_batch_graph)
+                    small_batch_graph=a.small_batch_graph)
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-model-len", type=int, default=0,
                     help="longest sequence, prompt and output, in tokens; 0: the model's max_position_embeddings "
                          + DEFAULT)
-    ex.add_argument("--no-small-batch-graph", action="store_true",
-                    help="on CUDA, compile only the main graph: the build is faster, small decode batches slower "
-                         "(by default the forward's small-batch form is compiled too, for the batches it runs faster)")
+    ex.add_argument("--small-batch-graph", action=argparse.BooleanOptionalAction, default=None,
+                    help="on CUDA, also compile the forward's small-batch form, which the engine replays for the "
+                         "decode batches it runs faster (a second compile); default: for models of hidden size "
+                         "under 4096, where it has won (--no-small-batch-graph: the main graph only)")
     ex.add_argument("--no-verify", action="store_true",
                     help="skip the build's check (the artifact loaded once, its logits measured against the eager "
                          "model's)")

@@ -43,6 +43,11 @@ VERIFY_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 SMALL_BATCH_FILE = "model_small.pt2"
 SMALL_BATCH_MAX = 16  # the largest decode batch the runtime may replay the small-batch graph for
+# By default the small-batch graph is built for models narrower than this: its projections
+# beat cuBLAS's at a few rows where a layer's matrices are small (the 0.6B shape, hidden
+# 1024: batch 1 1.5x faster), and at the 8B shape (hidden 4096) the engine never replayed it
+# (no batch ran faster), so its compile only lengthened the build (BENCHMARKS.md).
+SMALL_BATCH_BELOW_HIDDEN = 4096
 DECODE_STEPS = 2  # teacher-forced decode steps after the prefill: they read what it cached
 HEARTBEAT_S = 10.0  # how often a running stage logs its elapsed time
 
@@ -153,10 +158,20 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
     return max(errors.values()), err_eager
 
 
+def wants_small_batch_graph(option: bool | None, cfg: Qwen3Config, device: str, tensor_parallel: int | None,
+                            formats: tuple[str, ...]) -> bool:
+    """Whether a build compiles the small-batch graph: only for a one-process pt2 graph on
+    CUDA (its kernels are Triton's; tensor-parallel ranks replay no CUDA graphs); `option`
+    None decides by the model's width."""
+    if device != "cuda" or tensor_parallel is not None or "pt2" not in formats:
+        return False
+    return cfg.hidden_size < SMALL_BATCH_BELOW_HIDDEN if option is None else option
+
+
 def export_artifact(checkpoint: str | Path, output: str | Path, device: str | None = None,
                     dtype: str | None = None, force: bool = False, limits: GraphLimits = GraphLimits(),
                     formats: tuple[str, ...] = ("pt2",), check: bool = True, weights: str = "copy",
-                    tensor_parallel: int | None = None, small_batch_graph: bool = True,
+                    tensor_parallel: int | None = None, small_batch_graph: bool | None = None,
                     log: Callable[[str], None] = _log) -> Path:
     """Build an artifact from a Hugging Face Qwen3 checkpoint directory; returns its path.
 
@@ -170,7 +185,8 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
     the worker form with one rank, the same code as N > 1 (to check it on one GPU).
     small_batch_graph: on CUDA, also compile the forward's small-batch form (model_small.pt2,
     `model.small_batch_layers`, the same weights), which the runtime replays for the decode
-    batches it runs faster (runtime/decode_graphs.py); it adds its compile to the build."""
+    batches it runs faster (runtime/decode_graphs.py); it adds its compile to the build.
+    None: for models of hidden size under SMALL_BATCH_BELOW_HIDDEN."""
     checkpoint, output = Path(checkpoint), Path(output)
     device = resolve_device(device)
     formats = tuple(dict.fromkeys(formats))
@@ -197,7 +213,8 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
     with sigterm_raises():
         tmp.mkdir()
         try:
-            small = small_batch_graph and device == "cuda" and tensor_parallel is None and "pt2" in formats
+            small = wants_small_batch_graph(small_batch_graph, Qwen3Config.from_checkpoint(checkpoint), device,
+                                            tensor_parallel, formats)
             written = _build(checkpoint, tmp, device, dtype, limits, formats, check, shards, tensor_parallel, small,
                              log)
             _replace(tmp, output)
