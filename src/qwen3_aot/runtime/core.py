@@ -69,7 +69,7 @@ class EngineCore:
         limits, self.config = manifest["limits"], manifest["model_config"]
         self.artifact, self.device, self.max_model_len = artifact, device, limits["max_model_len"]
         self.dtype, self.block_size = DTYPES[manifest["dtype"]], manifest["kv_cache"]["block_size"]
-        clock = _StartClock()  # where start-up goes: `load_seconds`, which benchmarks report
+        clock = _StartClock(device)  # where start-up goes: `load_seconds`, which benchmarks report
         self.tokenizer = Tokenizer.from_dir(artifact)
         clock.lap("tokenizer")
         # -- tensor-parallel hook: a TP artifact's forward is its worker processes, which hold the
@@ -326,15 +326,17 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 class _StartClock:
-    """Seconds between laps, the device's queued work included (synchronised at each)."""
+    """Seconds between laps, the device's queued work included (synchronised at each; only the
+    engine's own GPU, never one this process has not touched)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.laps: dict[str, float] = {}
         self._last = time.perf_counter()
 
     def lap(self, name: str) -> None:
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+        if self.device.type == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.laps[name], self._last = now - self._last, now
 
