@@ -5,8 +5,9 @@
 #            its goal shapes;
 #   e2e:     the end-to-end benchmark with its decode-step profile (and the workload sent by
 #            64 threads through the Engine against one generate call);
-#   small:   the small-batch projections (custom_ops/small_linear.py): their tests on CUDA,
-#            then bench/small_linear.py against cuBLAS with its launch sweep (not part of all);
+#   small:   the small-batch graph's kernels: their tests on CUDA (small_linear, the q/k epilogue,
+#            attention, both layer forms against transformers), then bench/small_linear.py against
+#            cuBLAS with its launch sweeps (not part of all);
 #   serve:   bench/serve.py, the OpenAI server under the workload by streaming clients at
 #            concurrency 1, 16, 64, 256 against in-process (not part of all). The GPU machine
 #            lacks the serve extra: bring its wheels and dashscope's (Qwen's tokenizer, which
@@ -46,7 +47,8 @@ if [[ $part == e2e || $part == all ]]; then
     (( e2e_rc )) && rc=1
 fi
 if [[ $part == small ]]; then
-    python3 -m pytest -q -n 0 -p no:cacheprovider tests/custom_ops/test_small_linear.py > "$OUT/small_tests.txt" 2>&1
+    python3 -m pytest -q -n 0 -p no:cacheprovider tests/custom_ops/test_small_linear.py tests/custom_ops/test_qkv_rope.py \
+        tests/custom_ops/test_paged_attention.py tests/test_model.py > "$OUT/small_tests.txt" 2>&1
     small_rc=$?
     timeout ${SMALL_TIMEOUT_S:-300} python3 bench/small_linear.py ${SMALL_ARGS:-} --json "$OUT/small_linear.json" \
         > "$OUT/small_linear.txt" 2>&1
