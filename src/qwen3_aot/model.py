@@ -26,7 +26,7 @@ from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.weights import load_checkpoint, parse_dtype
 
 # The registered ops: what torch.export keeps as single nodes and AOTInductor compiles. A
-# model may be given another backend with the same four functions (tests pass the Triton
+# model may be given another backend with the same functions (tests pass the Triton
 # kernels themselves, to run them eagerly on CPU under the interpreter).
 OPS = torch.ops.qwen3_aot
 
@@ -133,8 +133,11 @@ class Qwen3ForCausalLM(nn.Module):
             return self.ops.paged_attention(q, k, v, k_caches[i], v_caches[i], positions, seq_ids, block_tables,
                                             scale)
 
-        layers = small_batch_layers if self.small_batch else decoder_layers
-        x, residual = layers(self, input_ids, positions, attend)
+        if self.small_batch:
+            x, residual = small_batch_layers(self, input_ids, positions, seq_ids, block_tables, k_caches, v_caches,
+                                             scale)
+        else:
+            x, residual = decoder_layers(self, input_ids, positions, attend)
         return final_logits(self, x, residual, logits_indices).float()
 
 
@@ -166,12 +169,14 @@ def decoder_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: 
 
 
 def small_batch_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
-                       attend: Attend) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decoder_layers` for a few tokens (small decode batches): the same math and roundings
-    in fewer kernels. Each RMSNorm is computed inside the projection after it, SiLU(gate) * up
-    inside the gate/up projection, and every projection is a kernel that streams its weights
-    once per row (custom_ops/small_linear.py), where cuBLAS's tiles for many rows left most
-    of the bandwidth unused."""
+                       seq_ids: torch.Tensor, block_tables: torch.Tensor, k_caches: list[torch.Tensor],
+                       v_caches: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decoder_layers` for a few tokens (small decode batches), over the paged cache of
+    `forward`: the same math and roundings in fewer kernels. Each RMSNorm is computed inside
+    the projection after it, SiLU(gate) * up inside the gate/up projection, the new k and v
+    are written into the cache by the q/k norm's epilogue, and every projection is a kernel
+    made for a few rows (custom_ops/small_linear.py), where cuBLAS's tiles for many rows left
+    most of the bandwidth unused."""
     cfg, ops = model.config, model.ops
     eps = cfg.rms_norm_eps
     x = model.embed(input_ids)
@@ -181,9 +186,10 @@ def small_batch_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positio
             qkv = ops.rms_norm_linear(x, layer.input_norm, layer.qkv_proj, eps, False)
         else:
             qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, layer.qkv_proj, eps, False)
-        q, k, v = ops.qk_norm_rope(qkv, layer.q_norm, layer.k_norm, model.cos_sin, positions,
-                                   cfg.num_attention_heads, cfg.num_key_value_heads, eps)
-        x = model.all_reduce(ops.small_linear(attend(i, q, k, v).flatten(1), layer.o_proj))
+        q = ops.qk_norm_rope_cache(qkv, layer.q_norm, layer.k_norm, model.cos_sin, positions, seq_ids, block_tables,
+                                   k_caches[i], v_caches[i], cfg.num_attention_heads, cfg.num_key_value_heads, eps)
+        attention = ops.paged_attention_cached(q, k_caches[i], v_caches[i], positions, seq_ids, block_tables, scale)
+        x = model.all_reduce(ops.small_linear(attention.flatten(1), layer.o_proj))
         act, residual = ops.add_rms_norm_linear(x, residual, layer.post_norm, layer.gate_up_proj, eps, True)
         x = model.all_reduce(ops.small_linear(act, layer.down_proj))
     return x, residual

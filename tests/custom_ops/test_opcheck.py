@@ -29,13 +29,15 @@ CASES = {
     "rms_norm": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(48).to(dt), 1e-6),
     "add_rms_norm": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(3, 48).to(dt), torch.randn(48).to(dt), 1e-6),
     "qkv_rope": _qkv_args,
-    "qk_norm_rope": lambda dt: (torch.randn(5, 8 * 32).to(dt), *_qkv_args(dt)[2:]),
+    "qk_norm_rope_cache": lambda dt: (torch.randn(3, 8 * 32).to(dt), *_qkv_args(dt)[2:4], rope_cos_sin(32, 1e6, 64),
+                                      *_attention_args(dt)[5:8], *_attention_args(dt)[3:5], 4, 2, 1e-6),
     "small_linear": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(20, 48).to(dt)),
     "rms_norm_linear": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(48).to(dt), torch.randn(20, 48).to(dt),
                                    1e-6, True),
     "add_rms_norm_linear": lambda dt: (torch.randn(3, 48).to(dt), torch.randn(3, 48).to(dt), torch.randn(48).to(dt),
                                        torch.randn(20, 48).to(dt), 1e-6, False),
     "paged_attention": _attention_args,
+    "paged_attention_cached": lambda dt: (_attention_args(dt)[0], *_attention_args(dt)[3:]),
 }
 
 

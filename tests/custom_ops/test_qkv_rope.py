@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from support import rel_err
-from qwen3_aot.custom_ops.qkv_rope import qkv_rope_reference, qkv_rope_triton, rope_cos_sin
+from qwen3_aot.custom_ops.qkv_rope import (qk_norm_rope_cache_reference, qk_norm_rope_cache_triton, qkv_rope_reference,
+                                          qkv_rope_triton, rope_cos_sin)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LAYOUTS = [(16, 8, 128, 1024), (4, 2, 32, 96), (2, 1, 64, 40)]  # (Hq, Hkv, D, H): Qwen3-0.6B, tiny, odd H
@@ -42,6 +43,36 @@ def test_qkv_rope_matches_float64(impl, layout, dtype, kernel_device, poison_new
     assert rel_err(k, ok) <= TOL[dtype]
     assert rel_err(v, ov) <= TOL[dtype]  # v is the projection, copied (exact on CPU; CUDA matmul rounds its own way)
     assert k.abs().max() > 100  # the extreme k_norm weight did act
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_qk_norm_rope_cache_writes_the_slots_of_the_table(impl, dtype, kernel_device, poison_new_tensors):
+    """The small-batch epilogue: q as qkv_rope's; k and v at each token's slot of its block
+    table (two sequences, one crossing a block boundary); every other slot left as it was."""
+    hq, hkv, d, h, bs = 4, 2, 32, 96, 4
+    device = kernel_device if impl == "triton" else "cpu"
+    x, w, qn, kn, cs, _ = _inputs(hq, hkv, d, h, 5, dtype, device, seed=21)
+    qkv = torch.nn.functional.linear(x, w)
+    positions = torch.tensor([2, 3, 4, 5, 0], device=device)  # sequence 0 decodes 4 tokens, sequence 1 starts
+    seq_ids = torch.tensor([0, 0, 0, 0, 1], dtype=torch.int32, device=device)
+    tables = torch.tensor([[3, 0], [5, 1]], dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(3)
+    k_cache, v_cache = (torch.randn(6, bs, hkv, d, generator=g).to(dtype).to(device) for _ in range(2))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    fn = qk_norm_rope_cache_triton if impl == "triton" else qk_norm_rope_cache_reference
+    q = fn(qkv, qn, kn, cs, positions, seq_ids, tables, k_cache, v_cache, hq, hkv, 1e-6)
+
+    eye = torch.eye(qkv.shape[1], dtype=torch.float64)
+    oq, ok, ov = qkv_rope_reference(qkv.cpu().double(), eye, qn.cpu().double(), kn.cpu().double(), cs.cpu().double(),
+                                    positions.cpu(), hq, hkv, 1e-6)
+    assert rel_err(q, oq) <= TOL[dtype]
+    slots = [(3, 2), (3, 3), (0, 0), (0, 1), (5, 0)]  # (block, offset) of each token
+    for t, (blk, off) in enumerate(slots):
+        assert rel_err(k_cache[blk, off], ok[t]) <= TOL[dtype]
+        assert rel_err(v_cache[blk, off], ov[t]) <= TOL[dtype]
+        k_cache[blk, off], v_cache[blk, off] = k_before[blk, off], v_before[blk, off]
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
 
 def test_rope_table_matches_transformers():

@@ -23,6 +23,11 @@
     6e-5..65504; Qwen3's V are far inside), accumulated in fp32; fp32 inputs stay
     fp32 throughout. One rounding, of the output.
 
+``paged_attention_cached(q, k_cache, v_cache, positions, seq_ids, block_tables, scale) -> out``
+
+    the same where the new tokens' k and v are in the cache already (the small-batch
+    graph's q/k epilogue, custom_ops/qkv_rope.py, writes them there): nothing mutated.
+
 The write happens first, so a prefill's tokens see each other. Triton, up to three
 kernels after the write, each key finding its block in the table (any block
 size); a kernel with nothing to do in this batch gets an empty grid, which
@@ -290,13 +295,26 @@ def paged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
                            v_cache: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                            block_tables: torch.Tensor, scale: float) -> torch.Tensor:
     """The Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    cache_write_triton(k, v, k_cache, v_cache, positions, seq_ids, block_tables)
+    return paged_attention_cached_triton(q, k_cache, v_cache, positions, seq_ids, block_tables, scale)
+
+
+def cache_write_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       positions: torch.Tensor, seq_ids: torch.Tensor, block_tables: torch.Tensor) -> None:
+    bs, hkv, d = k_cache.shape[1:]
+    bt = block_tables.contiguous()
+    wrap_triton(_cache_write_kernel)[(k.shape[0], hkv)](
+        k.contiguous(), v.contiguous(), k_cache, v_cache, positions, seq_ids, bt, bt.shape[1], BS=bs, HKV=hkv, D=d)
+
+
+def paged_attention_cached_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  positions: torch.Tensor, seq_ids: torch.Tensor, block_tables: torch.Tensor,
+                                  scale: float) -> torch.Tensor:
     t, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q = q.contiguous()
     bt = block_tables.contiguous()
-    wrap_triton(_cache_write_kernel)[(t, hkv)](
-        k, v, k_cache, v_cache, positions, seq_ids, bt, bt.shape[1], BS=bs, HKV=hkv, D=d)
     out = torch.empty_like(q)
     # Grids as integer arithmetic on the token count, which is symbolic in the exported graph
     # (no branch on it); an empty first grid dimension is not launched. The split kernel looks
@@ -333,12 +351,25 @@ def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               v_cache: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                               block_tables: torch.Tensor, scale: float) -> torch.Tensor:
     """Plain torch, one sequence at a time; float64 inputs give the float64 oracle."""
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    group = q.shape[1] // hkv
+    cache_write_reference(k, v, k_cache, v_cache, positions, seq_ids, block_tables)
+    return paged_attention_cached_reference(q, k_cache, v_cache, positions, seq_ids, block_tables, scale)
+
+
+def cache_write_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          positions: torch.Tensor, seq_ids: torch.Tensor, block_tables: torch.Tensor) -> None:
+    bs = k_cache.shape[1]
     pos = positions.long()
     blocks = block_tables.long()[seq_ids.long(), pos // bs]
     k_cache[blocks, pos % bs] = k
     v_cache[blocks, pos % bs] = v
+
+
+def paged_attention_cached_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     positions: torch.Tensor, seq_ids: torch.Tensor, block_tables: torch.Tensor,
+                                     scale: float) -> torch.Tensor:
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // hkv
+    pos = positions.long()
     c = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     for s in torch.unique(seq_ids).tolist():
@@ -361,9 +392,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return paged_attention_triton(q, k, v, k_cache, v_cache, positions, seq_ids, block_tables, scale)
 
 
+@triton_op("qwen3_aot::paged_attention_cached", mutates_args=())
+def paged_attention_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                           seq_ids: torch.Tensor, block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    return paged_attention_cached_triton(q, k_cache, v_cache, positions, seq_ids, block_tables, scale)
+
+
 paged_attention.register_kernel("cpu")(paged_attention_reference)
+paged_attention_cached.register_kernel("cpu")(paged_attention_cached_reference)
 
 
 @paged_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, seq_ids, block_tables, scale):
+    return torch.empty_like(q)
+
+
+@paged_attention_cached.register_fake
+def _(q, k_cache, v_cache, positions, seq_ids, block_tables, scale):
     return torch.empty_like(q)

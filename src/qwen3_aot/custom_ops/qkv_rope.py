@@ -19,10 +19,13 @@ num_q_heads, num_kv_heads, eps) -> (q, k, v)``
     not commute with the per-dimension weight. Qwen3-0.6B's k_norm weights
     reach 96.5, so k reaches ~220: nothing is rounded between norm and RoPE.
 
-``qk_norm_rope(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads,
-num_kv_heads, eps) -> (q, k, v)``
+``qk_norm_rope_cache(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, seq_ids,
+block_tables, k_cache, v_cache, num_q_heads, num_kv_heads, eps) -> q``
     the same from qkv, the projection already made (the small-batch graph's own
-    projection, custom_ops/small_linear.py, makes it with the input norm fused in).
+    projection, custom_ops/small_linear.py, makes it with the input norm fused in),
+    with k and v written straight into the paged cache as paged_attention writes
+    them (k_cache, v_cache MUTATED; custom_ops/paged_attention.py has the layout):
+    paged_attention_cached then attends, one launch a layer fewer.
 
 The Triton kernel is the epilogue: one program per (token, head), q, k and v
 heads alike (v is copied out so that no output aliases another).
@@ -37,16 +40,23 @@ from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
-def _qkv_epilogue_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, EPS: tl.constexpr,
-                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+def _qkv_epilogue_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, seq_ptr, bt_ptr, bt_stride,
+                         EPS: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                         TO_CACHE: tl.constexpr, BS: tl.constexpr):
+    """TO_CACHE: k_ptr and v_ptr are the paged caches, token t's slot found in its block table."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     half = tl.arange(0, D // 2)
     src = qkv_ptr + t * (HQ + 2 * HKV) * D + h * D
     a = tl.load(src + half).to(tl.float32)
     b = tl.load(src + D // 2 + half).to(tl.float32)
+    kv_row = t
+    if TO_CACHE:
+        p = tl.load(pos_ptr + t)
+        blk = tl.load(bt_ptr + tl.load(seq_ptr + t).to(tl.int64) * bt_stride + p // BS).to(tl.int64)
+        kv_row = blk * BS + p % BS
     if h >= HQ + HKV:  # v: copied as is
-        dst = v_ptr + (t * HKV + h - HQ - HKV) * D
+        dst = v_ptr + (kv_row * HKV + h - HQ - HKV) * D
         tl.store(dst + half, a.to(v_ptr.dtype.element_ty))
         tl.store(dst + D // 2 + half, b.to(v_ptr.dtype.element_ty))
     else:
@@ -55,7 +65,7 @@ def _qkv_epilogue_kernel(qkv_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, q_ptr, k_ptr,
             dst = q_ptr + (t * HQ + h) * D
         else:
             w_ptr = kw_ptr
-            dst = k_ptr + (t * HKV + h - HQ) * D
+            dst = k_ptr + (kv_row * HKV + h - HQ) * D
         inv_rms = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + EPS)
         a = a * inv_rms * tl.load(w_ptr + half).to(tl.float32)
         b = b * inv_rms * tl.load(w_ptr + D // 2 + half).to(tl.float32)
@@ -88,10 +98,24 @@ def qk_norm_rope_triton(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_w
     qkv = qkv.contiguous()
     q, k, v = _empty_qkv(qkv, num_q_heads, num_kv_heads, head_dim)
     wrap_triton(_qkv_epilogue_kernel)[(qkv.shape[0], num_q_heads + 2 * num_kv_heads)](
-        qkv, q_norm_weight, k_norm_weight, cos_sin, positions, q, k, v, EPS=eps,
-        HQ=num_q_heads, HKV=num_kv_heads, D=head_dim, num_warps=1,
+        qkv, q_norm_weight, k_norm_weight, cos_sin, positions, q, k, v, positions, positions, 0, EPS=eps,
+        HQ=num_q_heads, HKV=num_kv_heads, D=head_dim, TO_CACHE=False, BS=1, num_warps=1,
     )
     return q, k, v
+
+
+def qk_norm_rope_cache_triton(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                              cos_sin: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
+                              block_tables: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              num_q_heads: int, num_kv_heads: int, eps: float) -> torch.Tensor:
+    head_dim = q_norm_weight.shape[0]
+    qkv, bt = qkv.contiguous(), block_tables.contiguous()
+    q = qkv.new_empty(qkv.shape[0], num_q_heads, head_dim)
+    wrap_triton(_qkv_epilogue_kernel)[(qkv.shape[0], num_q_heads + 2 * num_kv_heads)](
+        qkv, q_norm_weight, k_norm_weight, cos_sin, positions, q, k_cache, v_cache, seq_ids, bt, bt.shape[1], EPS=eps,
+        HQ=num_q_heads, HKV=num_kv_heads, D=head_dim, TO_CACHE=True, BS=k_cache.shape[1], num_warps=1,
+    )
+    return q
 
 
 def rope_reference(u: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -131,6 +155,18 @@ def qk_norm_rope_reference(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_nor
             v.reshape(-1, num_kv_heads, d).to(dtype).contiguous())
 
 
+def qk_norm_rope_cache_reference(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                                 cos_sin: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
+                                 block_tables: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 num_q_heads: int, num_kv_heads: int, eps: float) -> torch.Tensor:
+    from qwen3_aot.custom_ops.paged_attention import cache_write_reference
+
+    q, k, v = qk_norm_rope_reference(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads,
+                                     num_kv_heads, eps)
+    cache_write_reference(k, v, k_cache, v_cache, positions, seq_ids, block_tables)
+    return q
+
+
 @triton_op("qwen3_aot::qkv_rope", mutates_args=())
 def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
              cos_sin: torch.Tensor, positions: torch.Tensor, num_q_heads: int, num_kv_heads: int,
@@ -139,15 +175,17 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, q_norm_weight: torch.Tensor, 
                            num_q_heads, num_kv_heads, eps)
 
 
-@triton_op("qwen3_aot::qk_norm_rope", mutates_args=())
-def qk_norm_rope(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos_sin: torch.Tensor,
-                 positions: torch.Tensor, num_q_heads: int, num_kv_heads: int,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return qk_norm_rope_triton(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads, num_kv_heads, eps)
+@triton_op("qwen3_aot::qk_norm_rope_cache", mutates_args={"k_cache", "v_cache"})
+def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                       cos_sin: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, block_tables: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int, num_kv_heads: int,
+                       eps: float) -> torch.Tensor:
+    return qk_norm_rope_cache_triton(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, seq_ids, block_tables,
+                                     k_cache, v_cache, num_q_heads, num_kv_heads, eps)
 
 
 qkv_rope.register_kernel("cpu")(qkv_rope_reference)
-qk_norm_rope.register_kernel("cpu")(qk_norm_rope_reference)
+qk_norm_rope_cache.register_kernel("cpu")(qk_norm_rope_cache_reference)
 
 
 @qkv_rope.register_fake
@@ -155,9 +193,10 @@ def _(x, w_qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads, n
     return _empty_qkv(x, num_q_heads, num_kv_heads, q_norm_weight.shape[0])
 
 
-@qk_norm_rope.register_fake
-def _(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, num_q_heads, num_kv_heads, eps):
-    return _empty_qkv(qkv, num_q_heads, num_kv_heads, q_norm_weight.shape[0])
+@qk_norm_rope_cache.register_fake
+def _(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, seq_ids, block_tables, k_cache, v_cache, num_q_heads,
+      num_kv_heads, eps):
+    return qkv.new_empty(qkv.shape[0], num_q_heads, q_norm_weight.shape[0])
 
 
 def rope_cos_sin(head_dim: int, theta: float, max_positions: int, device: torch.device | str = "cpu") -> torch.Tensor:
