@@ -621,7 +621,7 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=None, help="chart of decode tok/s against batch size")
     ap.add_argument("--tiny", action="store_true", help="a tiny model and plan (a CPU smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--profile", action="store_true", help="also profile decode steps of batch 1, 64 and 256")
+    ap.add_argument("--profile", action="store_true", help="also profile decode steps of batch 1, 8, 64 and 256")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: eager, transformers, "
                                                "workload, transformers-workload")
     a = ap.parse_args()
@@ -654,7 +654,7 @@ def main() -> None:
     engine = ours.engine
     sizes = model_sizes(engine.config, sum(w.nbytes for w in engine.forward._weights.values()), dtype)
     if a.profile:
-        r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 64, 256) if b <= max(plan.batches)]
+        r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 8, 64, 256) if b <= max(plan.batches)]
     if engine.graphs is not None and engine.forward.small is not None:
         r["small_batch_graph"] = small_batch_comparison(ours, plan, vocab)
     small_graph = engine.forward.small is not None
