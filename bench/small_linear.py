@@ -93,7 +93,10 @@ def _sweep(bw: float, kernel: str, names: tuple[str, ...], settings: list[dict],
                 pct = []
                 for p in projections:
                     n, k, kind = PROJECTIONS[p]
-                    pct.append(100 * weight_bytes(n, k, kind) / timed(m, n, k, kind, kernel) / bw)
+                    try:
+                        pct.append(100 * weight_bytes(n, k, kind) / timed(m, n, k, kind, kernel) / bw)
+                    except triton.runtime.errors.OutOfResources:  # a tile too large for shared memory
+                        pct.append(float("nan"))
                 out.append(dict(kernel=kernel, **setting, rows=m, pct=dict(zip([p[1] for p in projections], pct))))
                 print(" " * (len(kernel) + 9) + "".join(f"{setting[name]:>14}" for name in names) + f"{m:>5}"
                       + "".join(f"{x:>8.0f}%" for x in pct), flush=True)
@@ -106,7 +109,7 @@ def _sweep(bw: float, kernel: str, names: tuple[str, ...], settings: list[dict],
 def sweep(bw: float) -> list[dict]:
     rows = [dict(TILE_ELEMENTS=tile, WARPS=warps) for tile in (4096, 8192, 16384) for warps in (2, 4, 8)]
     tiles = [dict(DOT_COLUMNS=cols, DOT_INPUTS=inputs, DOT_WARPS=warps)
-             for cols in (16, 32, 64) for inputs in (128, 256, 512) for warps in (4, 8)]
+             for cols in (16, 32, 64) for inputs in (128, 256, 512) for warps in (4, 8)]  # 64 x 512: too large
     return (_sweep(bw, "rows", ("TILE_ELEMENTS", "WARPS"), rows, (1, 2))
             + _sweep(bw, "tiles", ("DOT_COLUMNS", "DOT_INPUTS", "DOT_WARPS"), tiles, (8, 16)))
 
