@@ -4,11 +4,8 @@ Per projection of the Qwen3-0.6B and 8B shapes, 1 to 16 rows: ours (the fused no
 activation included where the small-batch graph fuses them) against what the big graph runs
 for it (cuBLAS's F.linear, after add_rms_norm and before silu(gate) * up where those apply),
 as microseconds and as the share of the copy bandwidth that reading the weight once would
-take, for each of our two kernels (the rows kernel and the tiles kernel, forced whatever
-ROWS_KERNEL_MAX picks) so that the table shows where the switch belongs. First sweeps of the
-launch parameters: the rows kernel's at 1 and 2 rows, the tiles kernel's at 8 and 16. bf16;
-times are medians of CUDA-graph replays over enough copies of the inputs to escape L2
-(kernels.bench).
+take. First a sweep of the launch parameters at 1 and 8 rows. bf16; times are medians of
+CUDA-graph replays over enough copies of the inputs to escape L2 (kernels.bench).
 
     PYTHONPATH=src python bench/small_linear.py [--json $OUT/small_linear.json] [--no-sweep]
 """
@@ -67,51 +64,26 @@ def weight_bytes(n: int, k: int, kind: str) -> int:
     return (2 if kind == "silu" else 1) * n * k * 2
 
 
-KERNELS = {"rows": 16, "tiles": 0}  # the ROWS_KERNEL_MAX that forces each kernel at 1-16 rows
-
-
-def timed(m: int, n: int, k: int, kind: str, kernel: str) -> float:
-    keep = small.ROWS_KERNEL_MAX
-    small.ROWS_KERNEL_MAX = KERNELS[kernel]
-    try:
-        return bench(lambda: calls(m, n, k, kind, True), weight_bytes(n, k, kind))
-    finally:
-        small.ROWS_KERNEL_MAX = keep
-
-
-def _sweep(bw: float, kernel: str, names: tuple[str, ...], settings: list[dict], rows: tuple[int, ...]) -> list[dict]:
-    """Each setting of the module's launch constants, on the 0.6B projections: % of the bandwidth."""
-    keep, out = {name: getattr(small, name) for name in names}, []
-    projections = [p for p in PROJECTIONS if p[0] == "0.6B"]
-    print(f"{kernel} kernel: " + "".join(f"{name.lower():>14}" for name in names) + f"{'rows':>5}"
-          + "".join(f"{p[1]:>9}" for p in projections) + "   (% of bandwidth)")
-    try:
-        for setting in settings:
-            for name, value in setting.items():
-                setattr(small, name, value)
-            for m in rows:
-                pct = []
-                for p in projections:
-                    n, k, kind = PROJECTIONS[p]
-                    try:
-                        pct.append(100 * weight_bytes(n, k, kind) / timed(m, n, k, kind, kernel) / bw)
-                    except triton.runtime.errors.OutOfResources:  # a tile too large for shared memory
-                        pct.append(float("nan"))
-                out.append(dict(kernel=kernel, **setting, rows=m, pct=dict(zip([p[1] for p in projections], pct))))
-                print(" " * (len(kernel) + 9) + "".join(f"{setting[name]:>14}" for name in names) + f"{m:>5}"
-                      + "".join(f"{x:>8.0f}%" for x in pct), flush=True)
-    finally:
-        for name, value in keep.items():
-            setattr(small, name, value)
-    return out
-
-
 def sweep(bw: float) -> list[dict]:
-    rows = [dict(TILE_ELEMENTS=tile, WARPS=warps) for tile in (4096, 8192, 16384) for warps in (2, 4, 8)]
-    tiles = [dict(DOT_COLUMNS=cols, DOT_INPUTS=inputs, DOT_WARPS=warps)
-             for cols in (16, 32, 64) for inputs in (128, 256, 512) for warps in (4, 8)]  # 64 x 512: too large
-    return (_sweep(bw, "rows", ("TILE_ELEMENTS", "WARPS"), rows, (1, 2))
-            + _sweep(bw, "tiles", ("DOT_COLUMNS", "DOT_INPUTS", "DOT_WARPS"), tiles, (8, 16)))
+    """Every launch tried on the 0.6B projections at 1 and 8 rows: % of the bandwidth."""
+    keep, out = (small.TILE_ELEMENTS, small.WARPS), []
+    names = [p for p in PROJECTIONS if p[0] == "0.6B"]
+    print(f"{'tile':>7}{'warps':>6}{'rows':>5}" + "".join(f"{p[1]:>9}" for p in names) + "   (% of bandwidth)")
+    try:
+        for tile in (4096, 8192, 16384):
+            for warps in (2, 4, 8):
+                small.TILE_ELEMENTS, small.WARPS = tile, warps
+                for m in (1, 8):
+                    pct = []
+                    for p in names:
+                        n, k, kind = PROJECTIONS[p]
+                        nbytes = weight_bytes(n, k, kind)
+                        pct.append(100 * nbytes / bench(lambda: calls(m, n, k, kind, True), nbytes) / bw)
+                    out.append(dict(tile=tile, warps=warps, rows=m, pct=dict(zip([p[1] for p in names], pct))))
+                    print(f"{tile:>7}{warps:>6}{m:>5}" + "".join(f"{x:>8.0f}%" for x in pct), flush=True)
+    finally:
+        small.TILE_ELEMENTS, small.WARPS = keep
+    return out
 
 
 def main() -> None:
@@ -125,26 +97,22 @@ def main() -> None:
     for (shape, name), (n, k, kind) in PROJECTIONS.items():
         nbytes = weight_bytes(n, k, kind)
         for m in ROWS:
+            ours = bench(lambda: calls(m, n, k, kind, True), nbytes)
+            theirs = bench(lambda: calls(m, n, k, kind, False), nbytes)
             rows.append(dict(shape=shape, projection=name, kind=kind, rows=m, N=n, K=k, bytes=nbytes,
-                             rows_s=timed(m, n, k, kind, "rows"), tiles_s=timed(m, n, k, kind, "tiles"),
-                             cublas_s=bench(lambda: calls(m, n, k, kind, False), nbytes)))
-    launch = {name: getattr(small, name) for name in ("TILE_ELEMENTS", "WARPS", "ROWS_KERNEL_MAX", "DOT_ROWS",
-                                                       "DOT_COLUMNS", "DOT_INPUTS", "DOT_WARPS")}
+                             ours_s=ours, cublas_s=theirs))
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_bandwidth_GBps=bw / 1e9, launch=launch, sweep=swept, rows=rows)
+                copy_bandwidth_GBps=bw / 1e9, tile_elements=small.TILE_ELEMENTS, warps=small.WARPS, sweep=swept, rows=rows)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16; copy bandwidth "
           f"{bw / 1e9:.0f} GB/s. 'cuBLAS' is the big graph's sequence: add_rms_norm + F.linear (+ silu*up)")
-    print(f"launch: {launch}; the chosen kernel's time is starred, speedup is cuBLAS over it")
-    print(f"{'shape':<6}{'proj':<9}{'rows':>5}{'rows us':>9}{'tiles us':>10}{'cuBLAS us':>10}{'chosen bw':>10}"
-          f"{'cuBLAS bw':>10}{'speedup':>9}")
+    print(f"{'shape':<6}{'proj':<9}{'rows':>5}{'ours us':>9}{'cuBLAS us':>10}{'ours bw':>9}{'cuBLAS bw':>10}"
+          f"{'speedup':>9}")
     for r in rows:
-        chosen = r["rows_s"] if r["rows"] <= small.ROWS_KERNEL_MAX else r["tiles_s"]
-        star = ("*", " ") if r["rows"] <= small.ROWS_KERNEL_MAX else (" ", "*")
-        print(f"{r['shape']:<6}{r['projection']:<9}{r['rows']:>5}{r['rows_s'] * 1e6:>8.1f}{star[0]}"
-              f"{r['tiles_s'] * 1e6:>9.1f}{star[1]}{r['cublas_s'] * 1e6:>10.1f}{100 * r['bytes'] / chosen / bw:>9.0f}%"
-              f"{100 * r['bytes'] / r['cublas_s'] / bw:>9.0f}%{r['cublas_s'] / chosen:>8.2f}x")
+        print(f"{r['shape']:<6}{r['projection']:<9}{r['rows']:>5}{r['ours_s'] * 1e6:>9.1f}{r['cublas_s'] * 1e6:>10.1f}"
+              f"{100 * r['bytes'] / r['ours_s'] / bw:>8.0f}%{100 * r['bytes'] / r['cublas_s'] / bw:>9.0f}%"
+              f"{r['cublas_s'] / r['ours_s']:>8.2f}x")
 
 
 if __name__ == "__main__":

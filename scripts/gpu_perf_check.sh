@@ -7,7 +7,7 @@
 #            64 threads through the Engine against one generate call);
 #   small:   the small-batch graph's kernels: their tests on CUDA (small_linear, the q/k epilogue,
 #            attention, both layer forms against transformers), then bench/small_linear.py against
-#            cuBLAS with its launch sweeps (not part of all);
+#            cuBLAS with its launch sweep (not part of all);
 #   serve:   bench/serve.py, the OpenAI server under the workload by streaming clients at
 #            concurrency 1, 16, 64, 256 against in-process (not part of all). The GPU machine
 #            lacks the serve extra: bring its wheels and dashscope's (Qwen's tokenizer, which

@@ -42,7 +42,9 @@ VERIFY_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # ONNX's check (build/onnx_export.verify_onnx) still bounds its difference from the eager model
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 SMALL_BATCH_FILE = "model_small.pt2"
-SMALL_BATCH_MAX = 16  # the largest decode batch the runtime may replay the small-batch graph for
+# the largest decode batch the runtime may replay the small-batch graph for: its projections'
+# cost grows with the rows, and past 4 cuBLAS wins each of them (BENCHMARKS.md, small_linear)
+SMALL_BATCH_MAX = 4
 # By default the small-batch graph is built for models narrower than this: its projections
 # beat cuBLAS's at a few rows where a layer's matrices are small (the 0.6B shape, hidden
 # 1024: batch 1 1.5x faster), and at the 8B shape (hidden 4096) the engine never replayed it

@@ -21,12 +21,8 @@ row) and each norm paid a launch of its own. Here a program owns one row of x an
 output columns and streams their weight rows once, in as few chunks of K as fit; every
 program recomputes its row's norm (a few KB, from L2) rather than waiting for a kernel of
 its own. A weight tile is read from memory by the first of its rows' programs and from L2
-by the others, so the cost grows with M. Past ROWS_KERNEL_MAX rows a second kernel takes
-over: a program multiplies DOT_ROWS rows at once on the tensor cores (tl.dot, fp32
-accumulation; fp32 inputs as IEEE products, not TF32), so each weight tile is loaded once
-for up to 16 rows. Both kernels are launched and the one not wanted gets an empty grid: the
-row count is symbolic in the exported graph, so the choice is integer arithmetic on it, not
-a branch (AOTInductor and Triton skip an empty launch).
+by the others, so the cost grows with M: this is for the few rows of small decode batches.
+The row count is symbolic in the exported graph; the launch depends on the weight's shape.
 """
 
 from __future__ import annotations
@@ -39,10 +35,6 @@ from torch.library import triton_op, wrap_triton
 # Launch parameters (any values are correct): how many weight elements one program holds at a
 # time, and its warps (bench/small_linear.py sweeps both on the GPU)
 TILE_ELEMENTS, WARPS = 4096, 4
-# The tiles kernel, for more than ROWS_KERNEL_MAX rows: rows and output columns per program
-# (tl.dot wants 16 of each at least), inputs per step, warps
-ROWS_KERNEL_MAX = 2
-DOT_ROWS, DOT_COLUMNS, DOT_INPUTS, DOT_WARPS = 16, 16, 256, 4
 
 
 @triton.jit
@@ -95,57 +87,6 @@ def _small_linear_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, N, K, EPS: t
     tl.store(y_ptr + row * N + n, out, mask=n_ok)
 
 
-@triton.jit
-def _small_linear_dot_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, M, N, K, EPS: tl.constexpr,
-                             NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (BLOCK_M rows, BLOCK_N output columns): the same math as _small_linear_kernel."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, BLOCK_K)
-    m_ok, n_ok = rows < M, n < N
-    dt = y_ptr.dtype.element_ty
-    row_off = rows.to(tl.int64)[:, None] * K
-    if NORM:
-        ss = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            ok = m_ok[:, None] & (k < K)[None, :]
-            s = tl.load(x_ptr + row_off + k[None, :], mask=ok, other=0.0)
-            if RESIDUAL:
-                s = (s.to(tl.float32) + tl.load(r_ptr + row_off + k[None, :], mask=ok, other=0.0).to(tl.float32)).to(dt)
-                if tl.program_id(1) == 0:
-                    tl.store(s_ptr + row_off + k[None, :], s, mask=ok)
-            s = s.to(tl.float32)
-            ss += s * s
-        inv_rms = tl.rsqrt(tl.sum(ss, axis=1) / K + EPS)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    w_rows = w_ptr + n.to(tl.int64)[:, None] * K
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + kk
-        k_ok = k < K
-        ok = m_ok[:, None] & k_ok[None, :]
-        w_ok = n_ok[:, None] & k_ok[None, :]
-        h = tl.load(x_ptr + row_off + k[None, :], mask=ok, other=0.0)
-        if NORM:
-            if RESIDUAL:
-                h = (h.to(tl.float32) + tl.load(r_ptr + row_off + k[None, :], mask=ok, other=0.0).to(tl.float32)).to(dt)
-            nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            h = (h.to(tl.float32) * inv_rms[:, None] * nw[None, :]).to(dt)
-        w = tl.load(w_rows + k[None, :], mask=w_ok, other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-        if SILU_MUL:
-            w_up = tl.load(w_rows + N * K + k[None, :], mask=w_ok, other=0.0)
-            acc_up = tl.dot(h, tl.trans(w_up), acc_up, input_precision="ieee")
-    if SILU_MUL:
-        g = acc.to(dt).to(tl.float32)
-        out = (g * tl.sigmoid(g) * acc_up.to(dt).to(tl.float32)).to(dt)
-    else:
-        out = acc.to(dt)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + n[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
-
-
 def launch_parameters(k: int, silu_mul: bool) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) for weights of k inputs: a row of inputs at once where it fits
     (each chunk of K is one round trip to memory, and a projection of a few MB takes only a
@@ -163,16 +104,11 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.T
     y = x.new_empty(m, n)
     s = x.new_empty(m, k) if residual is not None else None
     block_n, block_k = launch_parameters(k, silu_mul)
-    args = (x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else x,
-            w, y, s if s is not None else y)
-    flags = dict(EPS=eps, NORM=norm_weight is not None, RESIDUAL=residual is not None, SILU_MUL=silu_mul)
-    few = (ROWS_KERNEL_MAX // m + ROWS_KERNEL_MAX) // (ROWS_KERNEL_MAX + 1)  # 1 if m <= ROWS_KERNEL_MAX else 0
     # rows on the fast grid axis: the programs of one weight tile run together and share it in L2
-    wrap_triton(_small_linear_kernel)[(m * few, triton.cdiv(n, block_n))](
-        *args, n, k, **flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=WARPS)
-    wrap_triton(_small_linear_dot_kernel)[(triton.cdiv(m, DOT_ROWS) * (1 - few), triton.cdiv(n, DOT_COLUMNS))](
-        *args, m, n, k, **flags, BLOCK_M=DOT_ROWS, BLOCK_N=DOT_COLUMNS,
-        BLOCK_K=max(16, min(DOT_INPUTS, triton.next_power_of_2(k))), num_warps=DOT_WARPS)
+    wrap_triton(_small_linear_kernel)[(m, triton.cdiv(n, block_n))](
+        x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else x,
+        w, y, s if s is not None else y, n, k, EPS=eps, NORM=norm_weight is not None,
+        RESIDUAL=residual is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=WARPS)
     return y, s
 
 
