@@ -29,7 +29,9 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m qwen3_aot.cli serve ARTIFACT ...` in a subprocess, its output in a log file."""
+    """`python -m qwen3_aot.cli serve ARTIFACT ...` in a subprocess, its output in a log file.
+    One CPU thread: the tiny model gains nothing from more, and on a machine whose cores the other
+    test worker keeps busy, extra threads made its speed swing sevenfold (timed tests failed)."""
 
     def __init__(self, artifact: Path, log: Path, *args: str) -> None:
         self.port, self.log = free_port(), log
@@ -37,7 +39,7 @@ class Server:
         with open(log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "qwen3_aot.cli", "serve", str(artifact),
                                           "--port", str(self.port), *args], stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
         end = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < end:
             if self.proc.poll() is not None:

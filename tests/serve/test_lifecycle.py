@@ -12,9 +12,10 @@ import openai
 import pytest
 from serving import running
 
-# the long request must outlast the grace by a margin and the short one finish well inside it:
-# alone, LONG takes about 1.5 s on the 2-core machine since the CPU engine doubled its speed,
-# 8 tokens about 30 ms; with a grace of 1 s both signal tests failed in one full run here
+# the long request must outlast the grace by a margin and the short one finish well inside it.
+# Servers run on one thread (serving.Server): on the 2-core machine beside the other test worker,
+# two threads each made the short request's 8 tokens take up to 0.2 s, and once more than 0.5 s;
+# on one thread they take 35 ms alone and 75 ms beside two busy cores, and LONG 2-3.5 s
 GRACE_S = 0.5
 GUARDED = ("--served-model-name", "tiny", "--api-key", "sesame", "--max-queue", "2", "--grace-period", str(GRACE_S))
 LONG = {"prompt": "ab", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
