@@ -32,21 +32,55 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from qwen3_aot.custom_ops.dependent_launch import enabled as dependent_launch_enabled
+from qwen3_aot.custom_ops.dependent_launch import wait_for_earlier_kernels
+
 # Launch parameters (any values are correct): how many weight elements one program holds at a
 # time, and its warps (bench/small_linear.py sweeps both on the GPU)
 TILE_ELEMENTS, WARPS = 4096, 4
 
 
 @triton.jit
+def _accumulate(acc, acc_up, w, w_up, x_row, r_row, nw_ptr, k, K, inv_rms, dt: tl.constexpr, NORM: tl.constexpr,
+                RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr):
+    """One chunk of K: the row's inputs (normed as the norm op rounds them) times the weight tile."""
+    k_ok = k < K
+    h = tl.load(x_row + k, mask=k_ok, other=0.0)
+    if NORM:
+        if RESIDUAL:
+            h = (h.to(tl.float32) + tl.load(r_row + k, mask=k_ok, other=0.0).to(tl.float32)).to(dt)
+        nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        h = (h.to(tl.float32) * inv_rms * nw).to(dt)
+    h = h.to(tl.float32)[None, :]
+    acc += tl.sum(w.to(tl.float32) * h, axis=1)
+    if SILU_MUL:
+        acc_up += tl.sum(w_up.to(tl.float32) * h, axis=1)
+    return acc, acc_up
+
+
+@triton.jit
 def _small_linear_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, N, K, EPS: tl.constexpr,
-                         NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
+                         NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     n_ok = n < N
-    dt = y_ptr.dtype.element_ty
+    dt: tl.constexpr = y_ptr.dtype.element_ty
     x_row, r_row = x_ptr + row * K, r_ptr + row * K
+    w_rows = w_ptr + n.to(tl.int64)[:, None] * K
+    # The first weight chunk is loaded before anything an earlier kernel writes is read: weights
+    # are constants, so under programmatic dependent launch (custom_ops/dependent_launch.py) this
+    # load overlaps the tail of the kernel ahead.
+    w_ok = n_ok[:, None] & (kk < K)[None, :]
+    w = tl.load(w_rows + kk[None, :], mask=w_ok, other=0.0)
+    w_up = w
+    if SILU_MUL:  # the up rows: N rows further on
+        w_up = tl.load(w_rows + N * K + kk[None, :], mask=w_ok, other=0.0)
+    if PDL:
+        ready = wait_for_earlier_kernels()
+        x_row, r_row = x_row + ready, r_row + ready
+    inv_rms = 0.0
     if NORM:  # the row's norm, of the rounded residual sum when there is one
         ss = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -59,26 +93,17 @@ def _small_linear_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, N, K, EPS: t
             s = s.to(tl.float32)
             ss += s * s
         inv_rms = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_N], tl.float32)
-    w_rows = w_ptr + n.to(tl.int64)[:, None] * K
-    for k0 in range(0, K, BLOCK_K):
+    acc, acc_up = _accumulate(tl.zeros([BLOCK_N], tl.float32), tl.zeros([BLOCK_N], tl.float32), w, w_up, x_row,
+                              r_row, nw_ptr, kk, K, inv_rms, dt, NORM, RESIDUAL, SILU_MUL)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + kk
-        k_ok = k < K
-        w_ok = n_ok[:, None] & k_ok[None, :]
+        w_ok = n_ok[:, None] & (k < K)[None, :]
         w = tl.load(w_rows + k[None, :], mask=w_ok, other=0.0)
-        if SILU_MUL:  # the up rows: N rows further on
-            w_up = tl.load(w_rows + N * K + k[None, :], mask=w_ok, other=0.0)
-        h = tl.load(x_row + k, mask=k_ok, other=0.0)
-        if NORM:
-            if RESIDUAL:
-                h = (h.to(tl.float32) + tl.load(r_row + k, mask=k_ok, other=0.0).to(tl.float32)).to(dt)
-            nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            h = (h.to(tl.float32) * inv_rms * nw).to(dt)
-        h = h.to(tl.float32)[None, :]
-        acc += tl.sum(w.to(tl.float32) * h, axis=1)
+        w_up = w
         if SILU_MUL:
-            acc_up += tl.sum(w_up.to(tl.float32) * h, axis=1)
+            w_up = tl.load(w_rows + N * K + k[None, :], mask=w_ok, other=0.0)
+        acc, acc_up = _accumulate(acc, acc_up, w, w_up, x_row, r_row, nw_ptr, k, K, inv_rms, dt, NORM, RESIDUAL,
+                                  SILU_MUL)
     if SILU_MUL:
         g = acc.to(dt).to(tl.float32)
         out = (g * tl.sigmoid(g) * acc_up.to(dt).to(tl.float32)).to(dt)
@@ -108,7 +133,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.T
     wrap_triton(_small_linear_kernel)[(m, triton.cdiv(n, block_n))](
         x, residual.contiguous() if residual is not None else x, norm_weight if norm_weight is not None else x,
         w, y, s if s is not None else y, n, k, EPS=eps, NORM=norm_weight is not None,
-        RESIDUAL=residual is not None, SILU_MUL=silu_mul, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=WARPS)
+        RESIDUAL=residual is not None, SILU_MUL=silu_mul, PDL=dependent_launch_enabled(x.device), BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=WARPS)
     return y, s
 
 
