@@ -195,10 +195,17 @@ class FakeGraph:
     capturing = None
     replays = 0
 
+    def __init__(self, keep_graph: bool = False) -> None:
+        self.instantiated = not keep_graph
+
+    def instantiate(self) -> None:
+        self.instantiated = True
+
     def pool(self):
         return None
 
     def replay(self):
+        assert self.instantiated, "a graph kept for editing was replayed before instantiate()"
         FakeGraph.replays += 1
         bases = [ref() for ref in self.bases]
         assert all(b is not None for b in bases), "a captured input buffer was freed"
@@ -292,8 +299,38 @@ def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, 
         if graphs:  # the tiny model's small decode batches run faster through the small-batch graph,
             # tried from batch 1 up until it first loses
             assert eng.graphs.small[:1] == [1] and eng.graphs.small == eng.graphs.sizes[:len(eng.graphs.small)]
+            # from Hopper on, its projections start early, within the graph (runtime/dependent_launch.py)
+            hopper = torch.cuda.get_device_capability()[0] >= 9
+            assert eng.forward.dependent_kernels == (("_small_linear_kernel",) if hopper else ())
+            assert (eng.graphs.dependent_edges > 0) == hopper
     want = [w[:m] for w, m in zip(hf_greedy, max_tokens)]
     assert outputs[True, True] == outputs[True, False] == outputs[False, True] == want
+
+
+@pytest.mark.skipif(RUNTIME_DEVICE != "cuda", reason="needs a CUDA artifact (QWEN3_AOT_RUNTIME_DEVICE=cuda)")
+def test_dependent_launch_changes_no_logit(runtime_artifact):
+    """The same decode steps through graphs captured with and without the programmatic edges
+    give bitwise the same logits, at every batch both replay the small-batch graph for: a kernel
+    that read its input before the kernel ahead wrote it would differ. Each row has a block of
+    its own (rows sharing one cache slot would race whichever way the edges are)."""
+    import numpy as np
+
+    from qwen3_aot.runtime.decode_graphs import DecodeGraphs
+
+    eng = runtime.load_core(runtime_artifact, num_blocks=200, max_num_seqs=16)
+    linked = eng.graphs
+    if not linked.dependent_edges:
+        pytest.skip("this GPU has no programmatic dependent launch (before Hopper)")
+    plain = DecodeGraphs(eng.forward, eng.cache, linked.max_batch, linked.tables.shape[1], eng.device,
+                         eng.forward.small, eng.forward.small_batch_max)
+    both = sorted(set(linked.small) & set(plain.small))
+    assert both[:1] == [1] and plain.dependent_edges == 0
+    for n in both:
+        tables = np.zeros((n, linked.tables.shape[1]), dtype=np.int32)
+        tables[:, 0] = np.arange(1, n + 1)
+        for pos in (0, 1, 2):  # each step reads the cache the steps before wrote
+            ids = [(7 * r + pos) % 64 + 1 for r in range(n)]
+            assert torch.equal(*(g(ids, [pos] * n, tables).clone() for g in (linked, plain))), (n, pos)
 
 
 @pytest.mark.skipif(RUNTIME_DEVICE != "cuda", reason="needs a CUDA artifact (QWEN3_AOT_RUNTIME_DEVICE=cuda)")
@@ -302,12 +339,12 @@ def test_small_batch_graph_computes_what_the_main_graph_computes(runtime_artifac
     decode steps of four sequences), each with its own cache: fp32 logits within 1e-5 (the
     build's verify bounds each against float64)."""
     from qwen3_aot import manifest
-    from qwen3_aot.build.pipeline import check_logits, check_sequences
+    from qwen3_aot.build.pipeline import SMALL_BATCH_MAX, check_logits, check_sequences
     from qwen3_aot.config import Qwen3Config
     from qwen3_aot.driver import FlatBatchDriver
 
     forward = runtime.load_forward(runtime_artifact)
-    assert forward.small is not None and forward.small_batch_max >= 8
+    assert forward.small is not None and forward.small_batch_max == SMALL_BATCH_MAX
     man = manifest.read(runtime_artifact)
     cfg, block_size = Qwen3Config.from_dict(man["model_config"]), man["kv_cache"]["block_size"]
     seqs = check_sequences(cfg.vocab_size, block_size, man["limits"]["max_model_len"])

@@ -26,6 +26,8 @@ from qwen3_aot.build.graph import GraphLimits, export_forward, input_specs
 from qwen3_aot.build.linked import WEIGHT_MODES, link_weights, linkable_files
 from qwen3_aot.build.tensor_parallel import build_rank_graph, check_degree, write_shards
 from qwen3_aot.config import Qwen3Config
+from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS
+from qwen3_aot.custom_ops.dependent_launch import enabled as dependent_launch_enabled
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
@@ -289,6 +291,7 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
             "device": device,
             "build_env": manifest.environment(device),
             "graphs": graphs,
+            "dependent_kernels": list(DEPENDENT_KERNELS) if dependent_launch_enabled(torch.device(device)) else [],
             "limits": {"max_num_tokens": limits.max_num_tokens, "max_num_seqs": limits.max_num_seqs,
                        "max_model_len": limits.max_model_len, "max_num_blocks": limits.max_num_blocks},
             "kv_cache": {"block_size": limits.block_size,

@@ -77,6 +77,9 @@ class CompiledForward:
         # fewer kernels: for decode batches up to small_batch_max (DecodeGraphs picks per batch)
         self.small = _Graph(loaders[1]) if small else None
         self.small_batch_max = int(small.get("max_batch", 0)) if small else 0
+        # kernels built to wait for their inputs, whose launch may overlap the kernel ahead
+        # (runtime/dependent_launch.py); none in an artifact built before they existed
+        self.dependent_kernels = tuple(manifest.get("dependent_kernels", ()))
         self._weights = weights  # the loader holds raw pointers: keep the tensors alive
         if device.type == "cuda":
             torch.cuda.synchronize(device)

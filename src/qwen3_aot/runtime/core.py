@@ -95,7 +95,8 @@ class EngineCore:
         max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens, max_blocks_per_seq)
         self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq, device,
-                                   self.forward.small, self.forward.small_batch_max) if use_graphs else None
+                                   self.forward.small, self.forward.small_batch_max,
+                                   self.forward.dependent_kernels) if use_graphs else None
         clock.lap("graphs")
         self.load_seconds = {"tokenizer": clock.laps["tokenizer"], "forward": clock.laps["forward"],
                              **getattr(self.forward, "load_seconds", {}),  # the forward's parts, within it

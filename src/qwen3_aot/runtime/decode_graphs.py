@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from qwen3_aot.runtime.compiled import CompiledForward
+from qwen3_aot.runtime.dependent_launch import link_dependents
 from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK, KVCache
 
 
@@ -32,6 +33,9 @@ class DecodeGraphs:
     main graph is captured for every batch, the small-batch graph (`small`, for batches up to
     `small_max`) is captured and timed against it from batch 1 up, kept where it replays
     faster, and tried no further once it loses (`self.small`: the batches that replay it).
+    Each graph's edges into `dependent_kernels` (kernels that wait for their inputs, as the
+    manifest names them) start those kernels early (runtime/dependent_launch.py;
+    `self.dependent_edges` counts them).
 
     The buffer rule: at most one step may be in flight (queued, its tokens not yet taken)
     when the next is queued. A step's inputs go over from pinned host buffers asynchronously,
@@ -40,7 +44,8 @@ class DecodeGraphs:
     (`EngineCore.step` takes the tokens of the step before before queueing a third)."""
 
     def __init__(self, forward: CompiledForward, cache: KVCache, max_batch: int, max_blocks_per_seq: int,
-                 device: torch.device, small: Callable[..., torch.Tensor] | None = None, small_max: int = 0) -> None:
+                 device: torch.device, small: Callable[..., torch.Tensor] | None = None, small_max: int = 0,
+                 dependent_kernels: tuple[str, ...] = ()) -> None:
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.max_batch = n = self.sizes[-1]
         # two sets of pinned host buffers, taken in turn (the buffer rule above)
@@ -60,6 +65,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.small: list[int] = []
+        self.dependent_kernels, self.dependent_edges = dependent_kernels, 0
         self._pool, started = None, time.perf_counter()
         with torch.cuda.device(device), torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
@@ -75,8 +81,8 @@ class DecodeGraphs:
                 self.graphs[b], self.logits[b] = other
                 self.small.append(b)
         self.capture_seconds = time.perf_counter() - started
-        log.info("CUDA graphs of decode batches %s captured in %.2f s (the small-batch graph for %s)", self.sizes,
-                 self.capture_seconds, self.small or "none")
+        log.info("CUDA graphs of decode batches %s captured in %.2f s (the small-batch graph for %s; %d edges "
+                 "of dependent launch)", self.sizes, self.capture_seconds, self.small or "none", self.dependent_edges)
 
     def _args(self, b: int, cache: KVCache) -> tuple:
         return self.ids[:b], self.pos[:b], self.seq_ids[:b], self.tables[:b], self.rows[:b], cache.k, cache.v
@@ -84,9 +90,11 @@ class DecodeGraphs:
     def _capture(self, forward: Callable[..., torch.Tensor], args: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         forward(*args)  # warm up outside the graph (first-call allocations, kernel loading)
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph(keep_graph=True)  # kept to have its edges set before instantiating
         with torch.cuda.graph(graph, pool=self._pool):
             logits = forward(*args)
+        self.dependent_edges += link_dependents(graph, self.dependent_kernels)
+        graph.instantiate()
         self._pool = graph.pool()
         return graph, logits
 

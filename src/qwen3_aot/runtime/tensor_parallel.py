@@ -75,8 +75,9 @@ class TensorParallelForward:
     k_caches / v_caches name a cache (see the module docstring); the ranks hold its tensors.
     `close()` (or dropping it) stops the workers."""
 
-    # the forward's interface, as CompiledForward's: a rank graph has no small-batch form
-    small, small_batch_max = None, 0
+    # the forward's interface, as CompiledForward's: a rank graph has no small-batch form, and
+    # its graphs are captured in the workers
+    small, small_batch_max, dependent_kernels = None, 0, ()
 
     def __init__(self, artifact: Path, manifest: dict, device: torch.device) -> None:
         self.size = tensor_parallel_size(manifest)
