@@ -502,26 +502,46 @@ def profile_decode(engine: runtime.EngineCore, plan: Plan, vocab: int, batch: in
     return out
 
 
+def same_logits(a, b) -> dict[int, bool]:
+    """Whether two sets of decode graphs give bitwise the same logits at each batch both replay
+    the small-batch graph for (token ids 1..n at position 0, row r in block r + 1, free while
+    nothing runs: rows sharing a cache slot would race)."""
+    import numpy as np
+
+    out = {}
+    for n in sorted(set(a.small) & set(b.small)):
+        tables = np.zeros((n, a.tables.shape[1]), dtype=np.int32)
+        tables[:, 0] = np.arange(1, n + 1)
+        logits = [g(list(range(1, n + 1)), [0] * n, tables).clone() for g in (a, b)]
+        out[n] = bool(torch.equal(*logits))
+    return out
+
+
 def small_batch_comparison(ours: Ours, plan: Plan, vocab: int) -> dict:
     """Decode tok/s at small batches with the CUDA graphs the engine chose (the small-batch
-    graph where it replayed faster) and with the main graph's alone, in the same run."""
+    graph where it replayed faster) and with the main graph's alone, and without dependent
+    launch (runtime/dependent_launch.py), in the same run."""
     from qwen3_aot.runtime.decode_graphs import DecodeGraphs
 
     engine = ours.engine
     chosen = engine.graphs
-    out = {"replayed_for": list(chosen.small), "tok_s": {}}
+    out = {"replayed_for": list(chosen.small), "dependent_edges": chosen.dependent_edges, "tok_s": {}}
     main_only = DecodeGraphs(engine.forward, engine.cache, chosen.max_batch, chosen.tables.shape[1], engine.device)
+    no_dependent = DecodeGraphs(engine.forward, engine.cache, chosen.max_batch, chosen.tables.shape[1], engine.device,
+                                engine.forward.small, engine.forward.small_batch_max)
+    out["same_logits_without_dependent_launch"] = same_logits(chosen, no_dependent)
     for b in (1, 2, 4, 8, 16):
         if b > chosen.max_batch:
             break
         prompts = random_prompts(b, plan.prompt_len, vocab, seed=b)
         row = {}
-        for label, graphs in (("chosen", chosen), ("main graph only", main_only)):
+        for label, graphs in (("chosen", chosen), ("main graph only", main_only),
+                              ("no dependent launch", no_dependent)):
             engine.graphs = graphs
             row[label] = b / ours.decode_step_seconds(prompts, plan.new_tokens, plan.repeats)
         out["tok_s"][b] = row
         print(f"  decode batch {b}: {row['chosen']:.0f} tok/s with the graphs chosen, {row['main graph only']:.0f} "
-              "with the main graph alone", flush=True)
+              f"with the main graph alone, {row['no dependent launch']:.0f} without dependent launch", flush=True)
     engine.graphs = chosen
     return out
 
@@ -776,9 +796,11 @@ def report(r: dict, plan: Plan) -> None:
               f"one after another, {wl['critical_steps'] / wl['seconds']:.0f} steps/s at least")
     if "small_batch_graph" in r:
         c = r["small_batch_graph"]
-        print(f"small-batch graph replayed for decode batches {c['replayed_for']}; decode tok/s, the graphs chosen / "
-              "the main graph alone: " + ", ".join(f"batch {b} {v['chosen']:.0f} / {v['main graph only']:.0f}"
-                                                  for b, v in c["tok_s"].items()))
+        print(f"small-batch graph replayed for decode batches {c['replayed_for']} ({c['dependent_edges']} edges of "
+              "dependent launch); decode tok/s, the graphs chosen / the main graph alone / without dependent launch: "
+              + ", ".join(f"batch {b} {v['chosen']:.0f} / {v['main graph only']:.0f} / {v['no dependent launch']:.0f}"
+                          for b, v in c["tok_s"].items())
+              + f"; bitwise the same logits without dependent launch: {c['same_logits_without_dependent_launch']}")
     for p in r.get("profile", []):
         print(f"\nprofile, decode batch {p['batch']} ({p['steps']} steps, {p['mean_batch']:.0f} sequences on average): "
               "host ms/step "

