@@ -15,14 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 import triton
 
-from qwen3_aot.custom_ops import small_linear as small
-from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS
-from qwen3_aot.runtime.dependent_launch import link_dependents
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import copy_bandwidth  # noqa: E402
+
+from qwen3_aot.custom_ops import small_linear as small  # noqa: E402
+from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS  # noqa: E402
+from qwen3_aot.runtime.dependent_launch import link_dependents  # noqa: E402
 
 HIDDEN, QKV, O_IN, INTER, LAYERS, EPS = 1024, 4096, 2048, 3072, 28, 1e-6
 
@@ -72,19 +76,6 @@ def replay_seconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e-3)
     return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * a.numel() * 10 / (start.elapsed_time(end) * 1e-3)
 
 
 def main() -> None:
