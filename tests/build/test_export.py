@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 
 from artifact_damage import edit_manifest, flip_byte, rewrite_with_checksums
-from checkpoints import write_random_checkpoint
-from support import FIXTURE, HAS_CUDA
+from random_checkpoints import write_random_checkpoint
+from suite_support import FIXTURE, HAS_CUDA
 from qwen3_aot import Qwen3AotError, manifest
 from qwen3_aot.build import export_artifact
 from qwen3_aot.build.pipeline import remove_stale_partials, verify
@@ -25,7 +25,7 @@ from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.manifest import sha256
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import load_forward
-from qwen3_aot.runtime.compiled import remove_stale_extractions
+from qwen3_aot.runtime.forward.compiled import remove_stale_extractions
 
 
 def test_manifest_describes_the_artifact(tiny_artifact):
@@ -332,7 +332,7 @@ def test_a_linked_artifact_computes_what_the_copied_one_does(linked_artifact, ti
     logits agree to fp32 rounding, not bitwise: on CPU a matmul's summation order depends on
     where its weight lies in memory (16-byte against 64-byte alignment), which differs
     between the two reads; with both sets of weights cloned to fresh memory they were equal."""
-    from support import rel_err
+    from suite_support import rel_err
 
     linked, copied = load_forward(linked_artifact), load_forward(tiny_artifact)
     assert linked._weights.keys() == copied._weights.keys()

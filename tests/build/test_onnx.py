@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 
-from checkpoints import write_random_checkpoint
-from support import FIXTURE, prompt_ids, rel_err
+from random_checkpoints import write_random_checkpoint
+from suite_support import FIXTURE, prompt_ids, rel_err
 from qwen3_aot import Qwen3AotError, manifest
 from qwen3_aot.build import export_artifact
 from qwen3_aot.build.onnx_graph import OnnxQwen3
@@ -19,7 +19,7 @@ from qwen3_aot.cli import main as cli
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import load_forward
-from qwen3_aot.runtime.onnx_forward import OnnxForward, import_onnxruntime
+from qwen3_aot.runtime.onnx.onnx_forward import OnnxForward, import_onnxruntime
 
 QUIET = dict(device="cpu", formats=("onnx",), log=lambda _m: None)
 pytestmark = pytest.mark.xdist_group("test_onnx")  # one pytest-xdist worker exports the module's artifacts

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 
-from support import FIXTURE, HAS_CUDA, prompt_ids, rel_err
+from suite_support import FIXTURE, HAS_CUDA, prompt_ids, rel_err
 from qwen3_aot.build import GraphLimits, export_artifact
 from qwen3_aot.build.graph import export_forward
 from qwen3_aot.custom_ops import paged_attention, qkv_rope, rms_norm

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from support import FIXTURE
+from suite_support import FIXTURE
 from qwen3_aot.build.pipeline import SMALL_BATCH_BELOW_HIDDEN, wants_small_batch_graph
 from qwen3_aot.cli import build_parser
 from qwen3_aot.config import Qwen3Config

@@ -4,7 +4,7 @@ and the shards put together are the model's weights, split as the manifest says.
 import pytest
 import torch
 
-from support import FIXTURE
+from suite_support import FIXTURE
 from qwen3_aot.build import export_artifact
 from qwen3_aot.build.tensor_parallel import rank_model, shard_state
 from qwen3_aot.errors import Qwen3AotError

@@ -4,7 +4,7 @@ GQA, poisoned unused cache blocks and outputs (a token no kernel wrote is NaN)."
 import pytest
 import torch
 
-from support import rel_err
+from suite_support import rel_err
 from qwen3_aot.custom_ops import paged_attention as attention
 from qwen3_aot.custom_ops.paged_attention import paged_attention_reference, paged_attention_triton
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from support import rel_err
+from suite_support import rel_err
 from qwen3_aot.custom_ops.qkv_rope import (qk_norm_rope_cache_reference, qk_norm_rope_cache_triton, qkv_rope_reference,
                                           qkv_rope_triton, rope_cos_sin)
 

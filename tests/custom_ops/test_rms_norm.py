@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from support import rel_err, rounded_once_tol
+from suite_support import rel_err, rounded_once_tol
 from qwen3_aot.custom_ops.rms_norm import (add_rms_norm_reference, add_rms_norm_triton, rms_norm_reference,
                                           rms_norm_triton)
 

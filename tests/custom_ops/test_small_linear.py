@@ -4,7 +4,7 @@ reference at the same dtype (whose roundings are the op's contract), every outpu
 import pytest
 import torch
 
-from support import rel_err, rounded_once_tol
+from suite_support import rel_err, rounded_once_tol
 from qwen3_aot.custom_ops import small_linear as small
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

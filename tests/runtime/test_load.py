@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from artifact_damage import edit_manifest, flip_byte, rewrite_with_checksums
-from support import RUNTIME_DEVICE
+from suite_support import RUNTIME_DEVICE
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.cli import main as cli
 from qwen3_aot.runtime import SamplingParams

@@ -1,5 +1,5 @@
 """`--weights link`: the artifact keeps the checkpoint's own safetensors files, hard-linked,
-and the runtime fuses q/k/v and gate/up as it loads them (`runtime.weight_reader.read_model_state`).
+and the runtime fuses q/k/v and gate/up as it loads them (`runtime.forward.weight_reader.read_model_state`).
 
 A copied artifact (`--weights copy`, the default) writes weights.safetensors under our names
 with the fused tensors made at build time: a second copy of the weights on disk (64 GB for

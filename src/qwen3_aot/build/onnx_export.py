@@ -121,7 +121,7 @@ def verify_onnx(artifact_dir: Path, entry: dict, model: Qwen3ForCausalLM, log: C
     model: a padded prefill of three lengths (every position), then through the past cache a
     3-token chunk and a 1-token decode step. Raises Qwen3AotError on a mismatch."""
     from qwen3_aot.build.pipeline import VERIFY_TOL
-    from qwen3_aot.runtime.onnx_forward import OnnxForward
+    from qwen3_aot.runtime.onnx.onnx_forward import OnnxForward
 
     fwd = OnnxForward(artifact_dir, {"graphs": {"onnx": entry}})
     g = torch.Generator().manual_seed(0)

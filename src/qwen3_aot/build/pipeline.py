@@ -31,7 +31,7 @@ from qwen3_aot.custom_ops.dependent_launch import enabled as dependent_launch_en
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
-from qwen3_aot.runtime.compiled import SMALL_BATCH_GRAPH
+from qwen3_aot.runtime.forward.compiled import SMALL_BATCH_GRAPH
 from qwen3_aot.weights import dtype_name
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -189,7 +189,7 @@ def export_artifact(checkpoint: str | Path, output: str | Path, device: str | No
     the worker form with one rank, the same code as N > 1 (to check it on one GPU).
     small_batch_graph: on CUDA, also compile the forward's small-batch form (model_small.pt2,
     `model.small_batch_layers`, the same weights), which the runtime replays for the decode
-    batches it runs faster (runtime/decode_graphs.py); it adds its compile to the build.
+    batches it runs faster (runtime/forward/decode_graphs.py); it adds its compile to the build.
     None: for models of hidden size under SMALL_BATCH_BELOW_HIDDEN."""
     checkpoint, output = Path(checkpoint), Path(output)
     device = resolve_device(device)

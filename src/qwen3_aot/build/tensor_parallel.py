@@ -29,7 +29,7 @@ step, as at tp=1. Two things that check found:
   graph is compiled without buffer reuse (Inductor would otherwise hand a Python op's dead
   output buffer to a collective as its input), and each collective's result is copied before
   anything else sees it (`RankModel._copied`). Without either, the fixture's tp=2 steps hung
-  (tests/runtime/test_tensor_parallel_workers.py fails, in its step timeout).
+  (tests/runtime/forward/test_tensor_parallel_workers.py fails, in its step timeout).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A kernel in DEPENDENT_KERNELS calls `wait_for_earlier_kernels()` before it reads anything an
 earlier kernel may write, and before it writes anything; before the wait it only loads constants
-(weights). So when a captured graph's edge into it is made programmatic (runtime/dependent_launch.py),
+(weights). So when a captured graph's edge into it is made programmatic (runtime/forward/dependent_launch.py),
 its launch and first weight loads overlap the tail of the kernel ahead, and the wait still orders
 every access that matters. Launched the usual way, the wait returns at once.
 

@@ -12,16 +12,16 @@ import torch
 
 from qwen3_aot import manifest as _manifest
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.compiled import CompiledForward
-from qwen3_aot.runtime.core import EngineCore, StepRecord
-from qwen3_aot.runtime.engine import Engine
-from qwen3_aot.runtime.engine_process import ProcessLoop
-from qwen3_aot.runtime.loop import EngineLoop, EngineStats
-from qwen3_aot.runtime.onnx_engine import OnnxEngine
-from qwen3_aot.runtime.requests import Request
-from qwen3_aot.runtime.sampling import Completion, SamplingParams
-from qwen3_aot.runtime.streams import AsyncStream, Stream
-from qwen3_aot.runtime.tensor_parallel import TensorParallelForward, tensor_parallel_size
+from qwen3_aot.runtime.forward.compiled import CompiledForward
+from qwen3_aot.runtime.core.engine_core import EngineCore, StepRecord
+from qwen3_aot.runtime.service.engine import Engine
+from qwen3_aot.runtime.service.engine_process import ProcessLoop
+from qwen3_aot.runtime.service.loop import EngineLoop, EngineStats
+from qwen3_aot.runtime.onnx.onnx_engine import OnnxEngine
+from qwen3_aot.runtime.core.request import Request
+from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
+from qwen3_aot.runtime.service.streams import AsyncStream, Stream
+from qwen3_aot.runtime.forward.tensor_parallel import TensorParallelForward, tensor_parallel_size
 
 __all__ = ["AsyncStream", "CompiledForward", "Completion", "Engine", "EngineCore", "EngineStats", "OnnxEngine",
            "Qwen3AotError", "Request", "SamplingParams", "StepRecord", "Stream", "TensorParallelForward", "load",
@@ -42,12 +42,12 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
     """Check an artifact against this process (format, torch build, device, GPU, file sizes
     and headers, checksums: see manifest.read) and start an engine on it: weights loaded once, the paged KV cache sized,
     CUDA graphs captured on a GPU, and the Engine's loop thread started (it is safe to share
-    between threads and asyncio tasks; see qwen3_aot.runtime.engine).
+    between threads and asyncio tasks; see qwen3_aot.runtime.service.engine).
 
     format: which graph to serve, "pt2" (an Engine, continuous batching) or "onnx" (an
     OnnxEngine on onnxruntime, static batching); default pt2 when the artifact has one.
     engine_process: run the Engine's loop, and its core, in a process of its own
-    (runtime/engine_process.py), so that callers busy in Python (a server's event loop) never
+    (runtime/service/engine_process.py), so that callers busy in Python (a server's event loop) never
     hold the GIL the loop needs between steps; the Engine's API is the same.
     `options` are the engine's: for pt2 EngineCore's (num_blocks, kv_cache_tokens,
     gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap); for

@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.chat import ReasoningStream, opens_reasoning, split_reasoning
-from qwen3_aot.runtime.sampling import Completion
+from qwen3_aot.runtime.text.chat_template import ReasoningStream, opens_reasoning, split_reasoning
+from qwen3_aot.runtime.core.sampling_params import Completion
 from qwen3_aot.serve import protocol
 from qwen3_aot.serve.generation import ClientGone, Event, Generation
 from qwen3_aot.serve.metrics import CONTENT_TYPE, Metrics

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from qwen3_aot.runtime.sampling import Completion, SamplingParams
+from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.serve.metrics import Metrics
 from qwen3_aot.serve.protocol import Prompt
 

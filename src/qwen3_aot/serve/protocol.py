@@ -17,7 +17,7 @@ from typing import Any, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.sampling import SamplingParams
+from qwen3_aot.runtime.core.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int]]
 

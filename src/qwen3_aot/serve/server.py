@@ -23,7 +23,7 @@ def run(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_
         served_model_name: str | None = None, max_queue: int = 1024, grace_s: float = 10.0,
         device: str | None = None, engine_process: bool = True, **engine_options: Any) -> None:
     """Serve `artifact` over HTTP until a signal stops it. `engine_options` go to runtime.load.
-    engine_process: the engine in a process of its own (runtime/engine_process.py): the event
+    engine_process: the engine in a process of its own (runtime/service/engine_process.py): the event
     loop serving hundreds of streams would otherwise hold the GIL the engine's loop needs."""
     from qwen3_aot import runtime
 

@@ -12,7 +12,7 @@ one message with every Output the pass gave and the stats. In the parent, Proces
 and makes requests as the loop does (its own tokenizer; the child makes each one again from
 its token ids); a sender thread writes the commands, so that no caller, and not the receiver
 thread, ever waits on a full pipe; the receiver thread hands each Output to its Submission's
-channel, so the streams of runtime/streams.py work unchanged. A child that dies ends every
+channel, so the streams of runtime/service/streams.py work unchanged. A child that dies ends every
 request in flight with our error; a parent that dies closes the socket, which ends the child.
 """
 
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.loop import EngineInfo, EngineLoop, EngineStats, Output, Submission
-from qwen3_aot.runtime.requests import Prompt, Request, make_request, request_limits
-from qwen3_aot.runtime.sampling import SamplingParams
-from qwen3_aot.runtime.tokenizer import Tokenizer
+from qwen3_aot.runtime.service.loop import EngineInfo, EngineLoop, EngineStats, Output, Submission
+from qwen3_aot.runtime.core.request import Prompt, Request, make_request, request_limits
+from qwen3_aot.runtime.core.sampling_params import SamplingParams
+from qwen3_aot.runtime.text.tokenizer import Tokenizer
 
 START_TIMEOUT_S = 900.0  # the child's import of torch, the load, the CUDA-graph capture (32B: tens of seconds)
 CPU = torch.device("cpu")  # the parent's requests are never sampled: their generators stay off the GPU
@@ -55,7 +55,7 @@ class ProcessLoop:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
                                                                           os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", f"from qwen3_aot.runtime.engine_process import child_main; "
+            [sys.executable, "-c", f"from qwen3_aot.runtime.service.engine_process import child_main; "
                                    f"child_main({theirs.fileno()})"], pass_fds=[theirs.fileno()], env=env)
         theirs.close()
         self._conn = Connection(ours.detach())

@@ -12,11 +12,11 @@ import weakref
 import pytest
 import torch
 
-import reference
-from support import FIXTURE, RUNTIME_DEVICE, rel_err, train_text
+import greedy_reference as reference
+from suite_support import FIXTURE, RUNTIME_DEVICE, rel_err, train_text
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
-from reference import GREEDY, MAX_NEW, decode, prompts, tokenizer
+from greedy_reference import GREEDY, MAX_NEW, decode, prompts, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +224,8 @@ def fake_capture(graph, pool=None):
 def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, monkeypatch):
     """DecodeGraphs' static buffers, padding to the captured sizes and the reserved block,
     with the graph emulated on CPU (real CUDA graphs need a GPU: scripts/gpu_check.sh)."""
-    from qwen3_aot.runtime.decode_graphs import DecodeGraphs
-    from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK
+    from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
+    from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
@@ -299,7 +299,7 @@ def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, 
         if graphs:  # the tiny model's small decode batches run faster through the small-batch graph,
             # tried from batch 1 up until it first loses
             assert eng.graphs.small[:1] == [1] and eng.graphs.small == eng.graphs.sizes[:len(eng.graphs.small)]
-            # from Hopper on, its projections start early, within the graph (runtime/dependent_launch.py)
+            # from Hopper on, its projections start early, within the graph (runtime/forward/dependent_launch.py)
             hopper = torch.cuda.get_device_capability()[0] >= 9
             assert eng.forward.dependent_kernels == (("_small_linear_kernel",) if hopper else ())
             assert (eng.graphs.dependent_edges > 0) == hopper
@@ -315,7 +315,7 @@ def test_dependent_launch_changes_no_logit(runtime_artifact):
     its own (rows sharing one cache slot would race whichever way the edges are)."""
     import numpy as np
 
-    from qwen3_aot.runtime.decode_graphs import DecodeGraphs
+    from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
 
     eng = runtime.load_core(runtime_artifact, num_blocks=200, max_num_seqs=16)
     linked = eng.graphs

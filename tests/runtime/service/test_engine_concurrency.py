@@ -17,8 +17,8 @@ import pytest
 
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
-from qwen3_aot.runtime.loop import EngineLoop
-from reference import GREEDY, prompts
+from qwen3_aot.runtime.service.loop import EngineLoop
+from greedy_reference import GREEDY, prompts
 
 DEADLINE_S = 120  # for a whole concurrent run on a loaded 2-core CI machine
 PARAMS = [GREEDY, SamplingParams(max_tokens=24, temperature=1.5, top_p=0.9, seed=11),

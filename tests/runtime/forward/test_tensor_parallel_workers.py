@@ -11,15 +11,15 @@ import time
 import pytest
 import torch
 
-from reference import GREEDY, hf_greedy, prompts
-from support import FIXTURE, rel_err
+from greedy_reference import GREEDY, hf_greedy, prompts
+from suite_support import FIXTURE, rel_err
 from qwen3_aot import manifest, runtime
 from qwen3_aot.build.reference import Float64Forward
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import TensorParallelForward, load_forward
-from qwen3_aot.runtime import tensor_parallel as tp_runtime
+from qwen3_aot.runtime.forward import tensor_parallel as tp_runtime
 
 # one worker builds the artifact once; every wait inside TensorParallelForward has a timeout,
 # so a hang fails the test (pytest-timeout is not installed)

@@ -17,11 +17,11 @@ from typing import Generator, Iterator
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.onnx_forward import OnnxForward
-from qwen3_aot.runtime.requests import Prompt, Request, make_request, pair_up
-from qwen3_aot.runtime.sampler import Sampler
-from qwen3_aot.runtime.sampling import Completion, SamplingParams
-from qwen3_aot.runtime.tokenizer import Tokenizer
+from qwen3_aot.runtime.onnx.onnx_forward import OnnxForward
+from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up
+from qwen3_aot.runtime.core.sampler import Sampler
+from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
+from qwen3_aot.runtime.text.tokenizer import Tokenizer
 
 
 class OnnxEngine:

@@ -18,15 +18,15 @@ from typing import Callable
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.compiled import CompiledForward
-from qwen3_aot.runtime.decode_graphs import DecodeGraphs
-from qwen3_aot.runtime.kv_cache import KVCache, block_bytes, cuda_cache_bytes
-from qwen3_aot.runtime.requests import Prompt, Request, make_request, pair_up, request_limits
-from qwen3_aot.runtime.sampler import Sampler
-from qwen3_aot.runtime.sampling import Completion, SamplingParams
-from qwen3_aot.runtime.scheduler import Batch, Scheduler
-from qwen3_aot.runtime.tensor_parallel import META, TensorParallelForward, tensor_parallel_size
-from qwen3_aot.runtime.tokenizer import Tokenizer
+from qwen3_aot.runtime.forward.compiled import CompiledForward
+from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
+from qwen3_aot.runtime.forward.kv_cache import KVCache, block_bytes, cuda_cache_bytes
+from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up, request_limits
+from qwen3_aot.runtime.core.sampler import Sampler
+from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
+from qwen3_aot.runtime.core.scheduler import Batch, Scheduler
+from qwen3_aot.runtime.forward.tensor_parallel import META, TensorParallelForward, tensor_parallel_size
+from qwen3_aot.runtime.text.tokenizer import Tokenizer
 from qwen3_aot.weights import DTYPES
 
 CPU_CACHE_BYTES = 1 << 30  # the default KV cache on CPU: 1 GiB, or less if the sequences need less
@@ -74,7 +74,7 @@ class EngineCore:
         clock.lap("tokenizer")
         # -- tensor-parallel hook: a TP artifact's forward is its worker processes, which hold the
         # weights and each rank's share of the KV cache; here the cache is block bookkeeping on
-        # the meta device (runtime/tensor_parallel.py). Its ranks run without CUDA graphs.
+        # the meta device (runtime/forward/tensor_parallel.py). Its ranks run without CUDA graphs.
         self.tensor_parallel = tensor_parallel_size(manifest)
         use_graphs = cuda_graphs and device.type == "cuda" and self.tensor_parallel is None
         self.forward = CompiledForward(artifact, manifest, device, run_single_threaded=use_graphs) \

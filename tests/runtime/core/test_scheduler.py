@@ -3,8 +3,8 @@ tokens: budgets and limits hold, blocks are never shared, preemption loses nothi
 
 import torch
 
-from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK, KVCache
-from qwen3_aot.runtime.scheduler import Scheduler, Sequence
+from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK, KVCache
+from qwen3_aot.runtime.core.scheduler import Scheduler, Sequence
 
 BLOCK = 4
 

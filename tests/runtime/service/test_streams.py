@@ -8,9 +8,9 @@ import time
 import pytest
 
 from qwen3_aot import runtime
-from qwen3_aot.runtime.loop import Output
-from qwen3_aot.runtime.streams import _Mailbox
-from reference import GREEDY, prompts
+from qwen3_aot.runtime.service.loop import Output
+from qwen3_aot.runtime.service.streams import _Mailbox
+from greedy_reference import GREEDY, prompts
 
 DEADLINE_S = 60
 
@@ -79,7 +79,7 @@ def test_the_mailbox_wakes_the_event_loop_once_for_what_was_posted_meanwhile():
 def test_generate_callers_are_woken_once_per_request(engine, monkeypatch):
     """generate and generate_async wait for Completions: the loop hands each request one
     Output, its last, and the Completion is the same as a streamed request's."""
-    from qwen3_aot.runtime import streams
+    from qwen3_aot.runtime.service import streams
 
     taken = []
     real = streams._StreamBase._take

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from support import FIXTURE
+from suite_support import FIXTURE
 from qwen3_aot import Qwen3AotError
-from qwen3_aot.runtime.tokenizer import REPLACEMENT, TextStream, Tokenizer
+from qwen3_aot.runtime.text.tokenizer import REPLACEMENT, TextStream, Tokenizer
 
 TEXT = "héllo wörld → ünïcode 日本 and “quotes”"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen3_aot.runtime.sampling import SamplingParams
+from qwen3_aot.runtime.core.sampling_params import SamplingParams
 
 
 class Sampler:

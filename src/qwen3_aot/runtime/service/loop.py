@@ -12,7 +12,7 @@ A failure inside a step ends the loop: every request in flight, and every later 
 gets our error instead of a hang. `stop` ends it cleanly: requests in flight end as aborted.
 
 The same interface (`info`, `tokenizer`, `make_request`, `submit`, `abort`, `stop`, `stats`,
-`thread`) is ProcessLoop's (runtime/engine_process.py), which runs this loop in a process of
+`thread`) is ProcessLoop's (runtime/service/engine_process.py), which runs this loop in a process of
 its own; its `flush` sends what each pass of the loop gave out.
 """
 
@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.core import EngineCore
-from qwen3_aot.runtime.requests import Prompt, Request
-from qwen3_aot.runtime.sampling import Completion, SamplingParams
-from qwen3_aot.runtime.tokenizer import Tokenizer
+from qwen3_aot.runtime.core.engine_core import EngineCore
+from qwen3_aot.runtime.core.request import Prompt, Request
+from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
+from qwen3_aot.runtime.text.tokenizer import Tokenizer
 
 log = logging.getLogger("qwen3_aot")
 

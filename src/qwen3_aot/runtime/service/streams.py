@@ -23,9 +23,9 @@ import threading
 import weakref
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.loop import EngineLoop, Output, Submission
-from qwen3_aot.runtime.requests import Request
-from qwen3_aot.runtime.sampling import Completion
+from qwen3_aot.runtime.service.loop import EngineLoop, Output, Submission
+from qwen3_aot.runtime.core.request import Request
+from qwen3_aot.runtime.core.sampling_params import Completion
 
 
 class _StreamBase:

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.sampling import Completion, SamplingParams, _is_int
-from qwen3_aot.runtime.scheduler import Sequence
-from qwen3_aot.runtime.tokenizer import TextStream, Tokenizer
+from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams, _is_int
+from qwen3_aot.runtime.core.scheduler import Sequence
+from qwen3_aot.runtime.text.tokenizer import TextStream, Tokenizer
 
 Prompt = Union[str, list[int]]
 

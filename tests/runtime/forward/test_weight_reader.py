@@ -8,10 +8,10 @@ import torch
 
 from qwen3_aot import Qwen3AotError
 from qwen3_aot.config import Qwen3Config
-from qwen3_aot.runtime import weight_reader
-from qwen3_aot.runtime.weight_reader import read_file, read_model_state, read_tensors, stored_tensors
+from qwen3_aot.runtime.forward import weight_reader
+from qwen3_aot.runtime.forward.weight_reader import read_file, read_model_state, read_tensors, stored_tensors
 from qwen3_aot.weights import load_checkpoint, tensor_files
-from support import FIXTURE, HAS_CUDA
+from suite_support import FIXTURE, HAS_CUDA
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 

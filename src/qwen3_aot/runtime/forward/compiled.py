@@ -15,7 +15,7 @@ import torch
 
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.weight_reader import read_file, read_model_state
+from qwen3_aot.runtime.forward.weight_reader import read_file, read_model_state
 from qwen3_aot.weights import CHECKPOINT_LAYOUT, DTYPES, name_rule, tensor_files
 
 # AOTIModelPackageLoader(path, model_name, run_single_threaded, num_runners, device_index): its
@@ -78,7 +78,7 @@ class CompiledForward:
         self.small = _Graph(loaders[1]) if small else None
         self.small_batch_max = int(small.get("max_batch", 0)) if small else 0
         # kernels built to wait for their inputs, whose launch may overlap the kernel ahead
-        # (runtime/dependent_launch.py); none in an artifact built before they existed
+        # (runtime/forward/dependent_launch.py); none in an artifact built before they existed
         self.dependent_kernels = tuple(manifest.get("dependent_kernels", ()))
         self._weights = weights  # the loader holds raw pointers: keep the tensors alive
         if device.type == "cuda":

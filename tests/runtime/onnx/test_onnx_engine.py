@@ -11,8 +11,8 @@ import torch
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.cli import main as cli
 from qwen3_aot.runtime import OnnxEngine, SamplingParams
-import reference
-from reference import GREEDY, MAX_NEW, decode, prompts, tokenizer
+import greedy_reference as reference
+from greedy_reference import GREEDY, MAX_NEW, decode, prompts, tokenizer
 
 pytest.importorskip("onnxruntime")
 

@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing  # noqa: F401  (registers the reductions that share tensors through pipes)
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.kv_cache import cache_tensors, cuda_cache_bytes
+from qwen3_aot.runtime.forward.kv_cache import cache_tensors, cuda_cache_bytes
 from qwen3_aot.weights import DTYPES
 
 STARTUP_TIMEOUT_S = 600.0  # start, join the group and load a shard (a 32B shard reads tens of GB)
@@ -284,7 +284,7 @@ def _serve_rank(rank: int, size: int, port: int, artifact: str, manifest: dict, 
 
 def _start_rank(rank: int, size: int, port: int, artifact: Path, manifest: dict,
                 device: str) -> tuple[Any, torch.device]:
-    from qwen3_aot.runtime.compiled import CompiledForward
+    from qwen3_aot.runtime.forward.compiled import CompiledForward
 
     dev = torch.device(device)
     entry = manifest["tensor_parallel"]

@@ -5,7 +5,7 @@ import torch
 
 from qwen3_aot import Qwen3AotError
 from qwen3_aot.runtime import SamplingParams
-from qwen3_aot.runtime.sampler import Sampler, top_k_top_p
+from qwen3_aot.runtime.core.sampler import Sampler, top_k_top_p
 
 GREEDY = SamplingParams(temperature=0)
 

@@ -10,9 +10,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from qwen3_aot.runtime.compiled import CompiledForward
-from qwen3_aot.runtime.dependent_launch import link_dependents
-from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK, KVCache
+from qwen3_aot.runtime.forward.compiled import CompiledForward
+from qwen3_aot.runtime.forward.dependent_launch import link_dependents
+from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK, KVCache
 
 
 log = logging.getLogger("qwen3_aot")
@@ -34,7 +34,7 @@ class DecodeGraphs:
     `small_max`) is captured and timed against it from batch 1 up, kept where it replays
     faster, and tried no further once it loses (`self.small`: the batches that replay it).
     Each graph's edges into `dependent_kernels` (kernels that wait for their inputs, as the
-    manifest names them) start those kernels early (runtime/dependent_launch.py;
+    manifest names them) start those kernels early (runtime/forward/dependent_launch.py;
     `self.dependent_edges` counts them).
 
     The buffer rule: at most one step may be in flight (queued, its tokens not yet taken)

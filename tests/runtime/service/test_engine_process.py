@@ -12,7 +12,7 @@ import pytest
 
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
-from reference import GREEDY, prompts
+from greedy_reference import GREEDY, prompts
 from test_engine_concurrency import assert_a_failing_step_ends_every_caller, run_threads, wait_until
 
 PARAMS = [GREEDY, SamplingParams(max_tokens=24, temperature=1.5, top_p=0.9, seed=11)]
@@ -104,7 +104,7 @@ def test_a_failing_step_in_the_child_reaches_every_caller_as_our_error(runtime_a
     # the fault goes into the child through a sitecustomize on its PYTHONPATH (the child
     # inherits our environment): its forward fails from the fourth call on
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        from qwen3_aot.runtime import compiled
+        from qwen3_aot.runtime.forward import compiled
 
         calls, forward = [0], compiled.CompiledForward.__call__
 

@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from qwen3_aot import Qwen3AotError
-from qwen3_aot.runtime.chat import ChatTemplate, ReasoningStream, opens_reasoning, split_reasoning
-from qwen3_aot.runtime.tokenizer import TextStream, Tokenizer
+from qwen3_aot.runtime.text.chat_template import ChatTemplate, ReasoningStream, opens_reasoning, split_reasoning
+from qwen3_aot.runtime.text.tokenizer import TextStream, Tokenizer
 
 SYSTEM_USER = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}]
 MULTI_TURN = [
@@ -146,7 +146,7 @@ def test_named_templates_take_default(tmp_path):
 
 
 def test_no_template_gives_none(tmp_path):
-    from support import FIXTURE  # its tokenizer_config.json has no chat_template
+    from suite_support import FIXTURE  # its tokenizer_config.json has no chat_template
 
     assert ChatTemplate.from_dir(FIXTURE) is None
     assert ChatTemplate.from_dir(tmp_path) is None
@@ -285,7 +285,7 @@ def test_export_carries_the_template_and_tokenizer_files(qwen_checkpoint, qwen_a
 
 
 def test_export_copies_chat_template_jinja(tmp_path):
-    from support import FIXTURE
+    from suite_support import FIXTURE
     from qwen3_aot.build import export_artifact
 
     checkpoint = tmp_path / "checkpoint"

@@ -6,7 +6,7 @@ import functools
 import torch
 from tokenizers import Tokenizer
 
-from support import FIXTURE, text_prompts
+from suite_support import FIXTURE, text_prompts
 from qwen3_aot.runtime import SamplingParams
 
 MAX_NEW = 32

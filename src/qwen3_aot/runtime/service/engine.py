@@ -2,12 +2,12 @@
 tasks at once, all in one continuous batch.
 
 Who owns what: the EngineCore (scheduler, paged KV cache, compiled forward, CUDA graphs,
-sampler) belongs to the loop thread that `runtime.load` starts (runtime/loop.py), and
+sampler) belongs to the loop thread that `runtime.load` starts (runtime/service/loop.py), and
 nothing else touches it; with `engine_process=True` that thread runs in a process of its own
-(runtime/engine_process.py), so that the callers' Python never holds the GIL it needs.
+(runtime/service/engine_process.py), so that the callers' Python never holds the GIL it needs.
 Callers check and make their requests in their own thread (a bad one raises our error there,
 and nothing is queued), submit them through the loop's command queue, and read text from a
-Stream or AsyncStream (runtime/streams.py). `close()`, leaving a `with` block, dropping the
+Stream or AsyncStream (runtime/service/streams.py). `close()`, leaving a `with` block, dropping the
 engine or the interpreter's exit stops the loop and frees the cache.
 """
 
@@ -18,11 +18,11 @@ import weakref
 from typing import Any
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.engine_process import ProcessLoop
-from qwen3_aot.runtime.loop import EngineLoop, EngineStats
-from qwen3_aot.runtime.requests import Prompt, Request, pair_up
-from qwen3_aot.runtime.sampling import Completion, SamplingParams
-from qwen3_aot.runtime.streams import AsyncStream, Stream
+from qwen3_aot.runtime.service.engine_process import ProcessLoop
+from qwen3_aot.runtime.service.loop import EngineLoop, EngineStats
+from qwen3_aot.runtime.core.request import Prompt, Request, pair_up
+from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
+from qwen3_aot.runtime.service.streams import AsyncStream, Stream
 
 EXIT_TIMEOUT_S = 5.0  # at interpreter exit, how long a step in progress may take to finish
 
@@ -117,7 +117,7 @@ class Engine:
 
     @functools.cached_property
     def _chat_template(self):
-        from qwen3_aot.runtime.chat import ChatTemplate  # jinja2 only when chat is used
+        from qwen3_aot.runtime.text.chat_template import ChatTemplate  # jinja2 only when chat is used
 
         return ChatTemplate.from_dir(self._artifact)
 
@@ -156,7 +156,7 @@ class Engine:
 
 
 def _separated(completion: Completion, prompt: str) -> Completion:
-    from qwen3_aot.runtime.chat import opens_reasoning, split_reasoning
+    from qwen3_aot.runtime.text.chat_template import opens_reasoning, split_reasoning
 
     reasoning, content = split_reasoning(completion.text, in_reasoning=opens_reasoning(prompt))
     completion.text, completion.reasoning = content, reasoning

@@ -19,7 +19,7 @@ from collections import deque
 
 import numpy as np
 
-from qwen3_aot.runtime.kv_cache import RESERVED_BLOCK, KVCache
+from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK, KVCache
 
 
 class Sequence:

@@ -1,0 +1,1 @@
+"""The ONNX engine: onnxruntime over model.onnx, static batching."""

@@ -1,0 +1,1 @@
+"""Text: the tokenizer, incremental detokenising and stop strings, the chat template and Qwen3's reasoning split."""
