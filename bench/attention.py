@@ -29,7 +29,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import bench, copy_bandwidth  # noqa: E402
+from kernel_bench import bench, copy_bandwidth  # noqa: E402
 
 import qwen3_aot.custom_ops  # noqa: E402,F401
 from qwen3_aot.custom_ops import paged_attention as attention_module  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copy_bandwidth  # noqa: E402
+from kernel_bench import copy_bandwidth  # noqa: E402
 
 from qwen3_aot.custom_ops import small_linear as small  # noqa: E402
 from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS  # noqa: E402

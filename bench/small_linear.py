@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import bench, copy_bandwidth  # noqa: E402
+from kernel_bench import bench, copy_bandwidth  # noqa: E402
 
 import qwen3_aot.custom_ops  # noqa: E402,F401
 from qwen3_aot.custom_ops import small_linear as small  # noqa: E402

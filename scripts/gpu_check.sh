@@ -10,6 +10,6 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 python3 -m pytest -q -n 0 -p no:cacheprovider --durations=15 tests "$@" 2>&1 | tee "$OUT/pytest.txt" | tail -25
 tests_rc=${PIPESTATUS[0]}
-python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tail -25
+python3 bench/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tail -25
 echo "pytest exit code: $tests_rc"
 exit "$tests_rc"

@@ -4,7 +4,7 @@ Qwen3-0.6B shapes (hidden 1024, 16 q heads, 8 kv heads, head_dim 128), bf16, 1 t
 tokens. Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph). Prints a table last
 and writes JSON to --json.
 
-    PYTHONPATH=src python bench/kernels.py --json $OUT/kernels.json
+    PYTHONPATH=src python bench/kernel_bench.py --json $OUT/kernels.json
 """
 
 from __future__ import annotations
