@@ -479,7 +479,7 @@ def profile_decode(engine: runtime.EngineCore, plan: Plan, vocab: int, batch: in
         b = next(s for s in g.sizes if s >= batch)
         args = (g.ids[:b], g.pos[:b], g.seq_ids[:b], g.tables[:b], g.rows[:b], cache.k, cache.v)
         out["replayed_context"] = int(g.pos[:batch].max()) + 1
-        out["replays_small_batch_graph"] = b in g.small
+        out["replays_small_batch_graph"] = b in g.small_batch_sizes
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.graphs[b].replay()
         start.record()
@@ -509,7 +509,7 @@ def same_logits(a, b) -> dict[int, bool]:
     import numpy as np
 
     out = {}
-    for n in sorted(set(a.small) & set(b.small)):
+    for n in sorted(set(a.small_batch_sizes) & set(b.small_batch_sizes)):
         tables = np.zeros((n, a.tables.shape[1]), dtype=np.int32)
         tables[:, 0] = np.arange(1, n + 1)
         logits = [g(list(range(1, n + 1)), [0] * n, tables).clone() for g in (a, b)]
@@ -525,10 +525,11 @@ def small_batch_comparison(ours: Ours, plan: Plan, vocab: int) -> dict:
 
     engine = ours.engine
     chosen = engine.graphs
-    out = {"replayed_for": list(chosen.small), "dependent_edges": chosen.dependent_edges, "tok_s": {}}
-    main_only = DecodeGraphs(engine.forward, engine.cache, chosen.max_batch, chosen.tables.shape[1], engine.device)
+    out = {"replayed_for": list(chosen.small_batch_sizes), "dependent_edges": chosen.dependent_edges, "tok_s": {}}
+    main_only = DecodeGraphs(engine.forward, engine.cache, chosen.max_batch, chosen.tables.shape[1], engine.device,
+                             small_batch_graph=False, dependent_launch=False)
     no_dependent = DecodeGraphs(engine.forward, engine.cache, chosen.max_batch, chosen.tables.shape[1], engine.device,
-                                engine.forward.small, engine.forward.small_batch_max)
+                                dependent_launch=False)
     out["same_logits_without_dependent_launch"] = same_logits(chosen, no_dependent)
     for b in (1, 2, 4, 8, 16):
         if b > chosen.max_batch:
@@ -672,12 +673,12 @@ def main() -> None:
     vocab = json.loads((art / "manifest.json").read_text())["model_config"]["vocab_size"]
     ours, systems["ours"] = measure(lambda: Ours(load_ours(art, plan), "ours"), plan, vocab)
     engine = ours.engine
-    sizes = model_sizes(engine.config, sum(w.nbytes for w in engine.forward._weights.values()), dtype)
+    sizes = model_sizes(engine.config, sum(w.nbytes for w in engine.forward.weights.values()), dtype)
     if a.profile:
         r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 8, 64, 256) if b <= max(plan.batches)]
-    if engine.graphs is not None and engine.forward.small is not None:
+    if engine.graphs is not None and engine.forward.small_batch_graph is not None:
         r["small_batch_graph"] = small_batch_comparison(ours, plan, vocab)
-    small_graph = engine.forward.small is not None
+    small_graph = engine.forward.small_batch_graph is not None
     del ours, engine
     if small_graph:
         r["prefill_packages"] = prefill_one_package_or_two(art, plan, vocab, a.work)

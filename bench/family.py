@@ -197,13 +197,13 @@ def measure(art: Path, plan: e2e.Plan, device: torch.device) -> dict:
     forward = runtime.load_forward(art)
     e2e.sync()
     r["load_forward_s"] = time.perf_counter() - t
-    weight_bytes = sum(w.nbytes for w in forward._weights.values())
+    weight_bytes = sum(w.nbytes for w in forward.weights.values())
     del forward
     e2e.free_memory()
     r["copy_GBps"] = e2e.copy_bandwidth(device) / 1e9
     vocab = man["model_config"]["vocab_size"]
     system, ours = e2e.measure(lambda: e2e.Ours(e2e.load_ours(art, plan), "ours"), plan, vocab)
-    if system.engine.graphs is not None and system.engine.forward.small is not None:
+    if system.engine.graphs is not None and system.engine.forward.small_batch_graph is not None:
         r["small_batch_graph"] = e2e.small_batch_comparison(system, plan, vocab)
     del system
     e2e.free_memory()

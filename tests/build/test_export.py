@@ -25,7 +25,7 @@ from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.manifest import sha256
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime import load_forward
-from qwen3_aot.runtime.forward.compiled import remove_stale_extractions
+from qwen3_aot.runtime.forward.extraction import remove_stale_extractions
 
 
 def test_manifest_describes_the_artifact(tiny_artifact):
@@ -335,8 +335,8 @@ def test_a_linked_artifact_computes_what_the_copied_one_does(linked_artifact, ti
     from suite_support import rel_err
 
     linked, copied = load_forward(linked_artifact), load_forward(tiny_artifact)
-    assert linked._weights.keys() == copied._weights.keys()
-    assert all(torch.equal(linked._weights[k], copied._weights[k]) for k in copied._weights)
+    assert linked.weights.keys() == copied.weights.keys()
+    assert all(torch.equal(linked.weights[k], copied.weights[k]) for k in copied.weights)
     cfg = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="float32", device="cpu").config
 
     seqs = [[5, 6, 7, 8, 9, 10, 11], list(range(40, 80))]

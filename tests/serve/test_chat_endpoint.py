@@ -9,7 +9,7 @@ import pytest
 from serving import running
 
 from qwen3_aot.runtime import SamplingParams
-from qwen3_aot.runtime.text.chat_template import split_reasoning
+from qwen3_aot.runtime.text.reasoning import split_reasoning
 
 MESSAGES = [{"role": "system", "content": "You answer briefly."},
             {"role": "user", "content": "Translate 猫 and 🐈 to French, then write `def f(): pass`."}]

@@ -133,7 +133,7 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
     The weights are not hashed here (verify_files=False): the build has just written them.
     """
     from qwen3_aot.build.reference import REFERENCE_DTYPE, Float64Forward
-    from qwen3_aot.runtime import load_forward
+    from qwen3_aot.runtime import CompiledForward, load_forward
 
     man = manifest.read(artifact, verify_files=False)
     block_size = man["kv_cache"]["block_size"]
@@ -144,8 +144,9 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
         eager = check_logits(FlatBatchDriver(model, cfg, model.dtype, dev, block_size), *seqs)
         compiled = load_forward(artifact, device=dev, verify_files=False)
         got = {"compiled": check_logits(FlatBatchDriver(compiled, cfg, model.dtype, dev, block_size), *seqs)}
-        if compiled.small is not None:  # every row through it, prompts too: it takes any batch
-            small = FlatBatchDriver(compiled.small, cfg, model.dtype, dev, block_size)
+        # a tensor-parallel forward has no small-batch graph; every row through it, prompts too: it takes any batch
+        if isinstance(compiled, CompiledForward) and compiled.small_batch_graph is not None:
+            small = FlatBatchDriver(compiled.small_batch_graph, cfg, model.dtype, dev, block_size)
             got["small-batch graph"] = check_logits(small, *seqs)
     err = lambda x: float((x - ref).norm() / ref.norm()) if torch.isfinite(x).all() else float("inf")  # noqa: E731
     err_eager = err(eager)

@@ -16,7 +16,8 @@ from qwen3_aot.runtime.forward.compiled import CompiledForward
 from qwen3_aot.runtime.core.engine_core import EngineCore, StepRecord
 from qwen3_aot.runtime.service.engine import Engine
 from qwen3_aot.runtime.service.engine_process import ProcessLoop
-from qwen3_aot.runtime.service.loop import EngineLoop, EngineStats
+from qwen3_aot.runtime.service.loop import EngineLoop
+from qwen3_aot.runtime.service.messages import EngineStats
 from qwen3_aot.runtime.onnx.onnx_engine import OnnxEngine
 from qwen3_aot.runtime.core.request import Request
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams

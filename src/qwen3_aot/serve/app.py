@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,8 +23,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.text.chat_template import ReasoningStream, opens_reasoning, split_reasoning
+from qwen3_aot.runtime.text.reasoning import ReasoningSplitter, opens_reasoning, split_reasoning
 from qwen3_aot.runtime.core.sampling_params import Completion
+from qwen3_aot.runtime.service.engine import Engine
 from qwen3_aot.serve import protocol
 from qwen3_aot.serve.generation import ClientGone, Event, Generation
 from qwen3_aot.serve.metrics import CONTENT_TYPE, Metrics
@@ -42,7 +43,7 @@ class ApiError(Exception):
 
 @dataclass
 class _State:
-    engine: Any
+    engine: Engine
     model: str
     api_key: str | None
     max_queue: int
@@ -51,7 +52,7 @@ class _State:
     in_flight: int = 0  # engine requests admitted and not yet ended
 
 
-def build_app(engine: Any, model_name: str, *, api_key: str | None = None, max_queue: int = 1024) -> FastAPI:
+def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 1024) -> FastAPI:
     """The app over a loaded engine, serving it as `model_name`. `max_queue`: the most engine
     requests (a prompt times n) running or waiting at once; more get 429."""
     app = FastAPI(title="qwen3-aot", docs_url=None, redoc_url=None)
@@ -203,7 +204,7 @@ async def _stream_completion(st: _State, gen: Generation, meta: Meta, body: Comp
             continue
         logprobs = None
         if e.logprobs is not None:
-            logprobs = st.text.completion_logprobs(*pending.take(e.index), offsets[e.index])
+            logprobs = st.text.completion_logprobs(*pending.pop(e.index), offsets[e.index])
             offsets[e.index] += sum(map(len, logprobs["tokens"]))
         yield meta.body([{"index": e.index, "text": e.text, "logprobs": logprobs, "finish_reason": _finish(e)}],
                         **extra)
@@ -222,7 +223,7 @@ class _Pending:
         self.ids[e.index] += e.token_ids
         self.logprobs[e.index] += e.logprobs or []
 
-    def take(self, index: int) -> tuple[list[int], list[float]]:
+    def pop(self, index: int) -> tuple[list[int], list[float]]:
         out = self.ids[index], self.logprobs[index]
         self.ids[index], self.logprobs[index] = [], []
         return out
@@ -234,7 +235,7 @@ async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatReques
     for i in range(body.n):
         yield meta.body([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}], **extra)
-    splitters = [ReasoningStream(in_reasoning=thinking) for _ in range(body.n)]
+    splitters = [ReasoningSplitter(in_reasoning=thinking) for _ in range(body.n)]
     pending = _Pending(body.n)
     async for e in gen.events():
         pending.add(e)
@@ -244,7 +245,7 @@ async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatReques
             reasoning, content = reasoning + tail[0], content + tail[1]
         if not (reasoning or content or e.completion):
             continue
-        logprobs = st.text.chat_logprobs(*pending.take(e.index)) if e.logprobs is not None else None
+        logprobs = st.text.chat_logprobs(*pending.pop(e.index)) if e.logprobs is not None else None
         delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
         yield meta.body([{"index": e.index, "delta": delta, "logprobs": logprobs, "finish_reason": _finish(e)}],
                         **extra)

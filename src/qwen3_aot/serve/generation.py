@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
+from qwen3_aot.runtime.service.engine import Engine
+from qwen3_aot.runtime.service.streams import AsyncStream
 from qwen3_aot.serve.metrics import Metrics
 from qwen3_aot.serve.protocol import Prompt
 
@@ -39,7 +41,7 @@ class Generation:
     """Submits every (prompt, params) job at construction (all checked first: a bad one raises
     Qwen3AotError and starts nothing), then hands out their events as they come."""
 
-    def __init__(self, engine: Any, jobs: list[tuple[Prompt, SamplingParams]], metrics: Metrics,
+    def __init__(self, engine: Engine, jobs: list[tuple[Prompt, SamplingParams]], metrics: Metrics,
                  receive: Callable[[], Awaitable[dict]], on_done: Callable[[], None]) -> None:
         for prompt, params in jobs:
             engine.check(prompt, params)
@@ -80,7 +82,7 @@ class Generation:
         for t in (*self._tasks, self._watcher):
             t.cancel()
 
-    async def _produce(self, index: int, stream: Any) -> None:
+    async def _produce(self, index: int, stream: AsyncStream) -> None:
         seen, last = 0, self.arrival
         try:
             async for piece in stream:
@@ -113,7 +115,7 @@ class Generation:
             self._closed[index] = True
             await stream.aclose()  # aborts the request if it is still running, and frees its blocks
 
-    def _job_done(self, index: int, stream: Any) -> None:
+    def _job_done(self, index: int, stream: AsyncStream) -> None:
         self._on_done()
         if not self._closed[index]:  # cancelled before it first ran, so its finally never did
             _closing.add(task := asyncio.ensure_future(stream.aclose()))

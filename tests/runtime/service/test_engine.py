@@ -233,17 +233,21 @@ def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, mon
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     eng = runtime.load_core(runtime_artifact, num_blocks=200, max_num_seqs=6)
 
-    def forward(*args):
-        out = eng.forward(*args)
-        if FakeGraph.capturing is not None:
-            g = FakeGraph.capturing
-            # the static buffers the five inputs are views of, and where in them
-            g.bases = [weakref.ref(a._base if a._base is not None else a) for a in args[:5]]
-            g.views, g.caches = [(a.shape, a.stride(), a.storage_offset()) for a in args[:5]], args[5:]
-            g.forward, g.out = eng.forward, out
-        return out
+    class RecordingForward:
+        """The engine's forward, recording what a capture saw (a CPU artifact has no small-batch graph)."""
+        small_batch_graph, small_batch_max, dependent_kernels = None, 0, ()
 
-    graphs = DecodeGraphs(forward, eng.cache, 6, 512 // eng.block_size, torch.device("cpu"))
+        def run(self, batch, k_caches, v_caches):
+            out = eng.forward.run(batch, k_caches, v_caches)
+            if FakeGraph.capturing is not None:
+                g, inputs = FakeGraph.capturing, batch.inputs()
+                # the static buffers the five inputs are views of, and where in them
+                g.bases = [weakref.ref(a._base if a._base is not None else a) for a in inputs]
+                g.views, g.caches = [(a.shape, a.stride(), a.storage_offset()) for a in inputs], (k_caches, v_caches)
+                g.forward, g.out = eng.forward, out
+            return out
+
+    graphs = DecodeGraphs(RecordingForward(), eng.cache, 6, 512 // eng.block_size, torch.device("cpu"))
     assert graphs.sizes == [1, 2, 4, 6]
     batch_sizes, ahead = [], []
     replay, from_device = graphs._replay, graphs.decode_from_device
@@ -298,7 +302,7 @@ def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, 
         assert len({r.decodes for r in decodes}) > 3 and (len(ahead) > MAX_NEW // 2) == (graphs and overlap)
         if graphs:  # the tiny model's small decode batches run faster through the small-batch graph,
             # tried from batch 1 up until it first loses
-            assert eng.graphs.small[:1] == [1] and eng.graphs.small == eng.graphs.sizes[:len(eng.graphs.small)]
+            assert eng.graphs.small_batch_sizes[:1] == [1] and eng.graphs.small_batch_sizes == eng.graphs.sizes[:len(eng.graphs.small_batch_sizes)]
             # from Hopper on, its projections start early, within the graph (runtime/forward/dependent_launch.py)
             hopper = torch.cuda.get_device_capability()[0] >= 9
             assert eng.forward.dependent_kernels == (("_small_linear_kernel",) if hopper else ())
@@ -322,8 +326,8 @@ def test_dependent_launch_changes_no_logit(runtime_artifact):
     if not linked.dependent_edges:
         pytest.skip("this GPU has no programmatic dependent launch (before Hopper)")
     plain = DecodeGraphs(eng.forward, eng.cache, linked.max_batch, linked.tables.shape[1], eng.device,
-                         eng.forward.small, eng.forward.small_batch_max)
-    both = sorted(set(linked.small) & set(plain.small))
+                         dependent_launch=False)
+    both = sorted(set(linked.small_batch_sizes) & set(plain.small_batch_sizes))
     assert both[:1] == [1] and plain.dependent_edges == 0
     for n in both:
         tables = np.zeros((n, linked.tables.shape[1]), dtype=np.int32)
@@ -344,11 +348,11 @@ def test_small_batch_graph_computes_what_the_main_graph_computes(runtime_artifac
     from qwen3_aot.driver import FlatBatchDriver
 
     forward = runtime.load_forward(runtime_artifact)
-    assert forward.small is not None and forward.small_batch_max == SMALL_BATCH_MAX
+    assert forward.small_batch_graph is not None and forward.small_batch_max == SMALL_BATCH_MAX
     man = manifest.read(runtime_artifact)
     cfg, block_size = Qwen3Config.from_dict(man["model_config"]), man["kv_cache"]["block_size"]
     seqs = check_sequences(cfg.vocab_size, block_size, man["limits"]["max_model_len"])
     with torch.inference_mode():
         main, small = (check_logits(FlatBatchDriver(f, cfg, torch.float32, torch.device("cuda"), block_size), *seqs)
-                       for f in (forward, forward.small))
+                       for f in (forward, forward.small_batch_graph))
     assert rel_err(small, main) <= 1e-5

@@ -8,7 +8,8 @@ import pytest
 
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
-from qwen3_aot.runtime.text.chat_template import ChatTemplate, split_reasoning
+from qwen3_aot.runtime.text.chat_template import ChatTemplate
+from qwen3_aot.runtime.text.reasoning import split_reasoning
 
 pytestmark = pytest.mark.xdist_group("qwen_artifact")  # one pytest-xdist worker builds the real-tokenizer artifact
 REPLACEMENT = "\ufffd"

@@ -238,15 +238,15 @@ def test_close_ends_requests_in_flight_and_refuses_new_ones(runtime_artifact):
 def test_a_failing_step_reaches_every_caller_as_our_error(runtime_artifact):
     core = runtime.load_core(runtime_artifact, num_blocks=40, cuda_graphs=False)  # every step through forward
     calls = {"n": 0}
-    forward = core.forward
+    run = core.forward.run
 
     def failing(*args):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("device lost")
-        return forward(*args)
+        return run(*args)
 
-    core.forward = failing
+    core.forward.run = failing
     assert_a_failing_step_ends_every_caller(runtime.Engine(EngineLoop(lambda: core, core.device)), GREEDY)
 
 

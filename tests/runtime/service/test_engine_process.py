@@ -106,7 +106,7 @@ def test_a_failing_step_in_the_child_reaches_every_caller_as_our_error(runtime_a
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
         from qwen3_aot.runtime.forward import compiled
 
-        calls, forward = [0], compiled.CompiledForward.__call__
+        calls, forward = [0], compiled.CompiledForward.run
 
         def failing(self, *args):
             calls[0] += 1
@@ -114,7 +114,7 @@ def test_a_failing_step_in_the_child_reaches_every_caller_as_our_error(runtime_a
                 raise RuntimeError("device lost")
             return forward(self, *args)
 
-        compiled.CompiledForward.__call__ = failing
+        compiled.CompiledForward.run = failing
     """))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     eng = runtime.load(runtime_artifact, engine_process=True, cuda_graphs=False)  # every step through forward

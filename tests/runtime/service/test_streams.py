@@ -8,7 +8,7 @@ import time
 import pytest
 
 from qwen3_aot import runtime
-from qwen3_aot.runtime.service.loop import Output
+from qwen3_aot.runtime.service.messages import Output
 from qwen3_aot.runtime.service.streams import _Mailbox
 from greedy_reference import GREEDY, prompts
 
@@ -82,8 +82,8 @@ def test_generate_callers_are_woken_once_per_request(engine, monkeypatch):
     from qwen3_aot.runtime.service import streams
 
     taken = []
-    real = streams._StreamBase._take
-    monkeypatch.setattr(streams._StreamBase, "_take", lambda self, out: (taken.append(out), real(self, out))[1])
+    real = streams._StreamBase._absorb
+    monkeypatch.setattr(streams._StreamBase, "_absorb", lambda self, out: (taken.append(out), real(self, out))[1])
     want = [engine.stream(p, GREEDY).result() for p in prompts()[:3]]
     streamed = len(taken)
     taken.clear()

@@ -10,8 +10,10 @@ import shutil
 import pytest
 
 from qwen3_aot import Qwen3AotError
-from qwen3_aot.runtime.text.chat_template import ChatTemplate, ReasoningStream, opens_reasoning, split_reasoning
-from qwen3_aot.runtime.text.tokenizer import TextStream, Tokenizer
+from qwen3_aot.runtime.text.chat_template import ChatTemplate
+from qwen3_aot.runtime.text.reasoning import ReasoningSplitter, opens_reasoning, split_reasoning
+from qwen3_aot.runtime.text.tokenizer import Tokenizer
+from qwen3_aot.runtime.text.detokenizer import Detokenizer
 
 SYSTEM_USER = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}]
 MULTI_TURN = [
@@ -228,7 +230,7 @@ def test_split_reasoning(text, in_reasoning, reasoning, answer):
 
 
 def streamed(pieces: list[str], in_reasoning: bool) -> tuple[str | None, str]:
-    stream, reasoning, answer = ReasoningStream(in_reasoning=in_reasoning), "", ""
+    stream, reasoning, answer = ReasoningSplitter(in_reasoning=in_reasoning), "", ""
     for r, a in [stream.push(p) for p in pieces] + [stream.finish()]:
         reasoning, answer = reasoning + r, answer + a
     return (reasoning if stream.has_reasoning else None), answer
@@ -244,7 +246,7 @@ def test_stream_split_anywhere_joins_to_the_whole(text, in_reasoning, reasoning,
 
 
 def test_stream_holds_back_only_what_could_still_be_a_tag():
-    stream = ReasoningStream()
+    stream = ReasoningSplitter()
     assert "".join(stream.push(ch)[0] for ch in "<think>\nstep one</") == "step one"
     assert stream.push("x") == ("</x", "")
 
@@ -261,12 +263,12 @@ def test_reasoning_of_real_tokens_streamed_through_text_stream(qwen_checkpoint):
     ids = tok.encode(text)
     assert 151667 in ids and 151668 in ids  # <think> and </think> are single tokens ...
     assert tok.decode(ids) == text  # ... that decoding keeps (added tokens with special=False)
-    ts, pieces = TextStream(tok), []
+    ts, pieces = Detokenizer(tok), []
     for t in ids:
         ts.push(t)
-        pieces.append(ts.take())
+        pieces.append(ts.release())
     ts.flush()
-    pieces.append(ts.take(final=True))
+    pieces.append(ts.release(final=True))
     assert streamed(pieces, False) == split_reasoning(text) == ("用户问 2+2，答案是 4 🤔。", "答案：4 ✅")
 
 

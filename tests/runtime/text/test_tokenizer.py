@@ -8,7 +8,8 @@ import pytest
 
 from suite_support import FIXTURE
 from qwen3_aot import Qwen3AotError
-from qwen3_aot.runtime.text.tokenizer import REPLACEMENT, TextStream, Tokenizer
+from qwen3_aot.runtime.text.tokenizer import Tokenizer
+from qwen3_aot.runtime.text.detokenizer import REPLACEMENT, Detokenizer
 
 TEXT = "héllo wörld → ünïcode 日本 and “quotes”"
 
@@ -18,16 +19,16 @@ def tok() -> Tokenizer:
     return Tokenizer.from_dir(FIXTURE)
 
 
-def pieces(tok: Tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], TextStream]:
+def pieces(tok: Tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], Detokenizer]:
     """Feed ids one at a time as the engine does; the pieces a stream would yield."""
-    ts, out = TextStream(tok, stop), []
+    ts, out = Detokenizer(tok, stop), []
     for t in ids:
         stopped = ts.push(t)
-        out.append(ts.take())
+        out.append(ts.release())
         if stopped:
             break
     ts.flush()
-    out.append(ts.take(final=True))
+    out.append(ts.release(final=True))
     return [p for p in out if p], ts
 
 
@@ -43,12 +44,12 @@ def test_multibyte_characters_are_never_split(tok):
 
 def test_incomplete_character_at_the_end_is_flushed_as_replacement(tok):
     ids = tok.encode("a日")
-    ts = TextStream(tok)
+    ts = Detokenizer(tok)
     for t in ids[:-1]:  # all but the last byte of 日
         ts.push(t)
-    assert ts.take() == "a"
+    assert ts.release() == "a"
     ts.flush()
-    assert ts.take(final=True) == REPLACEMENT
+    assert ts.release(final=True) == REPLACEMENT
 
 
 @pytest.mark.parametrize("stop, cut_at", [
@@ -66,14 +67,14 @@ def test_stop_string_cuts_the_text_exactly(tok, stop, cut_at):
 
 def test_absent_stop_string_holds_back_only_until_the_end(tok):
     ids = tok.encode(TEXT)
-    ts = TextStream(tok, ("zzzzz",))
+    ts = Detokenizer(tok, ("zzzzz",))
     shown = ""
     for t in ids:
         ts.push(t)
-        shown += ts.take()
+        shown += ts.release()
         assert len(ts.text) - len(shown) <= 4 + 1  # at most len(stop) - 1, plus an unfinished char
     ts.flush()
-    assert not ts.stopped and shown + ts.take(final=True) == TEXT
+    assert not ts.stopped and shown + ts.release(final=True) == TEXT
 
 
 @pytest.mark.parametrize("eos, want", [(7, (7,)), ([7, 9, 7], (7, 9)), (None, ())])

@@ -17,10 +17,11 @@ from typing import Callable
 
 import torch
 
-from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.forward.compiled import CompiledForward
 from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
-from qwen3_aot.runtime.forward.kv_cache import KVCache, block_bytes, cuda_cache_bytes
+from qwen3_aot.runtime.forward.flat_batch import FlatBatch, Forward
+from qwen3_aot.runtime.forward.kv_cache import KVCache
+from qwen3_aot.runtime.core.cache_sizing import plan_num_blocks, within
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up, request_limits
 from qwen3_aot.runtime.core.sampler import Sampler
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
@@ -28,9 +29,6 @@ from qwen3_aot.runtime.core.scheduler import Batch, Scheduler
 from qwen3_aot.runtime.forward.tensor_parallel import META, TensorParallelForward, tensor_parallel_size
 from qwen3_aot.runtime.text.tokenizer import Tokenizer
 from qwen3_aot.weights import DTYPES
-
-CPU_CACHE_BYTES = 1 << 30  # the default KV cache on CPU: 1 GiB, or less if the sequences need less
-
 
 @dataclasses.dataclass(frozen=True)
 class StepRecord:
@@ -77,36 +75,37 @@ class EngineCore:
         # the meta device (runtime/forward/tensor_parallel.py). Its ranks run without CUDA graphs.
         self.tensor_parallel = tensor_parallel_size(manifest)
         use_graphs = cuda_graphs and device.type == "cuda" and self.tensor_parallel is None
-        self.forward = CompiledForward(artifact, manifest, device, run_single_threaded=use_graphs) \
+        self.forward: Forward = CompiledForward(artifact, manifest, device, run_single_threaded=use_graphs) \
             if self.tensor_parallel is None else TensorParallelForward(artifact, manifest, device)
         cache_device = device if self.tensor_parallel is None else META
         # -- end of the tensor-parallel hook
         clock.lap("forward")
         self.sampler = Sampler()
-        max_num_seqs = _within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
-        max_tokens = _within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
+        max_num_seqs = within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
+        max_tokens = within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
                              "--max-num-tokens")
         if num_blocks is None:
-            num_blocks = min(self._plan_blocks(kv_cache_tokens, gpu_memory_utilization, max_num_seqs, max_tokens),
-                             limits["max_num_blocks"])
-        num_blocks = _within("num_blocks", num_blocks, num_blocks, limits["max_num_blocks"], "max_num_blocks")
+            planned = plan_num_blocks(self.forward, self.sampler, self.config, self.block_size, self.dtype, device,
+                                      self.max_model_len, self.tensor_parallel, kv_cache_tokens,
+                                      gpu_memory_utilization, max_num_seqs, max_tokens)
+            num_blocks = min(planned, limits["max_num_blocks"])
+        num_blocks = within("num_blocks", num_blocks, num_blocks, limits["max_num_blocks"], "max_num_blocks")
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, cache_device)
         clock.lap("kv_cache")  # on CUDA: sized by running the largest step, the graph's first call
         max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens, max_blocks_per_seq)
-        self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq, device,
-                                   self.forward.small, self.forward.small_batch_max,
-                                   self.forward.dependent_kernels) if use_graphs else None
+        self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq, device) \
+            if use_graphs else None
         clock.lap("graphs")
         self.load_seconds = {"tokenizer": clock.laps["tokenizer"], "forward": clock.laps["forward"],
-                             **getattr(self.forward, "load_seconds", {}),  # the forward's parts, within it
+                             **self.forward.load_seconds,  # the forward's parts, within it
                              "kv_cache": clock.laps["kv_cache"], "graphs": clock.laps["graphs"]}
         self.overlap = overlap
         self.observers: list[Callable[[StepRecord], None]] = []
         self.prompt_tokens = self.generation_tokens = 0  # since load, for metrics
         self._requests: dict[int, Request] = {}  # in flight, by sequence id
         self._ids = itertools.count()
-        self._in_flight: Launched | None = None  # a step queued on the device, its tokens not yet taken
+        self._in_flight: StepInFlight | None = None  # a step queued on the device, its tokens not yet taken
 
     # ---- requests ----
 
@@ -173,17 +172,17 @@ class EngineCore:
         took: list[Request] = []
         if previous is not None:
             self._in_flight = self._decode_ahead(previous)
-            took += self._take(previous)
+            took += self._receive(previous)
         if self._in_flight is None:
             batch = self.scheduler.schedule()
             if batch:
                 self._in_flight = self._launch(batch)
         if not self.overlap and self._in_flight is not None:
-            took += self._take(self._in_flight)
+            took += self._receive(self._in_flight)
             self._in_flight = None
         return took
 
-    def _launch(self, batch: Batch) -> Launched | None:
+    def _launch(self, batch: Batch) -> StepInFlight | None:
         """The scheduled batch's forward, and a sample for each sequence whose tokens are now
         all in the cache (the others are mid-prompt; None if every one is)."""
         logits, replayed = self._forward(batch)
@@ -192,7 +191,7 @@ class EngineCore:
         done = [self._requests[seq.seq_id] for seq, _ in batch if seq.num_computed == len(seq.token_ids)]
         return self._sample(logits, done) if done else None
 
-    def _decode_ahead(self, previous: Launched) -> Launched | None:
+    def _decode_ahead(self, previous: StepInFlight) -> StepInFlight | None:
         """The next decode step, queued before `previous`'s tokens are known, when it is sure to
         be one (overlap on, CUDA graphs, and the scheduler's `schedule_ahead`). Its input ids
         are `previous`'s samples on the device. A request whose token in flight is its last by
@@ -225,20 +224,20 @@ class EngineCore:
         for fn in self.observers:
             fn(record)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> Launched:
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> StepInFlight:
         ids, logprobs = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests])
-        return Launched(requests, ids, logprobs)
+        return StepInFlight(requests, ids, logprobs)
 
-    def _take(self, launched: Launched) -> list[Request]:
+    def _receive(self, step: StepInFlight) -> list[Request]:
         """Wait for a step's tokens and give each to its request, unless it has ended since
         (on an earlier token, or aborted); returns the requests that took one."""
-        ids, logprobs = launched.results()
+        ids, logprobs = step.results()
         took = []
-        for i, r in enumerate(launched.requests):
+        for i, r in enumerate(step.requests):
             if not r.finished:
                 self.scheduler.append(r.seq, ids[i])
                 self.generation_tokens += 1
-                if r.take(ids[i], logprobs[i] if logprobs else None):
+                if r.accept_token(ids[i], logprobs[i] if logprobs else None):
                     self.scheduler.remove(r.seq)
                     del self._requests[r.seq.seq_id]
                 took.append(r)
@@ -263,43 +262,13 @@ class EngineCore:
                 rows.append(len(ids) - 1)
         tables = torch.from_numpy(self.scheduler.block_tables(seqs))
         dev = self.device
-        return self.forward(
-            torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
-            torch.tensor(seq_ids, dtype=torch.int32, device=dev), tables.to(dev),
-            torch.tensor(rows or [len(ids) - 1], dtype=torch.int64, device=dev),  # the graph wants >= 1 row
-            self.cache.k, self.cache.v), False
-
-    # ---- sizing the cache ----
-
-    def _plan_blocks(self, kv_cache_tokens: int | None, utilization: float, max_num_seqs: int,
-                     max_tokens: int) -> int:
-        per_block = block_bytes(self.config, self.block_size, self.dtype) // (self.tensor_parallel or 1)  # a rank's
-        if kv_cache_tokens is not None:
-            if kv_cache_tokens < 1:
-                raise Qwen3AotError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}.")
-            return -(-kv_cache_tokens // self.block_size) + 1
-        if self.device.type == "cuda":
-            if not 0 < utilization <= 1:
-                raise Qwen3AotError(f"gpu_memory_utilization must be in (0, 1], got {utilization}.")
-            budget = self._cuda_cache_bytes(utilization, max_num_seqs, max_tokens) if self.tensor_parallel is None \
-                else self.forward.cuda_cache_bytes(utilization, max_tokens, min(max_num_seqs, max_tokens))
-            if budget < 2 * per_block:
-                raise Qwen3AotError(f"no GPU memory left for the KV cache at gpu_memory_utilization={utilization} "
-                                    "(weights, activations and other processes take it); raise it, lower "
-                                    "max_num_batched_tokens, or free the GPU.")
-            return budget // per_block
-        wanted = max_num_seqs * -(-self.max_model_len // self.block_size) + 1
-        return max(2, min(wanted, CPU_CACHE_BYTES // per_block))
-
-    def _cuda_cache_bytes(self, utilization: float, max_num_seqs: int, max_tokens: int) -> int:
-        """kv_cache.cuda_cache_bytes, its step's logits sampled with top-p (the sort is the costliest)."""
-        rows = min(max_num_seqs, max_tokens)
-        return cuda_cache_bytes(self.forward, self.config, self.block_size, self.dtype, self.device, utilization,
-                                max_tokens, rows, lambda logits: self.sampler(logits, [SamplingParams(top_p=0.9)] * rows,
-                                                                              [None] * rows))
+        flat = FlatBatch(torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
+                         torch.tensor(seq_ids, dtype=torch.int32, device=dev), tables.to(dev),
+                         torch.tensor(rows or [len(ids) - 1], dtype=torch.int64, device=dev))  # the graph wants >= 1 row
+        return self.forward.run(flat, self.cache.k, self.cache.v), False
 
 
-class Launched:
+class StepInFlight:
     """A step queued on the device: the request of each sampled row, the ids (and logprobs)
     on the device, and their copies on their way to pinned host memory."""
 
@@ -340,13 +309,3 @@ class _StartClock:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.laps[name], self._last = now - self._last, now
-
-
-def _within(name: str, value: int | None, default: int, limit: int, build_option: str) -> int:
-    """An option, by default min(default, limit); refused outside 1..limit (the artifact's compiled limit)."""
-    if value is None:
-        return min(default, limit)
-    if not 1 <= value <= limit:
-        raise Qwen3AotError(f"{name}={value} is outside 1..{limit}, the range this artifact was compiled for; "
-                            f"choose one inside it, or rebuild with a larger {build_option}.")
-    return value

@@ -11,7 +11,8 @@ import torch
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams, _is_int
 from qwen3_aot.runtime.core.scheduler import Sequence
-from qwen3_aot.runtime.text.tokenizer import TextStream, Tokenizer
+from qwen3_aot.runtime.text.tokenizer import Tokenizer
+from qwen3_aot.runtime.text.detokenizer import Detokenizer
 
 Prompt = Union[str, list[int]]
 
@@ -19,7 +20,7 @@ Prompt = Union[str, list[int]]
 class Request:
     """One prompt's life in an engine: its sequence, parameters, text and logprobs."""
 
-    def __init__(self, seq: Sequence, params: SamplingParams, stop_ids: frozenset[int], text: TextStream,
+    def __init__(self, seq: Sequence, params: SamplingParams, stop_ids: frozenset[int], text: Detokenizer,
                  generator: torch.Generator | None) -> None:
         self.seq, self.params, self.stop_ids, self.text, self.generator = seq, params, stop_ids, text, generator
         self.logprobs: list[float] | None = [] if params.logprobs else None
@@ -34,7 +35,7 @@ class Request:
         """Output tokens it may still take before max_tokens ends it."""
         return self.params.max_tokens - self.seq.num_output_tokens
 
-    def take(self, token: int, logprob: float | None) -> bool:
+    def accept_token(self, token: int, logprob: float | None) -> bool:
         """The sequence's newest token (already appended to it): its text, its logprob and the
         stop checks. True when it ends the request (finish_reason is then set)."""
         if self.logprobs is not None:
@@ -91,7 +92,7 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    return Request(Sequence(seq_id, ids), params, stop_ids, TextStream(tokenizer, params.stop), generator)
+    return Request(Sequence(seq_id, ids), params, stop_ids, Detokenizer(tokenizer, params.stop), generator)
 
 
 def prompt_ids(prompt: object, tokenizer: Tokenizer) -> list[int]:

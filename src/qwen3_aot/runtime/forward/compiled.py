@@ -4,10 +4,6 @@ weights.safetensors, or from a linked artifact's checkpoint files and fused on t
 from __future__ import annotations
 
 import logging
-import os
-import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +11,8 @@ import torch
 
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.forward.flat_batch import FlatBatch
+from qwen3_aot.runtime.forward.extraction import remove_stale_extractions
 from qwen3_aot.runtime.forward.weight_reader import read_file, read_model_state
 from qwen3_aot.weights import CHECKPOINT_LAYOUT, DTYPES, name_rule, tensor_files
 
@@ -28,8 +26,6 @@ CHECK_FULL_UPDATE = True   # every constant the graph needs must be given
 USER_MANAGED = True        # the graph uses our tensors in place: the weights exist once in memory
 
 SMALL_BATCH_GRAPH = "decode_small"  # the manifest's name for the small-batch graph (build/pipeline.py)
-EXTRACTION = re.compile(r"aotinductor_\w{6}")  # the loader's mkdtemp name for the unpacked package
-STALE_AFTER_S = 600  # an extraction this old, mapped by no process, belonged to one that was killed
 
 log = logging.getLogger("qwen3_aot")
 
@@ -38,9 +34,12 @@ class CompiledForward:
     """Calls the AOTInductor package with the model's flat-batch inputs (see
     `qwen3_aot.model.Qwen3ForCausalLM.forward`); returns fp32 logits [N, vocab].
 
+    Implements runtime.forward.flat_batch.Forward; called with the graph's positional inputs
+    it runs as the eager model does (drivers, the build's verify).
+
     The loader is constructed directly: `torch._inductor.aoti_load_package` first probes
-    the host compiler to compare CPU ISAs (`get_device_information`: 10 s on a CPU
-    machine, 53 s on the GPU machine), which `runtime` replaces with its manifest checks.
+    the host compiler to compare CPU ISAs (`get_device_information`, tens of seconds), which
+    `runtime` replaces with its manifest checks.
 
     The loader unpacks the package into `$TMPDIR/aotinductor_XXXXXX` (std::filesystem's
     temp_directory_path + mkdtemp, seen in torch 2.13; 2.11 leaves the same names behind)
@@ -72,15 +71,15 @@ class CompiledForward:
                 raise Qwen3AotError(f"{artifact}: its weights lack constants the graph needs, e.g. "
                                     f"{missing[:3]}; rebuild the artifact.")
             loader.load_constants({k: weights[k] for k in fqns}, USE_INACTIVE, CHECK_FULL_UPDATE, USER_MANAGED)
-        self._main = _Graph(loaders[0])
+        self._main = PackageGraph(loaders[0])
         # the small-batch form of the forward (model.small_batch_layers), same inputs and result,
         # fewer kernels: for decode batches up to small_batch_max (DecodeGraphs picks per batch)
-        self.small = _Graph(loaders[1]) if small else None
+        self.small_batch_graph = PackageGraph(loaders[1]) if small else None
         self.small_batch_max = int(small.get("max_batch", 0)) if small else 0
         # kernels built to wait for their inputs, whose launch may overlap the kernel ahead
         # (runtime/forward/dependent_launch.py); none in an artifact built before they existed
         self.dependent_kernels = tuple(manifest.get("dependent_kernels", ()))
-        self._weights = weights  # the loader holds raw pointers: keep the tensors alive
+        self.weights = weights  # the graph constants by name; the loader holds raw pointers: keep them alive
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         # where start-up goes (bench/family.py reports it): the package's unpacking and loading, the weights
@@ -89,23 +88,29 @@ class CompiledForward:
                  len(loaders), self.load_seconds["package"], sum(w.nbytes for w in weights.values()) / 1e9,
                  self.load_seconds["weights"])
 
+    def run(self, batch: FlatBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        return self._main.run(batch, k_caches, v_caches)
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
-                 block_tables: torch.Tensor, logits_indices: torch.Tensor,
+                 block_tables: torch.Tensor, logit_rows: torch.Tensor,
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
-        return self._main(input_ids, positions, seq_ids, block_tables, logits_indices, k_caches, v_caches)
+        return self._main(input_ids, positions, seq_ids, block_tables, logit_rows, k_caches, v_caches)
 
 
-class _Graph:
-    """One more compiled graph of the same forward (inputs and result as CompiledForward's)."""
+class PackageGraph:
+    """One loaded package of the forward (model.pt2, or model_small.pt2): `run` on a FlatBatch,
+    or called with the graph's positional inputs."""
 
     def __init__(self, loader: object) -> None:
         self._loader = loader
 
+    def run(self, batch: FlatBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        return self._loader.boxed_run([*batch.inputs(), *k_caches, *v_caches])[0]
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
-                 block_tables: torch.Tensor, logits_indices: torch.Tensor,
+                 block_tables: torch.Tensor, logit_rows: torch.Tensor,
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
-        return self._loader.boxed_run([input_ids, positions, seq_ids, block_tables, logits_indices,
-                                       *k_caches, *v_caches])[0]
+        return self.run(FlatBatch(input_ids, positions, seq_ids, block_tables, logit_rows), k_caches, v_caches)
 
 
 def _load_package(package: Path, device: torch.device, run_single_threaded: bool) -> object:
@@ -139,52 +144,3 @@ def _read_linked(artifact: Path, entry: dict, manifest: dict, device: torch.devi
     cfg = Qwen3Config.from_dict(manifest["model_config"])
     state = read_model_state(tensor_files(artifact, files), cfg, DTYPES[manifest["dtype"]], device)
     return {**state, **_read_file(artifact, buffers, device)}
-
-
-def remove_stale_extractions(temp_dirs: tuple[str, ...] | None = None, older_than_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove unpacked packages that killed processes left in the temp directories; returns them.
-
-    An extraction is stale when it is older than `older_than_s` (one being unpacked right now
-    is young) and no process maps a file inside it (a live loader has its .so mapped). Only
-    this user's extractions are looked at: mkdtemp makes them 0700, so no other user's
-    process (whose maps we cannot read) can be using one."""
-    dirs = temp_dirs or tuple(dict.fromkeys([tempfile.gettempdir(), "/tmp"]))
-    now = time.time()
-    candidates = []
-    for d in dirs:
-        try:
-            entries = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in entries:
-            try:
-                if (EXTRACTION.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
-                        and e.stat().st_uid == os.getuid() and now - e.stat().st_mtime > older_than_s):
-                    candidates.append(Path(e.path))
-            except OSError:
-                continue
-    if not candidates:
-        return []
-    mapped = _mapped_paths()
-    stale = [c for c in candidates if mapped is not None and not any(m.startswith(f"{c}/") for m in mapped)]
-    for c in stale:
-        shutil.rmtree(c, ignore_errors=True)
-    return stale
-
-
-def _mapped_paths() -> set[str] | None:
-    """Every file path mapped by a process this user can see; None where /proc cannot tell."""
-    proc = Path("/proc")
-    if not (proc / "self" / "maps").is_file():
-        return None
-    paths: set[str] = set()
-    for pid in os.listdir(proc):
-        if not pid.isdigit():
-            continue
-        try:
-            text = (proc / pid / "maps").read_text()
-        except OSError:  # gone, or another user's
-            continue
-        fields = (line.split(None, 5) for line in text.splitlines())  # address perms offset dev inode path
-        paths.update(f[5] for f in fields if len(f) == 6)
-    return paths

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
 import numpy as np
 import torch
 
-from qwen3_aot.runtime.forward.compiled import CompiledForward
+from qwen3_aot.runtime.forward.compiled import CompiledForward, PackageGraph
 from qwen3_aot.runtime.forward.dependent_launch import link_dependents
+from qwen3_aot.runtime.forward.flat_batch import FlatBatch
 from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK, KVCache
 
 
@@ -30,9 +30,10 @@ class DecodeGraphs:
     An artifact built on CUDA also holds the forward's small-batch graph (fewer kernels,
     projections that stream the weights once per row), which wins at a few rows and loses
     as they grow, by an amount that depends on the model's shape and the GPU. So once the
-    main graph is captured for every batch, the small-batch graph (`small`, for batches up to
-    `small_max`) is captured and timed against it from batch 1 up, kept where it replays
-    faster, and tried no further once it loses (`self.small`: the batches that replay it).
+    main graph is captured for every batch, the small-batch graph (the forward's
+    `small_batch_graph`, for batches up to its `small_batch_max`) is captured and timed against
+    it from batch 1 up, kept where it replays faster, and tried no further once it loses
+    (`small_batch_sizes`: the batches that replay it).
     Each graph's edges into `dependent_kernels` (kernels that wait for their inputs, as the
     manifest names them) start those kernels early (runtime/forward/dependent_launch.py;
     `self.dependent_edges` counts them).
@@ -44,8 +45,8 @@ class DecodeGraphs:
     (`EngineCore.step` takes the tokens of the step before before queueing a third)."""
 
     def __init__(self, forward: CompiledForward, cache: KVCache, max_batch: int, max_blocks_per_seq: int,
-                 device: torch.device, small: Callable[..., torch.Tensor] | None = None, small_max: int = 0,
-                 dependent_kernels: tuple[str, ...] = ()) -> None:
+                 device: torch.device, *, small_batch_graph: bool = True, dependent_launch: bool = True) -> None:
+        """small_batch_graph / dependent_launch False: capture without them (benchmarks, tests)."""
         self.sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.max_batch = n = self.sizes[-1]
         # two sets of pinned host buffers, taken in turn (the buffer rule above)
@@ -64,35 +65,40 @@ class DecodeGraphs:
         self.rows = torch.arange(n, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
-        self.small: list[int] = []
-        self.dependent_kernels, self.dependent_edges = dependent_kernels, 0
+        self.small_batch_sizes: list[int] = []
+        self.dependent_kernels = forward.dependent_kernels if dependent_launch else ()
+        self.dependent_edges = 0
+        small = forward.small_batch_graph if small_batch_graph else None
         self._pool, started = None, time.perf_counter()
         with torch.cuda.device(device), torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
-                self.graphs[b], self.logits[b] = self._capture(forward, self._args(b, cache))
+                self.graphs[b], self.logits[b] = self._capture(forward, self._batch(b), cache)
             for b in self.sizes if small is not None else ():
-                if b > small_max:
+                if b > forward.small_batch_max:
                     break
                 # a graph that loses is dropped, its outputs with it; replays never overlap, so
                 # the graphs sharing the pool only ever reuse each other's dead intermediates
-                other = self._capture(small, self._args(b, cache))
+                other = self._capture(small, self._batch(b), cache)
                 if _replay_seconds(other[0]) >= _replay_seconds(self.graphs[b]):
                     break  # it loses more as the batch grows
                 self.graphs[b], self.logits[b] = other
-                self.small.append(b)
+                self.small_batch_sizes.append(b)
         self.capture_seconds = time.perf_counter() - started
         log.info("CUDA graphs of decode batches %s captured in %.2f s (the small-batch graph for %s; %d edges "
-                 "of dependent launch)", self.sizes, self.capture_seconds, self.small or "none", self.dependent_edges)
+                 "of dependent launch)", self.sizes, self.capture_seconds, self.small_batch_sizes or "none",
+                 self.dependent_edges)
 
-    def _args(self, b: int, cache: KVCache) -> tuple:
-        return self.ids[:b], self.pos[:b], self.seq_ids[:b], self.tables[:b], self.rows[:b], cache.k, cache.v
+    def _batch(self, b: int) -> FlatBatch:
+        """The static input buffers of batch size b (one token per sequence, its own row)."""
+        return FlatBatch(self.ids[:b], self.pos[:b], self.seq_ids[:b], self.tables[:b], self.rows[:b])
 
-    def _capture(self, forward: Callable[..., torch.Tensor], args: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        forward(*args)  # warm up outside the graph (first-call allocations, kernel loading)
+    def _capture(self, graph_of: CompiledForward | PackageGraph, batch: FlatBatch,
+                 cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        graph_of.run(batch, cache.k, cache.v)  # warm up outside the graph (first-call allocations, kernel loading)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph(keep_graph=True)  # kept to have its edges set before instantiating
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = forward(*args)
+            logits = graph_of.run(batch, cache.k, cache.v)
         self.dependent_edges += link_dependents(graph, self.dependent_kernels)
         graph.instantiate()
         self._pool = graph.pool()
@@ -138,7 +144,6 @@ class DecodeGraphs:
         self.tables[:b, :width].copy_(host_tables, non_blocking=True)
         self.graphs[b].replay()
         return self.logits[b][:n]
-
 
 
 def _replay_seconds(graph: torch.cuda.CUDAGraph, replays: int = 10) -> float:

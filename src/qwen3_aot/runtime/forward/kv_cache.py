@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.forward.flat_batch import FlatBatch, Forward
 
 RESERVED_BLOCK = 0  # never handed out: padded rows of a CUDA-graph decode step write here
 
@@ -65,7 +66,7 @@ class KVCache:
         self._free.extend(blocks)
 
 
-def cuda_cache_bytes(forward: Callable[..., torch.Tensor], model_config: dict, block_size: int, dtype: torch.dtype,
+def cuda_cache_bytes(forward: Forward, model_config: dict, block_size: int, dtype: torch.dtype,
                      device: torch.device, utilization: float, max_tokens: int, rows: int,
                      after: Callable[[torch.Tensor], object] | None = None) -> int:
     """The bytes a KV cache may take: `utilization` of the GPU, less what is in use (weights,
@@ -78,8 +79,9 @@ def cuda_cache_bytes(forward: Callable[..., torch.Tensor], model_config: dict, b
     base = torch.cuda.memory_allocated(device)
     zeros = torch.zeros(max_tokens, dtype=torch.int64, device=device)
     with torch.inference_mode():
-        logits = forward(zeros, zeros, zeros.int(), torch.ones(1, 1, dtype=torch.int32, device=device),
-                         torch.arange(rows, device=device), scratch.k, scratch.v)
+        batch = FlatBatch(zeros, zeros, zeros.int(), torch.ones(1, 1, dtype=torch.int32, device=device),
+                          torch.arange(rows, device=device))
+        logits = forward.run(batch, scratch.k, scratch.v)
         if after is not None:
             after(logits)
     peak = torch.cuda.max_memory_allocated(device) - base

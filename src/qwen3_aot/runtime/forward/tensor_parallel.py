@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing  # noqa: F401  (registers the reductions that share tensors through pipes)
 
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.forward.flat_batch import FlatBatch
 from qwen3_aot.runtime.forward.kv_cache import cache_tensors, cuda_cache_bytes
 from qwen3_aot.weights import DTYPES
 
@@ -73,11 +74,8 @@ class TensorParallelForward:
     """Calls the rank graph on every worker with the model's flat-batch inputs (see
     `qwen3_aot.model.Qwen3ForCausalLM.forward`); returns fp32 logits [N, vocab] on `device`.
     k_caches / v_caches name a cache (see the module docstring); the ranks hold its tensors.
-    `close()` (or dropping it) stops the workers."""
-
-    # the forward's interface, as CompiledForward's: a rank graph has no small-batch form, and
-    # its graphs are captured in the workers
-    small, small_batch_max, dependent_kernels = None, 0, ()
+    `close()` (or dropping it) stops the workers. Implements runtime.forward.flat_batch.Forward;
+    called with the graph's positional inputs it runs as the eager model does (drivers, tests)."""
 
     def __init__(self, artifact: Path, manifest: dict, device: torch.device) -> None:
         self.size = tensor_parallel_size(manifest)
@@ -87,6 +85,7 @@ class TensorParallelForward:
             raise Qwen3AotError(f"{artifact} is split over {self.size} GPUs (one per rank, from {device} on) and "
                                 f"torch sees {torch.cuda.device_count()}; run it on a machine with enough GPUs or "
                                 "rebuild it with a smaller --tensor-parallel.")
+        started = time.perf_counter()
         self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
         ctx = torch.multiprocessing.get_context("spawn")
@@ -106,18 +105,21 @@ class TensorParallelForward:
         self._cache: weakref.ref | None = None
         self._out: torch.Tensor | None = None  # rank 0's logits, shared with it
         self._wait_all("start-up (joining the group, loading the shards)", STARTUP_TIMEOUT_S)
+        self.load_seconds = {"workers": time.perf_counter() - started}  # every rank started and loaded
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
-                 block_tables: torch.Tensor, logits_indices: torch.Tensor,
+                 block_tables: torch.Tensor, logit_rows: torch.Tensor,
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        return self.run(FlatBatch(input_ids, positions, seq_ids, block_tables, logit_rows), k_caches, v_caches)
+
+    def run(self, batch: FlatBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         if self._broken is not None:
             raise self._broken
-        step: dict[str, Any] = {"inputs": [t.cpu().numpy() for t in (input_ids, positions, seq_ids, block_tables,
-                                                                       logits_indices)]}
+        step: dict[str, Any] = {"inputs": [t.cpu().numpy() for t in batch.inputs()]}
         if self._cache is None or self._cache() is not k_caches[0]:
             step["cache"] = tuple(k_caches[0].shape[:2])  # num_blocks, block_size: fresh zeros on every rank
             self._cache = weakref.ref(k_caches[0])
-        rows = logits_indices.shape[0]
+        rows = batch.logit_rows.shape[0]
         first = dict(step)
         if self._out is None or self._out.shape[0] < rows:
             self._out = _shared(torch.empty(max(rows, 2 * (0 if self._out is None else self._out.shape[0])),
@@ -269,7 +271,7 @@ def _serve_rank(rank: int, size: int, port: int, artifact: str, manifest: dict, 
                         caches = cache_tensors(cfg, *msg["cache"], dtype, dev)
                     out = msg.get("out", out)
                     inputs = [torch.from_numpy(a).to(dev) for a in msg["inputs"]]
-                    logits = forward(*inputs, *caches)
+                    logits = forward.run(FlatBatch(*inputs), *caches)
                     if rank == 0:
                         out[:logits.shape[0]].copy_(logits)
                     if dev.type == "cuda":

@@ -59,7 +59,7 @@ class OnnxEngine:
     def _stream(self, r: Request) -> Generator[str, None, Completion]:
         try:
             for _ in self._run([r]):
-                piece = r.text.take(final=r.finished)
+                piece = r.text.release(final=r.finished)
                 if piece:
                     yield piece
             return r.completion()
@@ -76,7 +76,7 @@ class OnnxEngine:
             ids, logprobs = self.sampler(logits[rows], [r.params for r in live], [r.generator for r in live])
             for i, (r, token) in enumerate(zip(live, ids)):
                 r.seq.token_ids.append(token)
-                r.take(token, logprobs[i] if logprobs else None)
+                r.accept_token(token, logprobs[i] if logprobs else None)
             yield
             if all(r.finished for r in requests):
                 return

@@ -18,8 +18,7 @@ import weakref
 from typing import Any
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.service.engine_process import ProcessLoop
-from qwen3_aot.runtime.service.loop import EngineLoop, EngineStats
+from qwen3_aot.runtime.service.messages import EngineStats, Loop
 from qwen3_aot.runtime.core.request import Prompt, Request, pair_up
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.runtime.service.streams import AsyncStream, Stream
@@ -32,7 +31,7 @@ class Engine:
     (EngineLoop) or another (ProcessLoop); thread-safe and asyncio-safe (see the module
     docstring)."""
 
-    def __init__(self, loop: EngineLoop | ProcessLoop) -> None:
+    def __init__(self, loop: Loop) -> None:
         info = loop.info
         self.tokenizer, self.config, self.device = loop.tokenizer, info.config, info.device
         self.max_model_len, self.block_size = info.max_model_len, info.block_size
@@ -156,7 +155,7 @@ class Engine:
 
 
 def _separated(completion: Completion, prompt: str) -> Completion:
-    from qwen3_aot.runtime.text.chat_template import opens_reasoning, split_reasoning
+    from qwen3_aot.runtime.text.reasoning import opens_reasoning, split_reasoning
 
     reasoning, content = split_reasoning(completion.text, in_reasoning=opens_reasoning(prompt))
     completion.text, completion.reasoning = content, reasoning

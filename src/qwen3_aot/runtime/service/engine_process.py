@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.service.loop import EngineInfo, EngineLoop, EngineStats, Output, Submission
+from qwen3_aot.runtime.service.loop import EngineLoop
+from qwen3_aot.runtime.service.messages import EngineInfo, EngineStats, Output, Submission
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, request_limits
 from qwen3_aot.runtime.core.sampling_params import SamplingParams
 from qwen3_aot.runtime.text.tokenizer import Tokenizer

@@ -11,19 +11,16 @@ whoever reads it and however late, so a stream read late loses nothing.
 A failure inside a step ends the loop: every request in flight, and every later submission,
 gets our error instead of a hang. `stop` ends it cleanly: requests in flight end as aborted.
 
-The same interface (`info`, `tokenizer`, `make_request`, `submit`, `abort`, `stop`, `stats`,
-`thread`) is ProcessLoop's (runtime/service/engine_process.py), which runs this loop in a process of
-its own; its `flush` sends what each pass of the loop gave out.
+EngineLoop and ProcessLoop (runtime/service/engine_process.py, this loop in a process of its
+own, whose `flush` sends what each pass of the loop gave out) implement service.messages.Loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import queue
 import threading
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,61 +28,11 @@ import torch
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.core.engine_core import EngineCore
 from qwen3_aot.runtime.core.request import Prompt, Request
-from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
+from qwen3_aot.runtime.core.sampling_params import SamplingParams
+from qwen3_aot.runtime.service.messages import EngineInfo, EngineStats, Output, Submission
 from qwen3_aot.runtime.text.tokenizer import Tokenizer
 
 log = logging.getLogger("qwen3_aot")
-
-
-@dataclasses.dataclass
-class Output:
-    """What one step gave one request (see the module docstring)."""
-    text: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] | None = None
-    completion: Completion | None = None  # set on the request's last Output
-    error: BaseException | None = None    # the loop failed: no more Outputs come
-
-    @property
-    def last(self) -> bool:
-        """No Output comes after this one for its request."""
-        return self.completion is not None or self.error is not None
-
-
-@dataclasses.dataclass
-class Submission:
-    """A request and where its Outputs go; `published`: how many of its output tokens went.
-    `final_only`: one Output, at the end: a caller that waits for the Completion alone is woken
-    once, not every step (each wake-up takes the GIL from the loop thread)."""
-    request: Request
-    put: Callable[[Output], None]
-    final_only: bool = False
-    published: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineStats:
-    """A snapshot taken by the loop after each step and command, before the step's Outputs
-    go out (a caller that has seen its request end sees the blocks it freed)."""
-    num_running: int = 0
-    num_waiting: int = 0
-    num_blocks: int = 0          # blocks that can be handed out (the reserved one not counted)
-    num_free_blocks: int = 0
-    num_preemptions: int = 0     # since load
-    prompt_tokens: int = 0       # of requests admitted since load
-    generation_tokens: int = 0   # taken since load
-    num_steps: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineInfo:
-    """What an Engine tells its callers about its core, in whichever process the core runs."""
-    artifact: Path
-    config: dict
-    device: torch.device
-    max_model_len: int
-    block_size: int
-    cache_capacity: int  # the most tokens one sequence can hold
 
 
 class EngineLoop:
@@ -231,7 +178,7 @@ class EngineLoop:
             sub.published += len(out)
             if r.finished:
                 del self._live[r.seq.seq_id]
-            self._put(sub, Output(r.text.take(final=r.finished), out, logprobs,
+            self._put(sub, Output(r.text.release(final=r.finished), out, logprobs,
                                   r.completion() if r.finished else None))
 
     def _abort(self, sub: Submission) -> None:

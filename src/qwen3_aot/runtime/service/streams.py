@@ -23,7 +23,7 @@ import threading
 import weakref
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.service.loop import EngineLoop, Output, Submission
+from qwen3_aot.runtime.service.messages import Loop, Output, Submission
 from qwen3_aot.runtime.core.request import Request
 from qwen3_aot.runtime.core.sampling_params import Completion
 
@@ -32,7 +32,7 @@ class _StreamBase:
     """token_ids / logprobs: the output so far, updated before each piece is handed out;
     completion: set once the request has ended (finished, stopped or aborted)."""
 
-    def __init__(self, loop: EngineLoop, request: Request, final_only: bool = False) -> None:
+    def __init__(self, loop: Loop, request: Request, final_only: bool = False) -> None:
         self._loop, self._final_only = loop, final_only
         self._sub: Submission | None = None
         self._request = request
@@ -45,7 +45,7 @@ class _StreamBase:
         self._sub = Submission(self._request, put, self._final_only)
         self._loop.submit(self._sub)
 
-    def _take(self, out: Output) -> str:
+    def _absorb(self, out: Output) -> str:
         if out.error is not None:
             self._closed = True
             # a fresh error each: several threads may raise the loop's at once
@@ -57,11 +57,11 @@ class _StreamBase:
             self.completion = out.completion
         return out.text
 
-    def _take_waiting(self, first: Output, channel: queue.SimpleQueue | asyncio.Queue) -> str:
+    def _absorb_waiting(self, first: Output, channel: queue.SimpleQueue | asyncio.Queue) -> str:
         """`first` and every Output already waiting behind it, as one piece."""
-        pieces = [self._take(first)]
+        pieces = [self._absorb(first)]
         while not self._done and not channel.empty():
-            pieces.append(self._take(channel.get_nowait()))
+            pieces.append(self._absorb(channel.get_nowait()))
         return "".join(pieces)
 
     @property
@@ -101,7 +101,7 @@ class Stream(_StreamBase):
     def __next__(self) -> str:
         self.start()
         while not self._done:
-            piece = self._take_waiting(self._queue.get(), self._queue)
+            piece = self._absorb_waiting(self._queue.get(), self._queue)
             if piece:
                 return piece
         raise StopIteration(self.completion)
@@ -125,7 +125,7 @@ class AsyncStream(_StreamBase):
             self._queue: asyncio.Queue[Output] = asyncio.Queue()
             self._submit(functools.partial(_mailbox(asyncio.get_running_loop()).post, self._queue))
         while not self._done:
-            piece = self._take_waiting(await self._queue.get(), self._queue)
+            piece = self._absorb_waiting(await self._queue.get(), self._queue)
             if piece:
                 return piece
         raise StopAsyncIteration
