@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import e2e  # noqa: E402
+import e2e_bench as e2e  # noqa: E402
 
 from qwen3_aot import runtime  # noqa: E402
 

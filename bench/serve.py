@@ -1,6 +1,6 @@
 """The OpenAI-compatible server under load, against the same workload in-process.
 
-Builds the Qwen3-0.6B-shaped artifact of bench/e2e.py (seeded random weights; --tiny: a tiny
+Builds the Qwen3-0.6B-shaped artifact of bench/e2e_bench.py (seeded random weights; --tiny: a tiny
 model on the CPU, a smoke run), runs nano-vllm's workload (e2e.workload) through
 `runtime.load(...).generate` in this process, then through `qwen3-aot serve` on 127.0.0.1 by
 streaming HTTP clients at each concurrency: output tokens/s against in-process, and time to
@@ -40,7 +40,7 @@ except ImportError:  # the openai client of late 2026 brings httpx2, the same AP
     import httpx2 as httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-import e2e  # noqa: E402
+import e2e_bench as e2e  # noqa: E402
 
 from qwen3_aot import runtime  # noqa: E402
 
@@ -210,9 +210,9 @@ def main() -> None:
                     help="processes the HTTP clients are spread over (at most one per client)")
     ap.add_argument("--threads", type=int, default=0,
                     help="also the workload sent by this many threads through the in-process Engine, and the same "
-                         "arrivals driven on the core in one thread (bench/e2e.py's workload_threads and _lanes)")
+                         "arrivals driven on the core in one thread (bench/e2e_bench.py's workload_threads and _lanes)")
     ap.add_argument("--first-token", action="store_true",
-                    help="also new process to first token on the artifact (bench/e2e.py's, the second of two runs)")
+                    help="also new process to first token on the artifact (bench/e2e_bench.py's, the second of two runs)")
     ap.add_argument("--variants", default="default", help=f"comma-separated server variants of {sorted(VARIANTS)}")
     ap.add_argument("--py-spy", default=None, help="a py-spy binary: profile the server at the highest concurrency")
     ap.add_argument("--tokenizer", type=Path, default=None,

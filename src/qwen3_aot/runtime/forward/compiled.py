@@ -83,7 +83,7 @@ class CompiledForward:
         self._weights = weights  # the loader holds raw pointers: keep the tensors alive
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        # where start-up goes (bench/family.py reports it): the package's unpacking and loading, the weights
+        # where start-up goes (bench/family_bench.py reports it): the package's unpacking and loading, the weights
         self.load_seconds = {"package": unpacked - started, "weights": time.perf_counter() - unpacked}
         log.info("%s: %d package(s) loaded in %.2f s, %.2f GB of weights read in %.2f s", artifact.name,
                  len(loaders), self.load_seconds["package"], sum(w.nbytes for w in weights.values()) / 1e9,

@@ -11,10 +11,10 @@ blocks handed out in a shuffled order. Times are medians of CUDA-graph replays (
 - mixed: one call that decodes a batch and prefills a prompt, against the two run apart and
   against the same call with every token in the prefill tiles (SPLIT_TOKENS = 0).
 
-    PYTHONPATH=src python bench/attention.py --json $OUT/attention.json
-    PYTHONPATH=src python bench/attention.py --sweep     # the goal shapes over the launch parameters
+    PYTHONPATH=src python bench/attention_bench.py --json $OUT/attention.json
+    PYTHONPATH=src python bench/attention_bench.py --sweep     # the goal shapes over the launch parameters
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
-        -k regex:"_split|_combine|_tile" python3 bench/attention.py --once    # the goal shapes, one call each
+        -k regex:"_split|_combine|_tile" python3 bench/attention_bench.py --once    # the goal shapes, one call each
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ against reading the weight bytes from the page cache, new process to first token
 batch 1 and 64 against the floor, peak GPU memory. Checkpoint and artifact are deleted
 before the next shape (the GPU machine has 64 GiB of disk).
 
-    PYTHONPATH=src python bench/family.py --shapes 1.7B,4B --json $OUT/family_small.json
-    PYTHONPATH=src python bench/family.py --tiny          # a tiny shape on the CPU (smoke run)
+    PYTHONPATH=src python bench/family_bench.py --shapes 1.7B,4B --json $OUT/family_small.json
+    PYTHONPATH=src python bench/family_bench.py --tiny          # a tiny shape on the CPU (smoke run)
 
 scripts/gpu_family_check.sh runs the family in calls that each fit 10 minutes.
 
@@ -51,7 +51,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-import e2e  # noqa: E402
+import e2e_bench as e2e  # noqa: E402
 
 from qwen3_aot.config import Qwen3Config  # noqa: E402
 from qwen3_aot.errors import Qwen3AotError  # noqa: E402
@@ -84,7 +84,7 @@ STAGE_LINE = re.compile(r"\[(?P<stage>[\w ]+)\] done in (?P<s>[0-9.]+) s")
 
 
 def config(shape: str, dtype: str) -> dict:
-    """config.json of a family shape (or "tiny": bench/e2e.py's tiny model)."""
+    """config.json of a family shape (or "tiny": bench/e2e_bench.py's tiny model)."""
     return {**QWEN3_0_6B, **(e2e.TINY_MODEL if shape == "tiny" else {**FAMILY, **SHAPES[shape]}), "dtype": dtype}
 
 

@@ -1,7 +1,7 @@
 """End-to-end benchmark (issue 7): one command, one table, ours against what a user would
 pick instead and against the physical floor, measured side by side in one run.
 
-    PYTHONPATH=src python bench/e2e.py --json $OUT/e2e.json --png $OUT/e2e_decode.png
+    PYTHONPATH=src python bench/e2e_bench.py --json $OUT/e2e.json --png $OUT/e2e_decode.png
 
 It writes a Qwen3-0.6B-shaped checkpoint of seeded random weights (no tokenizer: prompts
 are token ids, so no detokenisation is timed), builds the artifact with scripts/export.py
