@@ -4,7 +4,7 @@ pick instead and against the physical floor, measured side by side in one run.
     PYTHONPATH=src python bench/e2e_bench.py --json $OUT/e2e.json --png $OUT/e2e_decode.png
 
 It writes a Qwen3-0.6B-shaped checkpoint of seeded random weights (no tokenizer: prompts
-are token ids, so no detokenisation is timed), builds the artifact with scripts/export.py
+are token ids, so no detokenisation is timed), builds the artifact with scripts/export_artifact.py
 (the user's command, verify included) and measures:
 
 - ours: the artifact through `qwen3_aot.runtime` (CUDA graphs on);
@@ -629,7 +629,7 @@ def build(plan: Plan, work: Path, device: str, dtype: str, tiny: bool,
         shutil.copy(tokenizer, ckpt / "tokenizer.json")
     limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
     t = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
+    subprocess.run([sys.executable, str(REPO / "scripts/export_artifact.py"), str(ckpt), "-o", str(art), "--device", device,
                     "--dtype", dtype, "--force", *limits], check=True)
     return ckpt, art, time.perf_counter() - t
 
@@ -774,7 +774,7 @@ def report(r: dict, plan: Plan) -> None:
           f"python -c 'import torch' alone: {r['import_torch_s']:.2f} s")
     print("  import torch, largest cumulative: " + ", ".join(f"{m['module'].strip()} {m['cumulative_s']:.2f}"
                                                            for m in r["import_profile"][:8]))
-    print(f"build (scripts/export.py, verify included): {r['build_s']:.1f} s")
+    print(f"build (scripts/export_artifact.py, verify included): {r['build_s']:.1f} s")
     if "workload" in r:
         w = r["workload"]
         line = f"nano-vllm workload: {w['tok_s']:.0f} output tok/s ({w['output_tokens']} tokens in {w['seconds']:.1f} s)"

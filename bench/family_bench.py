@@ -136,10 +136,10 @@ def checkpoint_bytes(hf: dict) -> int:
 
 
 def build(ckpt: Path, art: Path, device: str, dtype: str, tiny: bool) -> dict:
-    """scripts/export.py --weights link, as a user runs it; its log streamed, and the seconds
+    """scripts/export_artifact.py --weights link, as a user runs it; its log streamed, and the seconds
     of each stage the pipeline logs (load, export, compile, package, verify)."""
     limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
-    cmd = [sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
+    cmd = [sys.executable, str(REPO / "scripts/export_artifact.py"), str(ckpt), "-o", str(art), "--device", device,
            "--dtype", dtype, "--weights", "link", "--force", *limits]
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)

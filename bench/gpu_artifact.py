@@ -1,7 +1,7 @@
 """Build a Qwen3-0.6B-shaped artifact on the GPU, load it in a fresh process, check parity.
 
 One command (issue 4's GPU check): writes a checkpoint with seeded random weights, runs
-scripts/export.py's pipeline (bf16, cuda), then in a new process times load and the
+scripts/export_artifact.py's pipeline (bf16, cuda), then in a new process times load and the
 first forward and reads GPU memory, and compares the loaded artifact with the eager
 model (prefill + paged decode) and with float64 transformers on CPU. Prints a table last.
 

@@ -20,7 +20,7 @@ from family import config, write_checkpoint
 write_checkpoint(Path('$ckpt'), config('$shape', 'bfloat16'), torch.device('cuda'))"
   for tp in 1 2 4; do
     art="$OUT/art-$shape-tp$tp"
-    /usr/bin/time -f "build $shape tp$tp: %e s" $PY scripts/export.py "$ckpt" -o "$art" --force \
+    /usr/bin/time -f "build $shape tp$tp: %e s" $PY scripts/export_artifact.py "$ckpt" -o "$art" --force \
       --tensor-parallel "$tp" --max-num-seqs 64
     PYTHONPATH=src $PY - "$art" <<'PYEOF'
 import sys, time

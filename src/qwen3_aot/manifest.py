@@ -70,7 +70,7 @@ def read(artifact: str | Path, verify_files: bool = True, compiled: bool = True)
     artifact = Path(artifact)
     path = artifact / MANIFEST
     if not path.is_file():
-        raise Qwen3AotError(f"{artifact} is not a qwen3-aot artifact (no {MANIFEST}); build one with scripts/export.py.")
+        raise Qwen3AotError(f"{artifact} is not a qwen3-aot artifact (no {MANIFEST}); build one with scripts/export_artifact.py.")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -79,7 +79,7 @@ def read(artifact: str | Path, verify_files: bool = True, compiled: bool = True)
         raise Qwen3AotError(f"{path} is damaged (not a JSON object); rebuild the artifact.")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise Qwen3AotError(f"{artifact} has format version {manifest.get('format_version')}; this qwen3-aot reads "
-                            f"version {FORMAT_VERSION}. Rebuild it with this version's scripts/export.py.")
+                            f"version {FORMAT_VERSION}. Rebuild it with this version's scripts/export_artifact.py.")
     _check_structure(artifact, manifest)
     if compiled:
         check_compiled(artifact, manifest)
@@ -145,7 +145,7 @@ def check(artifact: str | Path) -> list[str]:
     file against its sha256; returns what was checked, line by line."""
     artifact = Path(artifact)
     if not artifact.is_dir():
-        raise Qwen3AotError(f"artifact {artifact} does not exist; build one with scripts/export.py.")
+        raise Qwen3AotError(f"artifact {artifact} does not exist; build one with scripts/export_artifact.py.")
     manifest = read(artifact, verify_files=False, compiled=False)
     lines = [f"{MANIFEST}: format {FORMAT_VERSION}, {manifest['dtype']} for {manifest['device']}, "
              f"graphs {sorted(manifest['graphs'])}, {len(manifest['files'])} files ok"]

@@ -57,7 +57,7 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
     if format is None:
         format = next((f for f, g in graphs.items() if g in man["graphs"]), None)
         if format is None:
-            raise Qwen3AotError(f"{path} holds no pt2 or onnx graph; rebuild it with scripts/export.py.")
+            raise Qwen3AotError(f"{path} holds no pt2 or onnx graph; rebuild it with scripts/export_artifact.py.")
     if format not in graphs:
         raise Qwen3AotError(f"format {format!r} is not one of {sorted(graphs)}.")
     if graphs[format] not in man["graphs"]:
@@ -113,7 +113,7 @@ def _read_pt2(path: str | Path, verify_files: bool) -> tuple[Path, dict]:
 def _read(path: str | Path, verify_files: bool) -> tuple[Path, dict]:
     path = Path(path)
     if not path.is_dir():
-        raise Qwen3AotError(f"artifact {path} does not exist; build one with scripts/export.py.")
+        raise Qwen3AotError(f"artifact {path} does not exist; build one with scripts/export_artifact.py.")
     return path, _manifest.read(path, verify_files=verify_files, compiled=False)
 
 

@@ -1,6 +1,6 @@
 """Turn a Qwen3 checkpoint directory into a deployable artifact (same as `qwen3-aot export`).
 
-    python scripts/export.py CHECKPOINT -o ARTIFACT [--device cuda|cpu] [--dtype bfloat16|float16|float32]
+    python scripts/export_artifact.py CHECKPOINT -o ARTIFACT [--device cuda|cpu] [--dtype bfloat16|float16|float32]
 
 The build ends by comparing the compiled graph and the eager model with the same weights in
 float64. `qwen3-aot check ARTIFACT` verifies a copied artifact byte for byte (a load checks
