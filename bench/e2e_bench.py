@@ -85,8 +85,7 @@ engine = runtime.load(sys.argv[1], **json.loads(sys.argv[2]))
 t["load"] = time.time()
 engine.generate([list(range(100, 132))], SamplingParams(max_tokens=1, temperature=0))
 t["first_token"] = time.time()
-core = engine._loop.core  # the parts of the load: a benchmark may look inside
-t["parts"] = {"cuda_init": t["cuda"] - t["import"], **core.load_seconds}
+t["parts"] = {"cuda_init": t["cuda"] - t["import"], **engine.load_seconds}
 print("CHILD" + json.dumps(t))
 """
 
@@ -672,7 +671,7 @@ def main() -> None:
     vocab = json.loads((art / "manifest.json").read_text())["model_config"]["vocab_size"]
     ours, systems["ours"] = measure(lambda: Ours(load_ours(art, plan), "ours"), plan, vocab)
     engine = ours.engine
-    sizes = model_sizes(engine.config, sum(w.nbytes for w in engine.forward._weights.values()), dtype)
+    sizes = model_sizes(engine.config, engine.forward.weight_bytes, dtype)
     if a.profile:
         r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 8, 64, 256) if b <= max(plan.batches)]
     if engine.graphs is not None and engine.forward.small is not None:

@@ -197,7 +197,7 @@ def measure(art: Path, plan: e2e.Plan, device: torch.device) -> dict:
     forward = runtime.load_forward(art)
     e2e.sync()
     r["load_forward_s"] = time.perf_counter() - t
-    weight_bytes = sum(w.nbytes for w in forward._weights.values())
+    weight_bytes = forward.weight_bytes
     del forward
     e2e.free_memory()
     r["copy_GBps"] = e2e.copy_bandwidth(device) / 1e9

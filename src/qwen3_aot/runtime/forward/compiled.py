@@ -89,6 +89,11 @@ class CompiledForward:
                  len(loaders), self.load_seconds["package"], sum(w.nbytes for w in weights.values()) / 1e9,
                  self.load_seconds["weights"])
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this forward holds on its device: what a decode step reads at least."""
+        return sum(w.nbytes for w in self._weights.values())
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                  block_tables: torch.Tensor, logits_indices: torch.Tensor,
                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -86,6 +86,7 @@ class EngineInfo:
     max_model_len: int
     block_size: int
     cache_capacity: int  # the most tokens one sequence can hold
+    load_seconds: dict[str, float]  # where the core's start-up went, part by part (EngineCore.load_seconds)
 
 
 class EngineLoop:
@@ -128,7 +129,7 @@ class EngineLoop:
             raise self._build_error
         core = self.core
         self.info = EngineInfo(core.artifact, core.config, core.device, core.max_model_len, core.block_size,
-                               core.cache.capacity)
+                               core.cache.capacity, core.load_seconds)
         self.tokenizer: Tokenizer = core.tokenizer
 
     # ---- any thread ----
