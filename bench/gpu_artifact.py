@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import random_checkpoint  # noqa: E402
+from bench_support import system_info  # noqa: E402
 
 from qwen3_aot.build import export_artifact  # noqa: E402
 from qwen3_aot.driver import FlatBatchDriver  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--no-verify", action="store_true", help="skip the build's in-process check")
     a = ap.parse_args()
     ckpt, art = a.work / "checkpoint", a.work / "artifact"
-    r: dict = {"gpu": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__}
+    r: dict = system_info(a.device)
     t = time.perf_counter()
     random_checkpoint.write(ckpt, **({"num_hidden_layers": a.layers} if a.layers else {}))
     r["write_checkpoint_s"] = time.perf_counter() - t
