@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import e2e  # noqa: E402
+import workloads  # noqa: E402
 
 from qwen3_aot import runtime  # noqa: E402
 
@@ -37,8 +37,8 @@ MODES = {"engine": "runtime.load's Engine: its loop thread builds the core and s
 
 
 def run_mode(artifact: str, mode: str) -> float:
-    plan = e2e.Plan(workload=(96, 8, 48))
-    prompts, params = e2e.workload(plan, 512)
+    plan = workloads.Plan(workload=(96, 8, 48))
+    prompts, params = workloads.workload(plan, 512)
     out: dict = {}
 
     def step(core: runtime.EngineCore) -> None:

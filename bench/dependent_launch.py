@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_bench import copy_bandwidth  # noqa: E402
+from bench_support import copy_bandwidth, replay_seconds, system_info  # noqa: E402
 
 from qwen3_aot.custom_ops import small_linear as small  # noqa: E402
 from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS  # noqa: E402
@@ -66,18 +65,6 @@ def capture(chain, link: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, int]
     return graph, out, edges
 
 
-def replay_seconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2])
@@ -102,8 +89,7 @@ def main() -> None:
         t_linked = statistics.median(t[1] for t in rounds)
         results.append(dict(rows=rows, edges_linked=edges, bytes=nbytes,
                             plain_s=t_plain, linked_s=t_linked, floor_s=nbytes / bw))
-    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, copy_bandwidth_GBps=bw / 1e9, results=results)
+    info = dict(**system_info(), copy_bandwidth_GBps=bw / 1e9, results=results)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(f"\n{info['gpu']}, torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}, bf16; copy "

@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import random_checkpoint  # noqa: E402
+from bench_support import system_info  # noqa: E402
 
-from qwen3_aot.build import export_artifact  # noqa: E402
+from qwen3_aot.build import export  # noqa: E402
 from qwen3_aot.driver import FlatBatchDriver  # noqa: E402
 from qwen3_aot.model import Qwen3ForCausalLM  # noqa: E402
 from qwen3_aot.runtime import load_forward  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--no-verify", action="store_true", help="skip the build's in-process check")
     a = ap.parse_args()
     ckpt, art = a.work / "checkpoint", a.work / "artifact"
-    r: dict = {"gpu": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__}
+    r: dict = system_info(a.device)
     t = time.perf_counter()
     random_checkpoint.write(ckpt, **({"num_hidden_layers": a.layers} if a.layers else {}))
     r["write_checkpoint_s"] = time.perf_counter() - t
@@ -74,7 +75,7 @@ def main() -> None:
     from qwen3_aot.build.toolchain import loaded_libstdcxx, pick_cxx
     r["cxx"], r["libstdcxx"] = pick_cxx(), str(loaded_libstdcxx())
     print("compiler", r["cxx"], "process libstdc++", r["libstdcxx"], flush=True)
-    export_artifact(ckpt, art, device=a.device, dtype="bfloat16", force=True, check=not a.no_verify)
+    export(ckpt, art, device=a.device, dtype="bfloat16", force=True, check=not a.no_verify)
     r["build_s"] = time.perf_counter() - t
     r["artifact_MB"] = {f.name: f.stat().st_size / 1e6 for f in art.iterdir()}
     p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, str(art), a.device],

@@ -1,7 +1,7 @@
 """Kernel benchmark on the GPU: our ops against torch eager and the copy-bandwidth floor.
 
 Qwen3-0.6B shapes (hidden 1024, 16 q heads, 8 kv heads, head_dim 128), bf16, 1 to 4096
-tokens. Times are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph). Prints a table last
+tokens. Times are medians of CUDA-graph replays (bench_support.replayed_call_seconds). Prints a table last
 and writes JSON to --json.
 
     PYTHONPATH=src python bench/kernel_bench.py --json $OUT/kernels.json
@@ -12,35 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-import triton
+import sys
+from pathlib import Path
 
-import qwen3_aot.custom_ops  # noqa: F401
-from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_support import copy_bandwidth, replayed_call_seconds, system_info  # noqa: E402
+
+import qwen3_aot.custom_ops  # noqa: E402,F401
+from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin  # noqa: E402
 
 H, HQ, HKV, D, EPS = 1024, 16, 8, 128, 1e-6
 TOKENS = [1, 16, 128, 512, 2048, 4096]
-
-
-L2_ESCAPE_BYTES = 256 << 20  # several times the H100's 50 MB L2
-
-
-def bench(make_call, bytes_per_call: int) -> float:
-    """Median seconds per call, replayed in a CUDA graph (launch gaps out, GPU time only).
-
-    `make_call()` returns a call on fresh inputs; one graph replay runs enough such calls,
-    each on its own inputs, that they cannot all be served from L2: otherwise repeated
-    calls on one small input measure the cache, not memory (seen: "186% of bandwidth")."""
-    n = max(1, min(64, L2_ESCAPE_BYTES // max(bytes_per_call, 1)))
-    calls = [make_call() for _ in range(n)]
-    seconds = triton.testing.do_bench_cudagraph(lambda: [c() for c in calls], rep=100, return_mode="median") * 1e-3
-    return seconds / n
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()  # 1 GiB
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / (triton.testing.do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3)
 
 
 def torch_rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -83,8 +67,8 @@ def main() -> None:
 
         for name, residual, nbytes in (("rms_norm", False, 2 * t * H * 2), ("add_rms_norm", True, 4 * t * H * 2)):
             rows.append(dict(op=name, tokens=t, bytes=nbytes,
-                             ours=bench(lambda: norm_calls(True, residual), nbytes),
-                             torch=bench(lambda: norm_calls(False, residual), nbytes)))
+                             ours=replayed_call_seconds(lambda: norm_calls(True, residual), nbytes),
+                             torch=replayed_call_seconds(lambda: norm_calls(False, residual), nbytes)))
 
         wq = torch.randn((HQ + 2 * HKV) * D, H, device=dev, dtype=dt) / 32
         qn, kn = torch.rand(D, device=dev, dtype=dt), torch.rand(D, device=dev, dtype=dt) * 96
@@ -99,10 +83,10 @@ def main() -> None:
             sin = cs[pos][:, None, D // 2:].repeat(1, 1, 2).to(dt)
             return lambda: torch_qkv_rope(x, wq, qn, kn, cos, sin, t)
 
-        rows.append(dict(op="qkv_rope", tokens=t, bytes=nbytes, ours=bench(lambda: qkv_calls(True), nbytes),
-                         torch=bench(lambda: qkv_calls(False), nbytes)))
-    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_bandwidth_GBps=bw / 1e9, rows=rows)
+        rows.append(dict(op="qkv_rope", tokens=t, bytes=nbytes,
+                         ours=replayed_call_seconds(lambda: qkv_calls(True), nbytes),
+                         torch=replayed_call_seconds(lambda: qkv_calls(False), nbytes)))
+    info = dict(**system_info(), copy_bandwidth_GBps=bw / 1e9, rows=rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=1)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible server under load, against the same workload in-process.
 
-Builds the Qwen3-0.6B-shaped artifact of bench/e2e.py (seeded random weights; --tiny: a tiny
-model on the CPU, a smoke run), runs nano-vllm's workload (e2e.workload) through
+Builds the Qwen3-0.6B-shaped artifact of the engine benchmarks (workloads.build: seeded random weights;
+--tiny: a tiny model on the CPU, a smoke run), runs nano-vllm's workload (workloads.workload) through
 `runtime.load(...).generate` in this process, then through `qwen3-aot serve` on 127.0.0.1 by
 streaming HTTP clients at each concurrency: output tokens/s against in-process, and time to
 first token and inter-token latency (between streamed chunks) at p50 and p99. Prints a table
@@ -40,7 +40,8 @@ except ImportError:  # the openai client of late 2026 brings httpx2, the same AP
     import httpx2 as httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-import e2e  # noqa: E402
+import bench_support  # noqa: E402
+import workloads  # noqa: E402
 
 from qwen3_aot import runtime  # noqa: E402
 
@@ -210,37 +211,37 @@ def main() -> None:
                     help="processes the HTTP clients are spread over (at most one per client)")
     ap.add_argument("--threads", type=int, default=0,
                     help="also the workload sent by this many threads through the in-process Engine, and the same "
-                         "arrivals driven on the core in one thread (bench/e2e.py's workload_threads and _lanes)")
+                         "arrivals driven on the core in one thread (workloads.run_workload_threads and _lanes)")
     ap.add_argument("--first-token", action="store_true",
-                    help="also new process to first token on the artifact (bench/e2e.py's, the second of two runs)")
+                    help="also new process to first token on the artifact (bench_support's, the second of two runs)")
     ap.add_argument("--variants", default="default", help=f"comma-separated server variants of {sorted(VARIANTS)}")
     ap.add_argument("--py-spy", default=None, help="a py-spy binary: profile the server at the highest concurrency")
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="a tokenizer.json covering the model's vocabulary (Qwen's: tests/qwen_checkpoint.py makes "
                          "one); without one the artifact streams no text, and TTFT and ITL are not measured")
     a = ap.parse_args()
-    plan = e2e.TINY_PLAN if a.tiny else e2e.Plan()
+    plan = workloads.TINY_PLAN if a.tiny else workloads.Plan()
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
     levels = [int(c) for c in (a.concurrency or ("1,4" if a.tiny else "1,16,64,256")).split(",")]
-    r: dict = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-               "dtype": dtype, "model": "tiny" if a.tiny else "Qwen3-0.6B shape", "plan": plan.workload}
-    _, artifact, r["build_s"] = e2e.build(plan, a.work, device, dtype, a.tiny, a.tokenizer)
+    r: dict = {**bench_support.system_info(device), "dtype": dtype, "model": "tiny" if a.tiny else "Qwen3-0.6B shape",
+               "plan": plan.workload}
+    _, artifact, r["build_s"] = workloads.build(plan, a.work, device, dtype, a.tiny, a.tokenizer)
     vocab = json.loads((artifact / "manifest.json").read_text())["model_config"]["vocab_size"]
-    prompts, params = e2e.workload(plan, vocab)
+    prompts, params = workloads.workload(plan, vocab)
     if a.first_token:
-        e2e.time_to_first_token(artifact, {})  # the first warms the page cache
-        r["first_token"] = e2e.time_to_first_token(artifact, {})
+        bench_support.time_to_first_token(artifact, {})  # the first warms the page cache
+        r["first_token"] = bench_support.time_to_first_token(artifact, {})
     r["in_process_tok_s"] = in_process(artifact, prompts, params)
-    e2e.free_memory()
+    bench_support.free_memory()
     if a.threads:
         with runtime.load(artifact, verify_files=False) as engine:
-            r["workload_threads"] = e2e.run_workload_threads(engine, plan, vocab, a.threads)
-        e2e.free_memory()
+            r["workload_threads"] = workloads.run_workload_threads(engine, plan, vocab, a.threads)
+        bench_support.free_memory()
         core = runtime.load_core(artifact, verify_files=False)
-        r["workload_lanes"] = e2e.run_workload_lanes(core, plan, vocab, a.threads)
+        r["workload_lanes"] = workloads.run_workload_lanes(core, plan, vocab, a.threads)
         del core
-        e2e.free_memory()
+        bench_support.free_memory()
     r["http"], r["server_exit"], r["stacks"] = [], {}, {}
     with client_pool(a.client_processes) as pool:
         for variant in a.variants.split(","):

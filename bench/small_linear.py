@@ -5,7 +5,7 @@ activation included where the small-batch graph fuses them) against what the big
 for it (cuBLAS's F.linear, after add_rms_norm and before silu(gate) * up where those apply),
 as microseconds and as the share of the copy bandwidth that reading the weight once would
 take. First a sweep of the launch parameters at 1 and 8 rows. bf16; times are medians of
-CUDA-graph replays over enough copies of the inputs to escape L2 (kernels.bench).
+CUDA-graph replays over enough copies of the inputs to escape L2 (bench_support.replayed_call_seconds).
 
     PYTHONPATH=src python bench/small_linear.py [--json $OUT/small_linear.json] [--no-sweep]
 """
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_bench import bench, copy_bandwidth  # noqa: E402
+from bench_support import copy_bandwidth, replayed_call_seconds, system_info  # noqa: E402
 
 import qwen3_aot.custom_ops  # noqa: E402,F401
 from qwen3_aot.custom_ops import small_linear as small  # noqa: E402
@@ -78,7 +77,8 @@ def sweep(bw: float) -> list[dict]:
                     for p in names:
                         n, k, kind = PROJECTIONS[p]
                         nbytes = weight_bytes(n, k, kind)
-                        pct.append(100 * nbytes / bench(lambda: calls(m, n, k, kind, True), nbytes) / bw)
+                        seconds = replayed_call_seconds(lambda: calls(m, n, k, kind, True), nbytes)
+                        pct.append(100 * nbytes / seconds / bw)
                     out.append(dict(tile=tile, warps=warps, rows=m, pct=dict(zip([p[1] for p in names], pct))))
                     print(f"{tile:>7}{warps:>6}{m:>5}" + "".join(f"{x:>8.0f}%" for x in pct), flush=True)
     finally:
@@ -97,12 +97,12 @@ def main() -> None:
     for (shape, name), (n, k, kind) in PROJECTIONS.items():
         nbytes = weight_bytes(n, k, kind)
         for m in ROWS:
-            ours = bench(lambda: calls(m, n, k, kind, True), nbytes)
-            theirs = bench(lambda: calls(m, n, k, kind, False), nbytes)
+            ours = replayed_call_seconds(lambda: calls(m, n, k, kind, True), nbytes)
+            theirs = replayed_call_seconds(lambda: calls(m, n, k, kind, False), nbytes)
             rows.append(dict(shape=shape, projection=name, kind=kind, rows=m, N=n, K=k, bytes=nbytes,
                              ours_s=ours, cublas_s=theirs))
-    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_bandwidth_GBps=bw / 1e9, tile_elements=small.TILE_ELEMENTS, warps=small.WARPS, sweep=swept, rows=rows)
+    info = dict(**system_info(), copy_bandwidth_GBps=bw / 1e9, tile_elements=small.TILE_ELEMENTS, warps=small.WARPS,
+                sweep=swept, rows=rows)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16; copy bandwidth "

@@ -17,11 +17,11 @@ case $part in
     32b-checkpoint) args=(--shapes 32B --stage checkpoint) ;;
     32b-build) args=(--shapes 32B --stage build) ;;
     32b-measure) args=(--shapes 32B --stage measure) ;;
-    *) args=(--shapes "$part") ;;  # bench/family.py names the shapes it knows
+    *) args=(--shapes "$part") ;;  # bench/family_bench.py names the shapes it knows
 esac
 df -h /tmp | tail -1; free -g | head -2; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 name=${part//,/_}  # a comma in a file name keeps it from coming back from the GPU machine
-timeout ${FAMILY_TIMEOUT_S:-590} python3 bench/family.py "${args[@]}" --json "$OUT/family_$name.json" > "$OUT/family_$name.log" 2>&1
+timeout ${FAMILY_TIMEOUT_S:-590} python3 bench/family_bench.py "${args[@]}" --json "$OUT/family_$name.json" > "$OUT/family_$name.log" 2>&1
 rc=$?
 grep -E "^\\[|^shape|^[0-9.]+B[ :]|error|Error" "$OUT/family_$name.log" | grep -v "^\[.*\] \.\.\.$" | tail -40
 df -h /tmp | tail -1; du -sh /tmp/torchinductor_* 2>/dev/null  # what the disk kept (32B leaves ~3 GiB)

@@ -31,9 +31,9 @@ if [[ $part == kernels || $part == all ]]; then
     QWEN3_AOT_RUNTIME_DEVICE=cuda python3 -m pytest -q -n 0 -p no:cacheprovider tests/runtime > "$OUT/runtime_tests.txt" 2>&1
     runtime_rc=$?
     wait $attention_pid; attention_rc=$?
-    timeout 200 python3 bench/attention.py --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
+    timeout 200 python3 bench/attention_bench.py --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
     timeout 120 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-        -k regex:"_split|_combine|_tile|_cache_write" python3 bench/attention.py --once > "$OUT/ncu.txt" 2>&1
+        -k regex:"_split|_combine|_tile|_cache_write" python3 bench/attention_bench.py --once > "$OUT/ncu.txt" 2>&1
     grep -E "^  _|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Dynamic Shared|Waves Per" "$OUT/ncu.txt" \
         | head -80 > "$OUT/ncu_summary.txt"
     tail -3 "$OUT/runtime_tests.txt"; tail -1 "$OUT/attention_tests.txt"; grep -v Warning "$OUT/attention.txt" | tail -25
@@ -41,7 +41,7 @@ if [[ $part == kernels || $part == all ]]; then
     (( attention_rc || runtime_rc )) && rc=1
 fi
 if [[ $part == e2e || $part == all ]]; then
-    python3 bench/e2e.py --profile --skip "${E2E_SKIP-transformers-workload}" --json "$OUT/e2e.json" \
+    python3 bench/e2e_bench.py --profile --skip "${E2E_SKIP-transformers-workload}" --json "$OUT/e2e.json" \
         --png "$OUT/e2e_decode.png" > "$OUT/e2e.log" 2>&1
     e2e_rc=$?
     grep -v "^\[\|Loading\|^  ours\|^  transformers" "$OUT/e2e.log" | tail -60

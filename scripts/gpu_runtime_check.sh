@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The runtime tests on a CUDA artifact (real CUDA graphs); the runtime's figures come from
-# bench/e2e.py (scripts/gpu_perf_check.sh). Log under $OUT. The real-tokenizer tests take Qwen's
+# bench/e2e_bench.py (scripts/gpu_perf_check.sh). Log under $OUT. The real-tokenizer tests take Qwen's
 # tokenizer from the dashscope wheel, which the GPU machine cannot download: bring it in a folder
 # (QWEN3_AOT_WHEELS, default ./.whl).
 #     bash scripts/gpu_runtime_check.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tensor parallel on a multi-GPU machine (issue 17): Qwen3-8B and 32B shapes (seeded random
-# bf16 checkpoints, bench/family.py's shapes) built at --tensor-parallel 1, 2, 4, then per
+# bf16 checkpoints, bench/family_bench.py's shapes) built at --tensor-parallel 1, 2, 4, then per
 # artifact: build time, load time, decode tok/s at batch 1 and 64, and the all-reduce time per
 # step (torch.profiler in each rank is future work; here: the step time at tp N against tp 1
 # is what is printed). UNMEASURED: this script has never run; no multi-GPU machine was lent.

@@ -54,9 +54,9 @@ def poison_new_tensors(monkeypatch):
 def tiny_artifact(tmp_path_factory):
     """The trained fixture as a CPU fp32 pt2 artifact, built once per test run for every
     worker (~10 s alone, ~30 s beside the other worker's tests on 2 cores)."""
-    from qwen3_aot.build import export_artifact
+    from qwen3_aot.build import export
 
-    return built_once(tmp_path_factory, "tiny-fp32", lambda path: export_artifact(
+    return built_once(tmp_path_factory, "tiny-fp32", lambda path: export(
         FIXTURE, path, device="cpu", dtype="float32", log=lambda _msg: None))
 
 
@@ -65,16 +65,16 @@ def runtime_artifact(request, tmp_path_factory):
     """The trained fixture as an fp32 artifact for RUNTIME_DEVICE, built once per test run."""
     if RUNTIME_DEVICE == "cpu":
         return request.getfixturevalue("tiny_artifact")
-    from qwen3_aot.build import export_artifact
+    from qwen3_aot.build import export
 
-    return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / f"tiny-fp32-{RUNTIME_DEVICE}",
+    return export(FIXTURE, tmp_path_factory.mktemp("artifacts") / f"tiny-fp32-{RUNTIME_DEVICE}",
                            device=RUNTIME_DEVICE, dtype="float32", log=lambda _msg: None)
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx_artifact(tmp_path_factory):
     """The trained fixture as a CPU fp32 ONNX-only artifact, built once per test run."""
-    from qwen3_aot.build import export_artifact
+    from qwen3_aot.build import export
 
-    return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-onnx", device="cpu",
+    return export(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-onnx", device="cpu",
                            dtype="float32", formats=("onnx",), log=lambda _msg: None)

@@ -128,9 +128,9 @@ def qwen_checkpoint(qwen_tokenizer_json, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen_artifact(qwen_checkpoint, tmp_path_factory) -> Path:
     """The real-tokenizer checkpoint as a CPU fp32 pt2 artifact, built once per test session."""
-    from qwen3_aot.build import export_artifact
+    from qwen3_aot.build import export
 
     # no verify: the build's check is tested on the trained fixture (tests/build), and here a
     # float64 pass over 151,936 logits a row would cost CI a third of this build
-    return export_artifact(qwen_checkpoint, tmp_path_factory.mktemp("artifacts") / "qwen-tiny-fp32", device="cpu",
+    return export(qwen_checkpoint, tmp_path_factory.mktemp("artifacts") / "qwen-tiny-fp32", device="cpu",
                            dtype="float32", check=False, log=lambda _msg: None)

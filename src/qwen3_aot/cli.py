@@ -10,11 +10,11 @@ from qwen3_aot.errors import Qwen3AotError
 
 
 def _export(a: argparse.Namespace) -> None:
-    from qwen3_aot.build import GraphLimits, export_artifact
+    from qwen3_aot.build import GraphLimits, export
 
     limits = GraphLimits(block_size=a.block_size, max_num_tokens=a.max_num_tokens, max_num_seqs=a.max_num_seqs,
                          max_model_len=a.max_model_len)
-    export_artifact(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
+    export(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
                     formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify,
                     weights=a.weights, tensor_parallel=a.tensor_parallel,
                     small_batch_graph=a.small_batch_graph)

@@ -1,4 +1,4 @@
-"""bench/e2e.py end to end on a tiny model on the CPU: the command that makes issue 7's table
+"""bench/e2e_bench.py end to end on a tiny model on the CPU: the command that makes issue 7's table
 builds, measures every system and writes a complete, physically sane JSON."""
 
 import json
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_e2e_tiny_run_fills_every_figure(tmp_path):
     out = tmp_path / "e2e.json"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    p = subprocess.run([sys.executable, str(REPO / "bench/e2e.py"), "--tiny", "--device", "cpu", "--profile",
+    p = subprocess.run([sys.executable, str(REPO / "bench/e2e_bench.py"), "--tiny", "--device", "cpu", "--profile",
                         "--work", str(tmp_path / "work"), "--json", str(out)], env=env, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -18,7 +18,7 @@ from artifact_damage import edit_manifest, flip_byte, rewrite_with_checksums
 from random_checkpoints import write_random_checkpoint
 from suite_support import FIXTURE, HAS_CUDA
 from qwen3_aot import Qwen3AotError, manifest
-from qwen3_aot.build import export_artifact
+from qwen3_aot.build import export
 from qwen3_aot.build.pipeline import remove_stale_partials, verify
 from qwen3_aot.cli import main as cli
 from qwen3_aot.driver import FlatBatchDriver
@@ -132,7 +132,7 @@ def test_failed_build_leaves_nothing(tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))  # a layer's tensors missing
     out = tmp_path / "out"
     with pytest.raises(Qwen3AotError, match="model.layers.4"):
-        export_artifact(bad, out, device="cpu", log=lambda _m: None)
+        export(bad, out, device="cpu", log=lambda _m: None)
     assert list(tmp_path.iterdir()) == [bad]  # no output, no partial directory
 
 
@@ -143,7 +143,7 @@ def test_failed_build_leaves_nothing(tmp_path):
 ])
 def test_bad_options_are_refused(tmp_path, kwargs, needle):
     with pytest.raises(Qwen3AotError, match=needle):
-        export_artifact(FIXTURE, tmp_path / "out", **{"device": "cpu", **kwargs}, log=lambda _m: None)
+        export(FIXTURE, tmp_path / "out", **{"device": "cpu", **kwargs}, log=lambda _m: None)
     assert not (tmp_path / "out").exists()
 
 
@@ -239,7 +239,7 @@ def k_norm_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def k_norm_bf16(k_norm_checkpoint, tmp_path_factory):
     """The extreme-k_norm checkpoint built in bf16 with the build's own check."""
-    return export_artifact(k_norm_checkpoint, tmp_path_factory.mktemp("kn-art") / "art", device="cpu",
+    return export(k_norm_checkpoint, tmp_path_factory.mktemp("kn-art") / "art", device="cpu",
                            dtype="bfloat16", log=lambda _m: None)
 
 
@@ -268,7 +268,7 @@ def test_extreme_k_norm_builds_are_kept_and_force_replaces_atomically(k_norm_che
             seen.append(msg)
             assert manifest.read(k_norm_bf16)["dtype"] == "bfloat16"  # the old artifact, whole, still there
 
-    export_artifact(k_norm_checkpoint, k_norm_bf16, device="cpu", dtype="float16", force=True, log=log)
+    export(k_norm_checkpoint, k_norm_bf16, device="cpu", dtype="float16", force=True, log=log)
     assert len(seen) == 1 and "compiled" in seen[0] and "eager" in seen[0]
     assert manifest.read(k_norm_bf16)["dtype"] == "float16"
     assert sorted(p.name for p in k_norm_bf16.parent.iterdir()) == [k_norm_bf16.name]
@@ -303,7 +303,7 @@ def sharded_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def linked_artifact(sharded_checkpoint, tmp_path_factory):
-    return export_artifact(sharded_checkpoint, tmp_path_factory.mktemp("linked") / "art", device="cpu",
+    return export(sharded_checkpoint, tmp_path_factory.mktemp("linked") / "art", device="cpu",
                            weights="link", log=lambda _m: None)
 
 
@@ -352,7 +352,7 @@ def test_a_linked_artifact_computes_what_the_copied_one_does(linked_artifact, ti
 def test_a_checkpoint_that_cannot_be_linked_is_refused_before_any_work(sharded_checkpoint, tmp_path, kwargs, needle):
     lines = []
     with pytest.raises(Qwen3AotError, match=needle):
-        export_artifact(sharded_checkpoint, tmp_path / "out", **{"device": "cpu", "weights": "link", **kwargs},
+        export(sharded_checkpoint, tmp_path / "out", **{"device": "cpu", "weights": "link", **kwargs},
                         log=lines.append)
     assert lines == [] and list(tmp_path.iterdir()) == []
 
@@ -365,7 +365,7 @@ def test_a_link_across_filesystems_is_refused(sharded_checkpoint):
 
     with tempfile.TemporaryDirectory(dir=shm) as d:
         with pytest.raises(Qwen3AotError, match="another filesystem.*--weights copy"):
-            export_artifact(sharded_checkpoint, f"{d}/out", device="cpu", weights="link", log=lambda _m: None)
+            export(sharded_checkpoint, f"{d}/out", device="cpu", weights="link", log=lambda _m: None)
         assert os.listdir(d) == []
 
 

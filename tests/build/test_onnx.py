@@ -13,7 +13,7 @@ import torch
 from random_checkpoints import write_random_checkpoint
 from suite_support import FIXTURE, prompt_ids, rel_err
 from qwen3_aot import Qwen3AotError, manifest
-from qwen3_aot.build import export_artifact
+from qwen3_aot.build import export
 from qwen3_aot.build.onnx_graph import OnnxQwen3
 from qwen3_aot.cli import main as cli
 from qwen3_aot.driver import FlatBatchDriver
@@ -58,7 +58,7 @@ def extreme_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def extreme(extreme_ckpt):
     """(eager model, onnxruntime forward) of the extreme checkpoint in fp32."""
-    art = export_artifact(extreme_ckpt, extreme_ckpt.parent / "onnx", dtype="float32", **QUIET)
+    art = export(extreme_ckpt, extreme_ckpt.parent / "onnx", dtype="float32", **QUIET)
     return Qwen3ForCausalLM.from_pretrained(extreme_ckpt, dtype="float32", device="cpu"), open_onnx(art)
 
 
@@ -208,7 +208,7 @@ def test_exported_module_and_onnxruntime_agree(extreme):
 # ---- dtypes, formats, errors ----
 
 def test_float16_runs_on_cpu_and_keeps_the_greedy_tokens(tmp_path, fwd):
-    art = export_artifact(FIXTURE, tmp_path / "fp16", dtype="float16", **QUIET)  # verified within 5e-3
+    art = export(FIXTURE, tmp_path / "fp16", dtype="float16", **QUIET)  # verified within 5e-3
     fp16 = open_onnx(art)
     assert fp16.dtype == "float16"
     assert fp16.generate_greedy(prompts(), 32) == fwd.generate_greedy(prompts(), 32)
@@ -220,7 +220,7 @@ def test_float16_extreme_k_norm_no_worse_than_transformers(tmp_path, extreme_ckp
     from transformers import Qwen3ForCausalLM as HF
 
     ckpt = extreme_ckpt
-    fp16 = open_onnx(export_artifact(ckpt, tmp_path / "fp16", dtype="float16", **QUIET))
+    fp16 = open_onnx(export(ckpt, tmp_path / "fp16", dtype="float16", **QUIET))
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, fp16.vocab_size, (n,), generator=g).tolist() for n in (3, 40, 17, 64)]
 
@@ -238,7 +238,7 @@ def test_bfloat16_is_refused_on_cpu_with_advice(tmp_path):
     what to do instead of onnxruntime's NOT_IMPLEMENTED."""
     from qwen3_aot.build.onnx_export import verify_onnx
 
-    art = export_artifact(FIXTURE, tmp_path / "bf16", dtype="bfloat16", check=False, **QUIET)
+    art = export(FIXTURE, tmp_path / "bf16", dtype="bfloat16", check=False, **QUIET)
     model = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype="bfloat16", device="cpu")
     with pytest.raises(Qwen3AotError, match="bfloat16.*--dtype float16"):
         verify_onnx(art, manifest.read(art)["graphs"]["onnx"], model, lambda _m: None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from suite_support import FIXTURE, HAS_CUDA, prompt_ids, rel_err
-from qwen3_aot.build import GraphLimits, export_artifact
+from qwen3_aot.build import GraphLimits, export
 from qwen3_aot.build.graph import export_forward
 from qwen3_aot.custom_ops import paged_attention, qkv_rope, rms_norm
 from qwen3_aot.driver import FlatBatchDriver
@@ -100,14 +100,14 @@ def device() -> str:
 
 @pytest.fixture(scope="module")
 def fp32_forms(device, tiny_artifact, tmp_path_factory):
-    art = tiny_artifact if device == "cpu" else export_artifact(
+    art = tiny_artifact if device == "cpu" else export(
         FIXTURE, tmp_path_factory.mktemp("cuda") / "tiny-fp32", device="cuda", dtype="float32", log=lambda _m: None)
     return Forms(FIXTURE, "float32", device, art)
 
 
 @pytest.fixture(scope="module")
 def bf16_forms(device, tmp_path_factory):
-    art = export_artifact(FIXTURE, tmp_path_factory.mktemp("bf16") / "tiny-bf16", device=device, dtype="bfloat16",
+    art = export(FIXTURE, tmp_path_factory.mktemp("bf16") / "tiny-bf16", device=device, dtype="bfloat16",
                           log=lambda _m: None)
     return Forms(FIXTURE, "bfloat16", device, art)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from suite_support import FIXTURE
-from qwen3_aot.build import export_artifact
+from qwen3_aot.build import export
 from qwen3_aot.build.tensor_parallel import rank_model, shard_state
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
@@ -20,13 +20,13 @@ def model() -> Qwen3ForCausalLM:
 def test_a_degree_that_does_not_divide_the_kv_heads_is_refused(tmp_path, n):
     with pytest.raises(Qwen3AotError, match=r"does not divide this model's num_key_value_heads \(2\).*Use one of "
                                             r"\[1, 2\]"):
-        export_artifact(FIXTURE, tmp_path / "tp", device="cpu", tensor_parallel=n, log=lambda _m: None)
+        export(FIXTURE, tmp_path / "tp", device="cpu", tensor_parallel=n, log=lambda _m: None)
     assert not any(tmp_path.iterdir())
 
 
 def test_tensor_parallel_needs_copied_pt2_weights(tmp_path):
     with pytest.raises(Qwen3AotError, match="--format pt2 and --weights copy"):
-        export_artifact(FIXTURE, tmp_path / "tp", device="cpu", tensor_parallel=2, weights="link",
+        export(FIXTURE, tmp_path / "tp", device="cpu", tensor_parallel=2, weights="link",
                         log=lambda _m: None)
 
 

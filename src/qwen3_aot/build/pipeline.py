@@ -173,7 +173,7 @@ def wants_small_batch_graph(option: bool | None, cfg: Qwen3Config, device: str, 
     return cfg.hidden_size < SMALL_BATCH_BELOW_HIDDEN if option is None else option
 
 
-def export_artifact(checkpoint: str | Path, output: str | Path, device: str | None = None,
+def export(checkpoint: str | Path, output: str | Path, device: str | None = None,
                     dtype: str | None = None, force: bool = False, limits: GraphLimits = GraphLimits(),
                     formats: tuple[str, ...] = ("pt2",), check: bool = True, weights: str = "copy",
                     tensor_parallel: int | None = None, small_batch_graph: bool | None = None,

@@ -29,9 +29,9 @@ pytestmark = pytest.mark.xdist_group("tensor_parallel")
 @pytest.fixture(scope="module")
 def tp_artifact(tmp_path_factory):
     """Built once (about 20 s); without the build's verify, which runs steps."""
-    from qwen3_aot.build import export_artifact
+    from qwen3_aot.build import export
 
-    return export_artifact(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-tp2", device="cpu",
+    return export(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-tp2", device="cpu",
                            dtype="float32", tensor_parallel=2, check=False, log=lambda _m: None)
 
 

@@ -288,14 +288,14 @@ def test_export_carries_the_template_and_tokenizer_files(qwen_checkpoint, qwen_a
 
 def test_export_copies_chat_template_jinja(tmp_path):
     from suite_support import FIXTURE
-    from qwen3_aot.build import export_artifact
+    from qwen3_aot.build import export
 
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(FIXTURE, checkpoint)
     (checkpoint / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
     # ONNX alone: the package stage copies the tokenizer files whatever the format, and ONNX is
     # the quicker export (no AOTInductor compile)
-    artifact = export_artifact(checkpoint, tmp_path / "artifact", device="cpu", dtype="float32", check=False,
+    artifact = export(checkpoint, tmp_path / "artifact", device="cpu", dtype="float32", check=False,
                                formats=("onnx",), log=lambda _msg: None)
     assert (artifact / "chat_template.jinja").read_bytes() == (checkpoint / "chat_template.jinja").read_bytes()
     assert ChatTemplate.from_dir(artifact).render(SYSTEM_USER) == "[system] You are terse.[user] 2+2?"

@@ -82,7 +82,7 @@ class CompiledForward:
         self.weights = weights  # the graph constants by name; the loader holds raw pointers: keep them alive
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        # where start-up goes (bench/family.py reports it): the package's unpacking and loading, the weights
+        # where start-up goes (bench/family_bench.py reports it): the package's unpacking and loading, the weights
         self.load_seconds = {"package": unpacked - started, "weights": time.perf_counter() - unpacked}
         log.info("%s: %d package(s) loaded in %.2f s, %.2f GB of weights read in %.2f s", artifact.name,
                  len(loaders), self.load_seconds["package"], sum(w.nbytes for w in weights.values()) / 1e9,
@@ -90,6 +90,11 @@ class CompiledForward:
 
     def run(self, batch: FlatBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         return self._main.run(batch, k_caches, v_caches)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this forward holds on its device: what a decode step reads at least."""
+        return sum(w.nbytes for w in self.weights.values())
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                  block_tables: torch.Tensor, logit_rows: torch.Tensor,

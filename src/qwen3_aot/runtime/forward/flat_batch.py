@@ -8,7 +8,7 @@ passes in whole (each layer's K and V, written in place)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -37,3 +37,15 @@ class Forward(Protocol):
 
     def run(self, batch: FlatBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         ...
+
+
+class PositionalForward:
+    """A Forward of a callable with the graph's positional signature (the eager model,
+    `torch.compile` of it): what benchmarks put in an engine core for the uncompiled baseline."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+        self.load_seconds: dict[str, float] = {}
+
+    def run(self, batch: FlatBatch, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        return self.fn(*batch.inputs(), k_caches, v_caches)

@@ -128,6 +128,11 @@ class Engine:
         return self._loop.stats
 
     @property
+    def load_seconds(self) -> dict[str, float]:
+        """Where the load's time went, part by part (EngineCore.load_seconds), for benchmarks."""
+        return self._loop.info.load_seconds
+
+    @property
     def num_free_blocks(self) -> int:
         return self._loop.stats.num_free_blocks
 

@@ -75,7 +75,7 @@ class EngineLoop:
             raise self._build_error
         core = self.core
         self.info = EngineInfo(core.artifact, core.config, core.device, core.max_model_len, core.block_size,
-                               core.cache.capacity)
+                               core.cache.capacity, core.load_seconds)
         self.tokenizer: Tokenizer = core.tokenizer
 
     # ---- any thread ----

@@ -65,6 +65,7 @@ class EngineInfo:
     max_model_len: int
     block_size: int
     cache_capacity: int  # the most tokens one sequence can hold
+    load_seconds: dict[str, float]  # where the core's start-up went, part by part (EngineCore.load_seconds)
 
 
 class Loop(Protocol):

@@ -5,8 +5,8 @@ against reading the weight bytes from the page cache, new process to first token
 batch 1 and 64 against the floor, peak GPU memory. Checkpoint and artifact are deleted
 before the next shape (the GPU machine has 64 GiB of disk).
 
-    PYTHONPATH=src python bench/family.py --shapes 1.7B,4B --json $OUT/family_small.json
-    PYTHONPATH=src python bench/family.py --tiny          # a tiny shape on the CPU (smoke run)
+    PYTHONPATH=src python bench/family_bench.py --shapes 1.7B,4B --json $OUT/family_small.json
+    PYTHONPATH=src python bench/family_bench.py --tiny          # a tiny shape on the CPU (smoke run)
 
 scripts/gpu_family_check.sh runs the family in calls that each fit 10 minutes.
 
@@ -51,7 +51,11 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-import e2e  # noqa: E402
+import bench_systems  # noqa: E402
+import workloads  # noqa: E402
+from bench_support import (copy_bandwidth, decode_floor_ms, free_memory, model_sizes, sync, system_info,  # noqa: E402
+                           time_to_first_token)
+from bench_systems import Ours, load_ours, small_batch_comparison  # noqa: E402
 
 from qwen3_aot.config import Qwen3Config  # noqa: E402
 from qwen3_aot.errors import Qwen3AotError  # noqa: E402
@@ -73,8 +77,8 @@ SHAPES = {
     "32B": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=64, intermediate_size=25600,
                 tie_word_embeddings=False),
 }
-PLAN = e2e.Plan(batches=(1, 64), prompt_len=512, new_tokens=64, prefill=(128,), repeats=2)
-TINY_PLAN = replace(e2e.TINY_PLAN, batches=(1, 4), prefill=(8,))
+PLAN = workloads.Plan(batches=(1, 64), prompt_len=512, new_tokens=64, prefill=(128,), repeats=2)
+TINY_PLAN = replace(workloads.TINY_PLAN, batches=(1, 4), prefill=(8,))
 SHARD_BYTES = 4 << 30
 # beyond the checkpoint: the graph and RoPE table (24 MB at 14B), the compile's cache and
 # temporary files, the hash cache. 2 GiB, not more: the GPU machine has 64.0 GiB free and
@@ -84,8 +88,8 @@ STAGE_LINE = re.compile(r"\[(?P<stage>[\w ]+)\] done in (?P<s>[0-9.]+) s")
 
 
 def config(shape: str, dtype: str) -> dict:
-    """config.json of a family shape (or "tiny": bench/e2e.py's tiny model)."""
-    return {**QWEN3_0_6B, **(e2e.TINY_MODEL if shape == "tiny" else {**FAMILY, **SHAPES[shape]}), "dtype": dtype}
+    """config.json of a family shape (or "tiny": the engine benchmarks' tiny model, workloads.TINY_MODEL)."""
+    return {**QWEN3_0_6B, **(workloads.TINY_MODEL if shape == "tiny" else {**FAMILY, **SHAPES[shape]}), "dtype": dtype}
 
 
 def write_checkpoint(path: Path, hf: dict, device: torch.device, seed: int = 0) -> dict:
@@ -181,36 +185,36 @@ def page_cache_read_s(files: list[Path]) -> float:
     return time.perf_counter() - t
 
 
-def measure(art: Path, plan: e2e.Plan, device: torch.device) -> dict:
+def measure(art: Path, plan: workloads.Plan, device: torch.device) -> dict:
     """Load time against the page cache, a new process to first token, decode tok/s at each
-    batch against the floor, peak GPU memory; e2e.py's measures."""
+    batch against the floor, peak GPU memory; the engine benchmarks' measures (bench_systems)."""
     from qwen3_aot import runtime
 
     man = json.loads((art / "manifest.json").read_text())
     weight_files = [art / f for f in man["weights"]["files"]]
     r: dict = {"page_cache_read_s": page_cache_read_s(weight_files),
                "weight_file_GB": sum(f.stat().st_size for f in weight_files) / 1e9}
-    e2e.time_to_first_token(art, {})  # the first start fills the hash cache if the build's seed was lost
-    r["ttft"] = e2e.time_to_first_token(art, {})
-    e2e.sync()
+    time_to_first_token(art, {})  # the first start fills the hash cache if the build's seed was lost
+    r["ttft"] = time_to_first_token(art, {})
+    sync()
     t = time.perf_counter()
     forward = runtime.load_forward(art)
-    e2e.sync()
+    sync()
     r["load_forward_s"] = time.perf_counter() - t
-    weight_bytes = sum(w.nbytes for w in forward.weights.values())
+    weight_bytes = forward.weight_bytes
     del forward
-    e2e.free_memory()
-    r["copy_GBps"] = e2e.copy_bandwidth(device) / 1e9
+    free_memory()
+    r["copy_GBps"] = copy_bandwidth(device) / 1e9
     vocab = man["model_config"]["vocab_size"]
-    system, ours = e2e.measure(lambda: e2e.Ours(e2e.load_ours(art, plan), "ours"), plan, vocab)
+    system, ours = bench_systems.measure(lambda: Ours(load_ours(art, plan), "ours"), plan, vocab)
     if system.engine.graphs is not None and system.engine.forward.small_batch_graph is not None:
-        r["small_batch_graph"] = e2e.small_batch_comparison(system, plan, vocab)
+        r["small_batch_graph"] = small_batch_comparison(system, plan, vocab)
     del system
-    e2e.free_memory()
-    sizes = e2e.model_sizes(man["model_config"], weight_bytes, parse_dtype(man["dtype"]))
+    free_memory()
+    sizes = model_sizes(man["model_config"], weight_bytes, parse_dtype(man["dtype"]))
     context = plan.prompt_len + plan.new_tokens / 2
-    r["decode"] = {b: {"tok_s": d["tok_s"], "floor_tok_s": b / e2e.decode_floor_ms(sizes, b, context,
-                                                                                   r["copy_GBps"] * 1e9) * 1e3}
+    r["decode"] = {b: {"tok_s": d["tok_s"],
+                       "floor_tok_s": b / decode_floor_ms(sizes, b, context, r["copy_GBps"] * 1e9) * 1e3}
                    for b, d in ours["decode"].items()}
     r["peak_memory_GB"], r["weight_GB"] = ours["peak_memory_GB"], weight_bytes / 1e9
     return r
@@ -293,8 +297,7 @@ def main() -> None:
     for shape in shapes:
         results.append(run_shape(shape, a.stage, a.work, device, a.tiny))
         if a.json:  # after each shape: a later shape's failure keeps the earlier ones
-            a.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                                          "torch": torch.__version__, "stage": a.stage, "results": results}, indent=1))
+            a.json.write_text(json.dumps({**system_info(device), "stage": a.stage, "results": results}, indent=1))
     report(results)
 
 

@@ -1,7 +1,7 @@
 """End-to-end benchmark (issue 7): one command, one table, ours against what a user would
 pick instead and against the physical floor, measured side by side in one run.
 
-    PYTHONPATH=src python bench/e2e.py --json $OUT/e2e.json --png $OUT/e2e_decode.png
+    PYTHONPATH=src python bench/e2e_bench.py --json $OUT/e2e.json --png $OUT/e2e_decode.png
 
 It writes a Qwen3-0.6B-shaped checkpoint of seeded random weights (no tokenizer: prompts
 are token ids, so no detokenisation is timed), builds the artifact with scripts/export.py
@@ -21,21 +21,21 @@ token; a new process to the first token; peak GPU memory during the decode runs 
 cache, activations); build time; and the nano-vllm workload (256 sequences, input and output lengths uniform in 100..1024, seeded,
 temperature 0.6, ignore_eos) as output tokens/s. --profile adds where a decode step's time
 goes (host work, graph replay, kernels). --tiny runs the same on a tiny model on the CPU.
+
+What other benchmarks share lives beside it: the measuring in bench_support.py, the plan, model
+and workloads in workloads.py, the systems and their decode and prefill measures in bench_systems.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -43,181 +43,24 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import random_checkpoint  # noqa: E402
+from bench_support import (best_of, copy_bandwidth, decode_floor_ms, free_memory, host_ms,  # noqa: E402
+                           matmul_rate, model_sizes, prefill_floor_ms, sync, system_info, time_to_first_token)
+from bench_systems import Ours, System, load_ours, measure, prefill_requests, small_batch_comparison  # noqa: E402
+from workloads import (TINY_PLAN, Plan, build, random_prompts, run_workload, run_workload_lanes,  # noqa: E402
+                       run_workload_threads, workload)
 
 from qwen3_aot import runtime  # noqa: E402
 from qwen3_aot.model import Qwen3ForCausalLM  # noqa: E402
+from qwen3_aot.runtime.forward.flat_batch import PositionalForward  # noqa: E402
 from qwen3_aot.runtime import SamplingParams  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Plan:
-    batches: tuple[int, ...] = (1, 8, 64, 256)
-    prompt_len: int = 512
-    new_tokens: int = 64
-    prefill: tuple[int, ...] = (128, 2048, 8192)
-    workload: tuple[int, int, int] = (256, 100, 1024)  # sequences, shortest and longest input/output
-    repeats: int = 2
-
-
-TINY_PLAN = Plan(batches=(1, 4), prompt_len=16, new_tokens=32, prefill=(8, 64), workload=(8, 4, 24), repeats=3)
-TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
 GOALS = {  # issue 7, Qwen3-0.6B shape on the GPU machine: (figure, at least or at most, value)
     "decode batch 1": ("tok/s", ">=", 1000), "decode batch 64": ("tok/s", ">=", 15000),
     "prefill 2048": ("ms", "<=", 15), "new process -> first token": ("s", "<=", 3),
     "nano-vllm workload": ("tok/s", ">=", 20000)}
 
-TTFT_CHILD = r"""
-import json, sys, time
-t = {"start": time.time()}
-import torch
-t["torch"] = time.time()
-from qwen3_aot import runtime
-from qwen3_aot.runtime import SamplingParams
-t["import"] = time.time()
-if torch.cuda.is_available():  # what load does first, the CUDA context made: timed apart, a part of the load
-    torch.empty(1, device="cuda")
-t["cuda"] = time.time()
-engine = runtime.load(sys.argv[1], **json.loads(sys.argv[2]))
-t["load"] = time.time()
-engine.generate([list(range(100, 132))], SamplingParams(max_tokens=1, temperature=0))
-t["first_token"] = time.time()
-core = engine._loop.core  # the parts of the load: a benchmark may look inside
-t["parts"] = {"cuda_init": t["cuda"] - t["import"], **core.load_seconds}
-print("CHILD" + json.dumps(t))
-"""
 
-
-# ---- measuring ----
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def best_of(n: int, fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(n):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a 1 GiB (64 MiB on the CPU) copy, read + write counted: the ceiling of a memory-bound step."""
-    x = torch.empty(1 << (30 if device.type == "cuda" else 26), dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    return 2 * x.numel() / best_of(10, lambda: y.copy_(x))
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of an 8192^3 matmul (512^3 on the CPU), the ceiling of a compute-bound prefill."""
-    n = 8192 if device.type == "cuda" else 512
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / best_of(5, lambda: a @ b)
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def peak_memory(fn: Callable[[], object]) -> tuple[object, float | None]:
-    """fn()'s result and the most GPU memory allocated while it ran, over what was allocated before (GB)."""
-    free_memory()
-    if not torch.cuda.is_available():
-        return fn(), None
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    return out, (torch.cuda.max_memory_allocated() - base) / 1e9
-
-
-def time_to_first_token(artifact: Path, options: dict) -> dict:
-    """A new interpreter: import, runtime.load, generate one token of a 32-token prompt."""
-    spawn = time.time()
-    p = subprocess.run([sys.executable, "-c", TTFT_CHILD, str(artifact), json.dumps(options)], capture_output=True,
-                       text=True, timeout=600)
-    lines = [x[5:] for x in p.stdout.splitlines() if x.startswith("CHILD")]
-    if not lines:
-        raise RuntimeError(f"the first-token child failed:\n{p.stderr[-3000:]}")
-    t = json.loads(lines[0])
-    load = t["load"] - t["import"]
-    # the load's parts one after another (package and weights are the forward's own parts)
-    rest = load - sum(v for k, v in t["parts"].items() if k not in ("package", "weights"))
-    return {"total_s": t["first_token"] - spawn, "interpreter_s": t["start"] - spawn,
-            "import_s": t["import"] - t["start"], "import_torch_s": t["torch"] - t["start"],
-            "load_s": load, "load_parts_s": {**t["parts"], "checks and the rest": rest},
-            "first_token_s": t["first_token"] - t["load"]}
-
-
-# ---- the systems ----
-
-class System:
-    """Something that generates from token-id prompts: decode(prompts, n) makes n greedy tokens
-    per prompt, eos ignored; prefill(prompt) makes the first token of one prompt."""
-
-    name = ""
-
-    def decode(self, prompts: list[list[int]], n: int) -> object:
-        raise NotImplementedError
-
-    def prefill(self, prompt: list[int]) -> object:
-        return self.decode([prompt], 1)
-
-    def decode_step_seconds(self, prompts: list[list[int]], n: int, repeats: int) -> float:
-        """Seconds per decode step of the whole batch: generate(n + 1) - generate(1), over n;
-        a difference that noise swamps (seen on a busy CPU) is taken again over twice the steps."""
-        self.decode(prompts, 2)  # warm-up: allocations, kernel loading
-        for _ in range(4):
-            t1 = best_of(repeats, lambda: self.decode(prompts, 1))
-            tn = best_of(repeats, lambda: self.decode(prompts, n + 1))
-            if tn > t1:
-                return (tn - t1) / n
-            n *= 2
-        raise RuntimeError(f"{self.name}: generating {n // 2 + 1} tokens took no longer than 1; the machine is too busy")
-
-
-class Ours(System):
-    def __init__(self, engine: runtime.EngineCore, name: str) -> None:
-        self.engine, self.name = engine, name
-
-    def decode(self, prompts: list[list[int]], n: int) -> object:
-        return self.engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-
-    def decode_step_seconds(self, prompts: list[list[int]], n: int, repeats: int) -> float:
-        """n engine steps timed once every prompt is prefilled, all of them decoding: chunked
-        prefill admits a large batch over several steps, decoding the first sequences in
-        steps that prefill the rest, which generate(n + 1) - generate(1) would count."""
-        def timed_steps() -> float:
-            sp = SamplingParams(max_tokens=2 * n + 1, temperature=0, ignore_eos=True)  # none ends while timed
-            reqs = [self.engine.add_request(p, sp) for p in prompts]
-            try:
-                prefill_requests(self.engine, reqs)
-                assert len(self.engine.scheduler.running) == len(reqs), "the whole batch decodes together"
-                preemptions = self.engine.scheduler.num_preemptions
-                sync()
-                t = time.perf_counter()
-                for _ in range(n):
-                    self.engine.step()
-                sync()
-                t = (time.perf_counter() - t) / n
-                assert self.engine.scheduler.num_preemptions == preemptions, "the KV cache is too small"
-                return t
-            finally:
-                for r in reqs:
-                    self.engine.abort(r)
-
-        timed_steps()  # warm-up
-        return min(timed_steps() for _ in range(repeats))
-
+# ---- the transformers baseline ----
 
 class Transformers(System):
     name = "transformers eager"
@@ -240,149 +83,6 @@ class Transformers(System):
         return self.model(ids, logits_to_keep=1).logits.argmax(-1)  # what generate's first step computes
 
 
-def prefill_requests(engine: runtime.EngineCore, requests: list[runtime.Request]) -> None:
-    """Step until every request has its prompt in the cache (chunked: the first ones are then
-    already decoding)."""
-    while any(r.seq.num_computed < len(r.seq.token_ids) - 1 for r in requests):
-        engine.step()
-
-
-def load_ours(artifact: Path, plan: Plan, **options) -> runtime.EngineCore:
-    return runtime.load_core(artifact, verify_files=False, max_num_seqs=max(plan.batches),
-                        kv_cache_tokens=max(plan.batches) * (plan.prompt_len + plan.new_tokens + 16) + max(plan.prefill),
-                        **options)
-
-
-def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def measure(make: Callable[[], System], plan: Plan, vocab: int) -> tuple[System, dict]:
-    """Load a system, then its decode tok/s and ms/step per batch size, prefill ms per prompt
-    length, and the peak GPU memory of loading it and decoding (weights, cache, activations)."""
-    out: dict = {"decode": {}, "prefill_ms": {}}
-
-    def load_and_decode() -> System:
-        system = make()
-        for b in plan.batches:
-            step = system.decode_step_seconds(random_prompts(b, plan.prompt_len, vocab, seed=b), plan.new_tokens,
-                                              plan.repeats)
-            out["decode"][b] = {"tok_s": b / step, "step_ms": step * 1e3}
-            print(f"  {system.name}, decode batch {b}: {b / step:.0f} tok/s, {step * 1e3:.2f} ms/step", flush=True)
-        return system
-
-    system, out["peak_memory_GB"] = peak_memory(load_and_decode)
-    for n in plan.prefill:
-        prompt = random_prompts(1, n, vocab, seed=n)[0]
-        system.prefill(prompt)
-        out["prefill_ms"][n] = best_of(plan.repeats + 1, lambda: system.prefill(prompt)) * 1e3
-        print(f"  {system.name}, prefill {n}: {out['prefill_ms'][n]:.2f} ms", flush=True)
-    return system, out
-
-
-def workload(plan: Plan, vocab: int) -> tuple[list[list[int]], list[SamplingParams]]:
-    """nano-vllm's bench.py: random token ids (below 10,000), lengths uniform in [lo, hi]."""
-    n, lo, hi = plan.workload
-    rng = random.Random(0)
-    prompts = [[rng.randint(0, min(10000, vocab - 1)) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(lo, hi)) for _ in range(n)]
-    return prompts, params
-
-
-def run_workload(engine: runtime.EngineCore, plan: Plan, vocab: int) -> dict:
-    """Output tokens/s of the workload, and where its time went: steps that only decode
-    (one token per sequence: CUDA graphs) against steps that prefill, alone or mixed with
-    decodes (one flat batch through the compiled graph), by count, seconds and tokens (a step
-    is an EngineCore.step call, named by what it queued; with overlap it also waits for the one before)."""
-    prompts, params = workload(plan, vocab)
-    engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))  # nano-vllm's warm-up
-    kinds = {k: {"steps": 0, "seconds": 0.0, "tokens": 0, "sequences": 0} for k in ("decode only", "with prefill")}
-    queued: list[runtime.StepRecord] = []
-    engine.observers.append(queued.append)
-    try:
-        sync()
-        t = time.perf_counter()
-        requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while engine.has_unfinished():
-            queued.clear()
-            t_step = time.perf_counter()
-            engine.step()
-            for record in queued:
-                k = kinds["decode only" if record.kind == "decode" else "with prefill"]
-                k["steps"] += 1
-                k["seconds"] += time.perf_counter() - t_step
-                k["tokens"] += record.tokens
-                k["sequences"] += record.decodes + record.prefills
-        sync()
-        t = time.perf_counter() - t
-    finally:
-        engine.observers.remove(queued.append)
-    done = [r.completion() for r in requests]
-    tokens = sum(c.output_tokens for c in done)
-    assert tokens == sum(p.max_tokens for p in params), "ignore_eos: every request runs to max_tokens"
-    return {"output_tokens": tokens, "prompt_tokens": sum(map(len, prompts)), "seconds": t, "tok_s": tokens / t,
-            "preemptions": engine.scheduler.num_preemptions, "steps": kinds}
-
-
-def run_workload_lanes(engine: runtime.EngineCore, plan: Plan, vocab: int, lanes: int) -> dict:
-    """The 64-thread arrival pattern without threads: `lanes` lanes on the core in this thread,
-    each adding its next request (request k to lane k mod lanes) between the steps after its
-    previous one ended, which is what a thread's next `generate` call can do at best. The
-    threads' figure over this one is the cost of the Engine's loop and queues; this one over
-    one call of all the requests is the cost of the arrival pattern itself. `critical_steps`:
-    the most output tokens one lane makes, a step each at least, one after another."""
-    prompts, params = workload(plan, vocab)
-    order = [list(range(k, len(prompts), lanes)) for k in range(lanes)]
-    engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))
-    active: dict[int, runtime.Request] = {}
-    tokens = 0
-    sync()
-    t = time.perf_counter()
-    while True:
-        for k in range(lanes):
-            if k not in active and order[k]:
-                i = order[k].pop(0)
-                active[k] = engine.add_request(prompts[i], params[i])
-        if not active:
-            break
-        engine.step()
-        for k, r in list(active.items()):
-            if r.finished:
-                tokens += r.completion().output_tokens
-                del active[k]
-    sync()
-    t = time.perf_counter() - t
-    critical = max(sum(params[i].max_tokens for i in range(k, len(prompts), lanes)) for k in range(lanes))
-    return {"lanes": lanes, "tok_s": tokens / t, "seconds": t, "critical_steps": critical}
-
-
-def run_workload_threads(engine: runtime.Engine, plan: Plan, vocab: int, threads: int) -> dict:
-    """The workload through the thread-safe Engine, as a service meets it: one generate call
-    of every request, then `threads` callers each submitting its share one request at a time
-    (request k goes to caller k mod threads); output tokens/s of each, same requests."""
-    prompts, params = workload(plan, vocab)
-    engine.generate([list(range(1, 17))], SamplingParams(max_tokens=4))
-    t = time.perf_counter()
-    tokens = sum(c.output_tokens for c in engine.generate(prompts, params))
-    one_call = tokens / (time.perf_counter() - t)
-    counts = [0] * threads
-
-    def caller(k: int) -> None:
-        for i in range(k, len(prompts), threads):
-            counts[k] += engine.generate(prompts[i], params[i])[0].output_tokens
-
-    pool = [threading.Thread(target=caller, args=(k,)) for k in range(threads)]
-    t = time.perf_counter()
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
-    by_threads = sum(counts) / (time.perf_counter() - t)
-    assert sum(counts) == tokens, "the same requests, the same output tokens"
-    return {"threads": threads, "one_call_tok_s": one_call, "threads_tok_s": by_threads,
-            "ratio": by_threads / one_call}
-
-
 def run_workload_transformers(hf: Transformers, plan: Plan, vocab: int) -> dict:
     """The same requests through transformers' generate: one left-padded batch, sampled until
     the longest request's max_tokens (generate has no per-row length); only requested tokens count."""
@@ -400,27 +100,6 @@ def run_workload_transformers(hf: Transformers, plan: Plan, vocab: int) -> dict:
     t = time.perf_counter() - t
     tokens = sum(p.max_tokens for p in params)
     return {"output_tokens": tokens, "seconds": t, "tok_s": tokens / t}
-
-
-# ---- the floor ----
-
-def model_sizes(config: dict, weight_bytes: int, dtype: torch.dtype) -> dict:
-    c = config
-    h, L = c["hidden_size"], c["num_hidden_layers"]
-    per_layer = h * (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * c["head_dim"] \
-        + c["num_attention_heads"] * c["head_dim"] * h + 3 * h * c["intermediate_size"]
-    return {"weight_bytes": weight_bytes, "layer_params": L * per_layer, "vocab": c["vocab_size"], "hidden": h,
-            "kv_bytes_per_token": 2 * L * c["num_key_value_heads"] * c["head_dim"] * dtype.itemsize,
-            "attn_flops_per_pair": 4 * L * c["num_attention_heads"] * c["head_dim"]}
-
-
-def decode_floor_ms(s: dict, batch: int, context: float, bandwidth: float) -> float:
-    return (s["weight_bytes"] + batch * context * s["kv_bytes_per_token"]) / bandwidth * 1e3
-
-
-def prefill_floor_ms(s: dict, n: int, bandwidth: float, flops: float) -> float:
-    work = 2 * n * s["layer_params"] + s["attn_flops_per_pair"] * n * (n + 1) / 2 + 2 * s["vocab"] * s["hidden"]
-    return max(s["weight_bytes"] / bandwidth, work / flops) * 1e3
 
 
 # ---- the profile of a decode step ----
@@ -451,7 +130,7 @@ def profile_decode(engine: runtime.EngineCore, plan: Plan, vocab: int, batch: in
     for obj, attr, label in [(engine.scheduler, "schedule", "schedule"),
                              (engine, "_forward", "scheduled inputs + launch"),
                              (engine, "_decode_ahead", "decode ahead: inputs + launch"),
-                             (engine, "_sample", "sampling launch"), (engine, "_take", "wait + take tokens"),
+                             (engine, "_sample", "sampling launch"), (engine, "_receive", "wait + take tokens"),
                              (engine, "step", "step")]:
         timed(obj, attr, label)
     reqs = [engine.add_request(p, sp) for p in prompts]
@@ -502,51 +181,6 @@ def profile_decode(engine: runtime.EngineCore, plan: Plan, vocab: int, batch: in
     return out
 
 
-def same_logits(a, b) -> dict[int, bool]:
-    """Whether two sets of decode graphs give bitwise the same logits at each batch both replay
-    the small-batch graph for (token ids 1..n at position 0, row r in block r + 1, free while
-    nothing runs: rows sharing a cache slot would race)."""
-    import numpy as np
-
-    out = {}
-    for n in sorted(set(a.small_batch_sizes) & set(b.small_batch_sizes)):
-        tables = np.zeros((n, a.tables.shape[1]), dtype=np.int32)
-        tables[:, 0] = np.arange(1, n + 1)
-        logits = [g(list(range(1, n + 1)), [0] * n, tables).clone() for g in (a, b)]
-        out[n] = bool(torch.equal(*logits))
-    return out
-
-
-def small_batch_comparison(ours: Ours, plan: Plan, vocab: int) -> dict:
-    """Decode tok/s at small batches with the CUDA graphs the engine chose (the small-batch
-    graph where it replayed faster) and with the main graph's alone, and without dependent
-    launch (runtime/forward/dependent_launch.py), in the same run."""
-    from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
-
-    engine = ours.engine
-    chosen = engine.graphs
-    out = {"replayed_for": list(chosen.small_batch_sizes), "dependent_edges": chosen.dependent_edges, "tok_s": {}}
-    main_only = DecodeGraphs(engine.forward, engine.cache, chosen.max_batch, chosen.tables.shape[1], engine.device,
-                             small_batch_graph=False, dependent_launch=False)
-    no_dependent = DecodeGraphs(engine.forward, engine.cache, chosen.max_batch, chosen.tables.shape[1], engine.device,
-                                dependent_launch=False)
-    out["same_logits_without_dependent_launch"] = same_logits(chosen, no_dependent)
-    for b in (1, 2, 4, 8, 16):
-        if b > chosen.max_batch:
-            break
-        prompts = random_prompts(b, plan.prompt_len, vocab, seed=b)
-        row = {}
-        for label, graphs in (("chosen", chosen), ("main graph only", main_only),
-                              ("no dependent launch", no_dependent)):
-            engine.graphs = graphs
-            row[label] = b / ours.decode_step_seconds(prompts, plan.new_tokens, plan.repeats)
-        out["tok_s"][b] = row
-        print(f"  decode batch {b}: {row['chosen']:.0f} tok/s with the graphs chosen, {row['main graph only']:.0f} "
-              f"with the main graph alone, {row['no dependent launch']:.0f} without dependent launch", flush=True)
-    engine.graphs = chosen
-    return out
-
-
 def prefill_one_package_or_two(art: Path, plan: Plan, vocab: int, work: Path, rounds: int = 2) -> dict:
     """Prefill ms of the artifact loaded whole (both packages) and of a view of it that holds
     the main graph alone (the small-batch graph left out of its manifest), engines taken in
@@ -576,18 +210,6 @@ def prefill_one_package_or_two(art: Path, plan: Plan, vocab: int, work: Path, ro
                                                  for n, v in by_len.items()), flush=True)
     shutil.rmtree(view)
     return out
-
-
-def host_ms(fn: Callable[[], object], calls: int = 20) -> float:
-    """Median host milliseconds of fn() returning, the GPU idle before each call."""
-    times = []
-    for _ in range(calls):
-        sync()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    sync()
-    return sorted(times)[calls // 2] * 1e3
 
 
 def import_profile(top: int = 12) -> list[dict]:
@@ -620,21 +242,6 @@ def kernel_table(fn: Callable[[], object], calls: int = 10) -> dict:
 
 # ---- the run ----
 
-def build(plan: Plan, work: Path, device: str, dtype: str, tiny: bool,
-          tokenizer: Path | None = None) -> tuple[Path, Path, float]:
-    """The seeded random checkpoint exported; `tokenizer`: a tokenizer.json to give it (the
-    artifact then streams text; without one it takes and gives token ids only)."""
-    ckpt, art = work / "checkpoint", work / "artifact"
-    random_checkpoint.write(ckpt, seed=0, **(TINY_MODEL if tiny else {}), dtype=dtype)
-    if tokenizer is not None:
-        shutil.copy(tokenizer, ckpt / "tokenizer.json")
-    limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
-    t = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
-                    "--dtype", dtype, "--force", *limits], check=True)
-    return ckpt, art, time.perf_counter() - t
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_e2e"))
@@ -651,8 +258,8 @@ def main() -> None:
     device = torch.device(a.device)
     dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     dtype = getattr(torch, dtype_name)
-    r: dict = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-               "dtype": dtype_name, "plan": asdict(plan), "model": "tiny" if a.tiny else "Qwen3-0.6B shape"}
+    r: dict = {**system_info(device), "dtype": dtype_name, "plan": asdict(plan),
+               "model": "tiny" if a.tiny else "Qwen3-0.6B shape"}
     print(f"[build] {r['model']}, {dtype_name}, {device.type}", flush=True)
     ckpt, art, r["build_s"] = build(plan, a.work, device.type, dtype_name, a.tiny)
     print(f"[build] {r['build_s']:.1f} s", flush=True)
@@ -673,7 +280,7 @@ def main() -> None:
     vocab = json.loads((art / "manifest.json").read_text())["model_config"]["vocab_size"]
     ours, systems["ours"] = measure(lambda: Ours(load_ours(art, plan), "ours"), plan, vocab)
     engine = ours.engine
-    sizes = model_sizes(engine.config, sum(w.nbytes for w in engine.forward.weights.values()), dtype)
+    sizes = model_sizes(engine.config, engine.forward.weight_bytes, dtype)
     if a.profile:
         r["profile"] = [profile_decode(engine, plan, vocab, b) for b in (1, 8, 64, 256) if b <= max(plan.batches)]
     if engine.graphs is not None and engine.forward.small_batch_graph is not None:
@@ -685,7 +292,7 @@ def main() -> None:
     if "eager" not in skip:
         def eager() -> Ours:  # the same engine, the eager model as its forward
             engine = load_ours(art, plan, cuda_graphs=False)
-            engine.forward = Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=device)
+            engine.forward = PositionalForward(Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, device=device))
             return Ours(engine, "ours eager")
         _, systems["ours eager"] = measure(eager, plan, vocab)
     if "workload" not in skip:

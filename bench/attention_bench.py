@@ -1,8 +1,8 @@
 """paged_attention on the GPU (issue 3): decode against the bandwidth floor, prefill against SDPA.
 
 Qwen3-0.6B's head layout (16 query heads, 8 kv heads, head_dim 128), bf16, block size 16,
-blocks handed out in a shuffled order. Times are medians of CUDA-graph replays (kernels.py's
-`bench`), the cache write included.
+blocks handed out in a shuffled order. Times are medians of CUDA-graph replays
+(bench_support.replayed_call_seconds), the cache write included.
 - decode: one new token per sequence, every sequence with the same context; achieved
   bandwidth = bytes of K and V read / time, against the measured copy bandwidth.
 - prefill: B sequences of N new tokens from position 0; against
@@ -11,10 +11,10 @@ blocks handed out in a shuffled order. Times are medians of CUDA-graph replays (
 - mixed: one call that decodes a batch and prefills a prompt, against the two run apart and
   against the same call with every token in the prefill tiles (SPLIT_TOKENS = 0).
 
-    PYTHONPATH=src python bench/attention.py --json $OUT/attention.json
-    PYTHONPATH=src python bench/attention.py --sweep     # the goal shapes over the launch parameters
+    PYTHONPATH=src python bench/attention_bench.py --json $OUT/attention.json
+    PYTHONPATH=src python bench/attention_bench.py --sweep     # the goal shapes over the launch parameters
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
-        -k regex:"_split|_combine|_tile" python3 bench/attention.py --once    # the goal shapes, one call each
+        -k regex:"_split|_combine|_tile" python3 bench/attention_bench.py --once    # the goal shapes, one call each
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_bench import bench, copy_bandwidth  # noqa: E402
+from bench_support import copy_bandwidth, replayed_call_seconds, system_info  # noqa: E402
 
 import qwen3_aot.custom_ops  # noqa: E402,F401
 from qwen3_aot.custom_ops import paged_attention as attention_module  # noqa: E402
@@ -73,7 +72,7 @@ def mixed_seconds(decodes: int, ctx: int, prompt: int, gen: torch.Generator) -> 
         def call():
             a = varlen_inputs(prior, new, gen)
             return lambda: attention(*a)
-        return bench(call, 2 * (sum(prior) + sum(new)) * HKV * D * DT.itemsize)
+        return replayed_call_seconds(call, 2 * (sum(prior) + sum(new)) * HKV * D * DT.itemsize)
 
     mixed = ([ctx - 1] * decodes + [0], [1] * decodes + [prompt])
     both = timed(*mixed)
@@ -94,7 +93,7 @@ def decode_seconds(b: int, ctx: int, gen: torch.Generator) -> float:
         a = paged_inputs(b, ctx - 1, 1, gen)
         return lambda: attention(*a)
 
-    return bench(call, 2 * b * ctx * HKV * D * DT.itemsize)
+    return replayed_call_seconds(call, 2 * b * ctx * HKV * D * DT.itemsize)
 
 
 def sweep(bw: float, gen: torch.Generator) -> None:
@@ -145,7 +144,7 @@ def prefill_seconds(b: int, n: int, gen: torch.Generator, sdpa: bool = True) -> 
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5)
         return run
 
-    return bench(ours, nbytes), bench(flash, nbytes) if sdpa else None
+    return replayed_call_seconds(ours, nbytes), replayed_call_seconds(flash, nbytes) if sdpa else None
 
 
 def once(gen: torch.Generator) -> None:
@@ -189,8 +188,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     mixed = [mixed_seconds(256, 1024, 4096, gen), mixed_seconds(64, 1024, 2048, gen)]
     print(mixed, flush=True)
-    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_bandwidth_GBps=bw / 1e9, decode=decode, prefill=prefill, mixed=mixed)
+    info = dict(**system_info(), copy_bandwidth_GBps=bw / 1e9, decode=decode, prefill=prefill, mixed=mixed)
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(f"\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, heads {HQ}/{HKV}x{D}, "
