@@ -71,12 +71,10 @@ def _cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, seq_ptr, bt_ptr, 
 
 SPLIT_TOKENS = 256     # batches up to this many tokens take the split (decode) kernels, larger ones the tiles
 SPLIT_PROGRAMS = 512   # (token, kv head, split) programs the split kernels aim for
-# Launch parameters (any value is correct; measured on an H200 with bench/attention_bench.py
-# --sweep, where 128 keys beat 64 everywhere: batch 1 at 32k 64% of bandwidth against 57%,
-# prefill 1 x 8k 0.94x SDPA's time against 1.20x; a third stage gained under 3%): keys per
-# inner step for 16-bit K/V and head_dim <= 128, fewer for wider heads and for fp32 so that
-# a tile keeps its bytes (128 fp32 keys of head_dim 128 failed there, 64 passed), and
-# pipeline stages of the K/V loads.
+# Launch parameters (any value is correct; chosen by bench/attention_bench.py --sweep, whose
+# figures are in BENCHMARKS.md "Paged attention"): keys per inner step for 16-bit K/V and
+# head_dim <= 128, fewer for wider heads and for fp32 so that a tile keeps its bytes (its
+# shared memory), and pipeline stages of the K/V loads.
 KEYS_PER_STEP = 128
 SPLIT_STAGES = 2
 TILE_STAGES = 2
