@@ -44,6 +44,11 @@ AOTInductor and Triton do not launch:
   spanning several sequences takes them in turn, skipping the split kernel's.
   A decode in a tile costs a whole run over its context for one row of the
   tile: that is why a large batch's decodes go to the split kernel.
+
+Every offset into the cache is computed in int64 (the block id is cast as it is loaded, and
+positions are int64): the graph takes up to 2**22 blocks, 2**36 elements a layer at Qwen3's
+8 KV heads of 128 dims and 16-token blocks, past 2**31 and past what an H200 holds
+(tests/custom_ops/test_index_bounds.py reads the offsets the kernels compute at those sizes).
 """
 
 from __future__ import annotations
