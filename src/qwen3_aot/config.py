@@ -156,7 +156,8 @@ def _number(rope: dict[str, Any], key: str, source: str) -> float:
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention scale (the paper's eq. 21, transformers' yarn_get_mscale): 0.1 mscale ln(s) + 1, 1 for s <= 1."""
+    """YaRN's attention scale (the paper's eq. 21, transformers' yarn_get_mscale): 0.1 mscale ln(s) + 1,
+    and 1 for s <= 1."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 

@@ -146,7 +146,7 @@ def test_attention_reads_every_key_at_the_last_blocks(monkeypatch, kernels):
     caches = VirtualCaches(monkeypatch, k_cache, v_cache)
     table = top_blocks(2, MAX_LEN // BS, seed=2)
     q = torch.randn(len(pos), HQ, D, dtype=k_cache.dtype)
-    attention.paged_attention_cached_triton(q, k_cache, v_cache, torch.tensor(pos), torch.tensor(seqs, dtype=torch.int32),
-                                            table, D ** -0.5)
+    attention.paged_attention_cached_triton(q, k_cache, v_cache, torch.tensor(pos),
+                                            torch.tensor(seqs, dtype=torch.int32), table, D ** -0.5)
     assert_exact(caches, {row_start(table, s, j, h) for s, p in zip(seqs, pos) for j in range(p + 1)
                           for h in range(HKV)})
