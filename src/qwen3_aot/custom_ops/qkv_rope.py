@@ -220,7 +220,7 @@ def rope_cos_sin(head_dim: int, theta: float, max_positions: int, device: torch.
                                                 many times within L)
       interpolation  n_i = theta^(-2i/D) / s   (positions compressed by s, for frequencies that
                                                 turn less than once within L)
-      the dimension whose wavelength turns r times within L:
+      the index i at which f_i turns r times within L (L e_i = 2 pi r, solved for i):
           d(r) = D ln(L / (2 pi r)) / (2 ln theta)
       low = d(beta_fast), high = d(beta_slow)  (beta_fast 32, beta_slow 1 unless given), rounded
           down and up (floor, ceil) when truncate (true unless given), then clamped:
