@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from qwen3_aot.build import GraphLimits, export_artifact
+from qwen3_aot.build import GraphLimits, export
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.weights import INDEX, hf_shapes
 
@@ -298,9 +298,8 @@ def run(args: argparse.Namespace) -> dict:
         log(f"[build] as: qwen3-aot export CKPT -o ART --rope-scaling '{json.dumps(yarn)}' --max-model-len {max_len}"
             f" --max-num-tokens {chunk} --weights link --no-verify")
         t0 = time.perf_counter()
-        art = export_artifact(work / "ckpt", work / "artifact", device=device.type, weights="link", check=False,
-                              limits=GraphLimits(max_model_len=max_len, max_num_tokens=chunk), rope_scaling=yarn,
-                              log=log)
+        art = export(work / "ckpt", work / "artifact", device=device.type, weights="link", check=False,
+                     limits=GraphLimits(max_model_len=max_len, max_num_tokens=chunk), rope_scaling=yarn, log=log)
         result["build_s"] = time.perf_counter() - t0
         man = json.loads((art / "manifest.json").read_text())
         assert man["model_config"]["rope_scaling"] == cfg.rope_scaling and man["limits"]["max_model_len"] == max_len
@@ -373,7 +372,7 @@ def decode(bench: Bench, cfg: Qwen3Config, weights: int, kv_token: int, bw: floa
     for name, tables, positions, kv_tokens in cases:
         peak_reset(bench.device)
         graphs = {"main": bench.fwd}
-        small = getattr(bench.fwd, "small", None)
+        small = getattr(bench.fwd, "small_batch_graph", None)
         if small is not None and len(tables) <= getattr(bench.fwd, "small_batch_max", 0):
             graphs["small-batch"] = small
         times = {g: bench.decode_step(fn, tables, positions) for g, fn in graphs.items()}
