@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen3_aot.errors import Qwen3AotError
 
+# cli.py's --help for serve and README's Serving section name these values
 ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's; a role is rendered into the prompt
 MAX_N = 128  # OpenAI's limit on n
 MAX_PROMPTS = 2048  # OpenAI's limit on the inputs of one request
@@ -48,6 +49,8 @@ class Limits:
 
     @classmethod
     def for_engine(cls, engine: Any, max_queue: int, max_request_bytes: int | None = None) -> "Limits":
+        if max_request_bytes is not None and max_request_bytes < 1:
+            raise Qwen3AotError(f"--max-request-bytes must be at least 1, got {max_request_bytes}.")
         per_token = engine.tokenizer.max_bytes_per_token()
         return cls(engine.max_model_len, max_queue,
                    default_max_request_bytes(engine.max_model_len) if max_request_bytes is None else max_request_bytes,
