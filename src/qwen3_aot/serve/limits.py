@@ -6,8 +6,8 @@ context could hold (max_model_len times the most bytes one token stands for) get
 being tokenized (tokenizing megabytes takes seconds and hundreds of MB); n, the prompts of a
 list, the messages of a chat and its stop strings are bounded, each with a 400 naming its
 limit; and a request that asks for more generations than --max-queue can ever hold gets a 400
-saying so, not the 429 of a server that is only busy now. vLLM has no flag for the count
-limits, so they are constants here.
+saying so, not the 429 of a server that is only busy now. vLLM leaves these counts unbounded
+and has no flag for them, so they are constants here.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from qwen3_aot.errors import Qwen3AotError
 # cli.py's --help for serve and README's Serving section name these values
 ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's; a role is rendered into the prompt
 MAX_N = 128  # OpenAI's limit on n
-MAX_PROMPTS = 2048  # OpenAI's limit on the inputs of one request
+MAX_PROMPTS = 2048  # the most inputs OpenAI takes in one request (its embeddings endpoint's limit)
 MAX_STOP = 16  # OpenAI takes 4; vLLM users send more. Each is searched for after every token
 MAX_STOP_CHARS = 1024
 MIN_REQUEST_BYTES = 4 << 20
