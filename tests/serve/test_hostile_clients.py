@@ -6,7 +6,6 @@ One server for the module, its requests sent one at a time unless a test says ot
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
 import re
@@ -162,7 +161,8 @@ def test_each_limit_gets_a_400_naming_it_then_a_good_request_is_served(server, p
 
 
 def test_requests_at_the_limits_are_served(server):
-    status, reply, _ = post(server, COMPLETIONS, {**ORDINARY, "n": MAX_QUEUE, "stop": ["x" * MAX_STOP_CHARS] * MAX_STOP})
+    at_limits = {**ORDINARY, "n": MAX_QUEUE, "stop": ["x" * MAX_STOP_CHARS] * MAX_STOP}
+    status, reply, _ = post(server, COMPLETIONS, at_limits)
     assert status == 200 and len(reply["choices"]) == MAX_QUEUE, reply
     every_role = [{"role": r, "content": "hi"} for r in ROLES] + [{"role": "user", "content": "and?"}]
     status, reply, _ = post(server, CHAT, {"messages": every_role, "max_tokens": 2})
