@@ -61,8 +61,8 @@ def _serve(a: argparse.Namespace) -> None:
                             "pip install 'qwen3-aot[serve]'") from e
     options = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("num_blocks", a.num_blocks)) if v is not None}
     run(a.artifact, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
-        max_queue=a.max_queue, grace_s=a.grace_period, device=a.device, engine_process=not a.engine_in_process,
-        **options)
+        max_queue=a.max_queue, max_request_bytes=a.max_request_bytes, grace_s=a.grace_period, device=a.device,
+        engine_process=not a.engine_in_process, **options)
 
 
 DEFAULT = "(default: %(default)s)"  # argparse fills in the option's default
@@ -160,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most sequences in one batch (default: the engine's)")
     se.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
     se.add_argument("--max-queue", type=int, default=1024,
-                    help="most requests running or waiting at once; more get HTTP 429 " + DEFAULT)
+                    help="most requests (a prompt times n) running or waiting at once; more get HTTP 429, and "
+                         "one request asking for more than this alone gets 400 " + DEFAULT)
+    se.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
+                    help="largest request body; a larger one gets HTTP 413 before it is read whole (default: 64 "
+                         "bytes per token of the artifact's context, at least 4 MiB). Whatever the body, a text "
+                         "prompt longer in UTF-8 than the context could hold gets 400 without being tokenized, "
+                         "and n (128), prompts per request (2048), chat messages (one per token of the "
+                         "context), stop strings (16, 1024 characters each) are bounded")
     se.add_argument("--grace-period", type=float, default=10.0,
                     help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
                          "aborted " + DEFAULT)
