@@ -48,7 +48,7 @@ from qwen3_aot import runtime  # noqa: E402
 HEALTH_TIMEOUT_S = 300  # the server's start: torch's import, the load, CUDA-graph capture
 VARIANTS = {  # (bench/server_process.py's options, serve's)
     "default": ([], []), "h11": (["--without", "uvloop,httptools"], []), "si": (["--switch-interval", "0.0005"], []),
-    "thread": ([], ["--engine-in-process"])}
+    "thread": ([], ["--engine-in-process"]), "no-prefix-caching": ([], ["--no-prefix-caching"])}
 PY_SPY_SECONDS = 6
 
 

@@ -171,3 +171,13 @@ def test_one_log_line_per_request(tiny_server):
     r = complete(tiny_server, prompt=PROMPT, max_tokens=3)
     lines = [x for x in tiny_server.log_text().splitlines() if r.id in x]
     assert len(lines) == 1 and "tokens in" in lines[0] and "out 3" in lines[0] and "first token" in lines[0]
+
+
+def test_no_prefix_caching_computes_every_prompt_whole(tiny_artifact, tmp_path):
+    from serving import running
+
+    with running(tiny_artifact, tmp_path / "off.log", "--served-model-name", "tiny", "--no-prefix-caching") as off:
+        got = [complete(off, prompt=PROMPT * 3, max_tokens=2, temperature=0) for _ in range(2)]
+        assert [r.usage.prompt_tokens_details.cached_tokens for r in got] == [0, 0]
+        assert got[0].choices[0].text == got[1].choices[0].text
+        assert off.metrics()["qwen3_aot_prefix_cache_queries_total"] == 0
