@@ -173,11 +173,14 @@ def test_one_log_line_per_request(tiny_server):
     assert len(lines) == 1 and "tokens in" in lines[0] and "out 3" in lines[0] and "first token" in lines[0]
 
 
-def test_no_prefix_caching_computes_every_prompt_whole(tiny_artifact, tmp_path):
-    from serving import running
 
-    with running(tiny_artifact, tmp_path / "off.log", "--served-model-name", "tiny", "--no-prefix-caching") as off:
-        got = [complete(off, prompt=PROMPT * 3, max_tokens=2, temperature=0) for _ in range(2)]
-        assert [r.usage.prompt_tokens_details.cached_tokens for r in got] == [0, 0]
-        assert got[0].choices[0].text == got[1].choices[0].text
-        assert off.metrics()["qwen3_aot_prefix_cache_queries_total"] == 0
+def test_serve_no_prefix_caching_reaches_the_engine(monkeypatch, tmp_path):
+    """The flag becomes load's prefix_caching=False (what that does: tests/runtime/core/test_prefix_caching.py)."""
+    import qwen3_aot.serve
+    from qwen3_aot import cli
+
+    seen = []
+    monkeypatch.setattr(qwen3_aot.serve, "run", lambda artifact, **kw: seen.append(kw))
+    cli.main(["serve", str(tmp_path), "--no-prefix-caching"])
+    cli.main(["serve", str(tmp_path)])
+    assert seen[0]["prefix_caching"] is False and "prefix_caching" not in seen[1]

@@ -59,6 +59,7 @@ def test_outputs_with_and_without_caching_are_identical(core_on, core_off, texts
         [got] = core_on.generate(prompt, params)
         assert same(got, want), name
         assert got.cached_tokens == cached and want.cached_tokens == 0, name
+    assert core_off.scheduler.prefix_cache_queries == 0 and core_off.blocks.num_cached == 0
 
 
 def test_n_choices_of_one_prompt_share_its_blocks(core_on, core_off, texts):

@@ -108,7 +108,9 @@ def test_multi_turn_chat_finds_the_history_up_to_the_previous_answer(engine, kwa
     and none of the previous answer (README, "Prefix caching"). Each turn's generation is
     forced (fed as prompt), so that the cache holds what a turn that generated it would."""
     bs, end = engine.block_size, engine.tokenizer.encode("<|im_end|>")
-    convo, held, rows = [{"role": "system", "content": "You plan trips. Answer in a few lines."}], None, []
+    # a system prompt of its own: nothing another test left in the cache starts like it
+    system = f"You plan trips{' and think first' if not kwargs else ''}. Answer in a few lines."
+    convo, held, rows = [{"role": "system", "content": system}], None, []
     one = SamplingParams(max_tokens=1, temperature=0)
     for user, reasoning, answer in THINK_TURNS:
         convo.append({"role": "user", "content": user})
