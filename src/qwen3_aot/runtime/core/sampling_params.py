@@ -85,4 +85,6 @@ class Completion:
     output_tokens: int
     logprobs: list[float] | None = None
     reasoning: str | None = None  # Qwen3's thinking, when asked to keep it apart from `text` (chat)
-    cached_tokens: int = 0        # prompt tokens whose K/V came from the prefix cache
+    # prompt tokens whose K/V came from the prefix cache: how the prompt was computed, not what
+    # came out, so two completions of the same output compare equal whatever the cache held
+    cached_tokens: int = dataclasses.field(default=0, compare=False)
