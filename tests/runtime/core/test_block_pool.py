@@ -59,11 +59,11 @@ def test_eviction_takes_empty_blocks_first_then_the_least_recently_freed_deepest
     pool.release(b)                                        # then b2, b1, b0
     assert pool.num_free == 8 and pool.num_cached == 5
     fresh = pool.allocate(3)                               # the 3 never-used blocks, no cached one touched
-    assert not set(fresh) & set(a + b) and pool.num_cached == 5
+    assert not set(fresh) & set(a + b) and pool.num_cached == 5 and pool.num_evicted == 0
     assert pool.allocate(1) == [a[1]]                      # then the least recently freed: a's deepest
     assert find(pool, list(range(100, 108))) == a[:1]
     assert pool.allocate(2) == [a[0], b[2]]
-    assert find(pool, list(range(200, 212))) == b[:2] and pool.num_cached == 2
+    assert find(pool, list(range(200, 212))) == b[:2] and pool.num_cached == 2 and pool.num_evicted == 3
     pool.release(fresh)                                    # no keys: empty again, used before any cached one
     assert sorted(pool.allocate(3)) == sorted(fresh) and pool.num_cached == 2
 

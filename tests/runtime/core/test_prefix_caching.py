@@ -136,4 +136,4 @@ def test_32_threads_sharing_prefixes_over_a_small_cache(runtime_artifact, core_o
             time.sleep(0.01)
         core = engine._loop.core  # the loop is idle: reading its pool races with nothing
         assert all(core.blocks.ref_count(blk) == 0 for blk in range(core.blocks.num_blocks))
-        assert core.blocks.num_free == 30 and core.blocks.num_cached > 0
+        assert core.blocks.num_free == 30 and core.blocks.num_cached > 0 and core.blocks.num_evicted > 0

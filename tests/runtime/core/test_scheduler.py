@@ -2,9 +2,11 @@
 tokens: budgets and limits hold, a block is held exactly by the sequences whose tables
 name it (shared only through the prefix cache), preemption loses nothing."""
 
+import dataclasses
 from collections import Counter
 
 import pytest
+import torch
 
 from qwen3_aot.runtime.core.block_pool import BlockPool
 from qwen3_aot.runtime.core.scheduler import Scheduler, Sequence
@@ -118,3 +120,25 @@ def test_remove_frees_the_blocks_of_running_and_waiting_sequences():
     sched.remove(b)
     sched.remove(a)
     assert sched.pool.num_free == start and not sched.has_work() and a.block_table == []
+
+
+def test_a_request_asking_prompt_logprobs_computes_its_whole_prompt():
+    """Prompt logprobs need every prompt position's logits: such a request takes no cached block."""
+    from qwen3_aot.runtime import SamplingParams
+    from qwen3_aot.runtime.core.request import make_request
+    from qwen3_aot.runtime.text.tokenizer import Tokenizer
+
+    @dataclasses.dataclass(frozen=True)
+    class WithPromptLogprobs(SamplingParams):  # the field SamplingParams is getting
+        prompt_logprobs: int | None = 0
+
+    prompt = list(range(1, 40))
+    requests = [make_request(i, prompt, params, Tokenizer(None, ()), 100, [], torch.device("cpu"))
+                for i, params in enumerate([SamplingParams(), WithPromptLogprobs(), SamplingParams()])]
+    assert [r.seq.reads_prefix_cache for r in requests] == [True, False, True]
+    sched = make(num_blocks=40, budget=200)
+    sched.add(requests[0].seq)
+    sched.schedule()
+    sched.add(requests[1].seq)
+    sched.add(requests[2].seq)
+    assert [(s.seq_id, n) for s, n in sched.schedule()][1:] == [(1, 39), (2, 3)]  # 2 took 9 cached blocks of 4

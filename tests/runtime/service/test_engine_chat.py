@@ -110,7 +110,7 @@ def test_multi_turn_chat_finds_the_history_up_to_the_previous_answer(engine, kwa
     bs, end = engine.block_size, engine.tokenizer.encode("<|im_end|>")
     # a system prompt of its own: nothing another test left in the cache starts like it
     system = f"You plan trips{' and think first' if not kwargs else ''}. Answer in a few lines."
-    convo, held, rows = [{"role": "system", "content": system}], None, []
+    convo, held, previous_prompt, rows = [{"role": "system", "content": system}], None, 0, []
     one = SamplingParams(max_tokens=1, temperature=0)
     for user, reasoning, answer in THINK_TURNS:
         convo.append({"role": "user", "content": user})

@@ -47,6 +47,7 @@ class BlockPool:
         self._by_key: dict[int, int] = {}
         # a keyed block's key, tokens, parent (block, generation) or None, and salt (first block)
         self._key: dict[int, tuple[int, tuple[int, ...], tuple[int, int] | None, str | None]] = {}
+        self.num_evicted = 0  # cached blocks reused for new contents, since the start
 
     @property
     def num_free(self) -> int:
@@ -133,6 +134,7 @@ class BlockPool:
             else:
                 b, _ = self._lru.popitem(last=False)
                 self._drop_key(b)
+                self.num_evicted += 1
             self._generation[b] += 1
             self._refs[b] = 1
             out.append(b)
