@@ -60,6 +60,8 @@ def _serve(a: argparse.Namespace) -> None:
         raise Qwen3AotError(f"`qwen3-aot serve` needs the serve extra ({e.name} is not installed): "
                             "pip install 'qwen3-aot[serve]'") from e
     options = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("num_blocks", a.num_blocks)) if v is not None}
+    if a.no_prefix_caching:
+        options["prefix_caching"] = False
     run(a.artifact, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
         max_queue=a.max_queue, max_request_bytes=a.max_request_bytes, grace_s=a.grace_period, device=a.device,
         engine_process=not a.engine_in_process, **options)
@@ -159,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-num-seqs", type=int, default=None,
                     help="most sequences in one batch (default: the engine's)")
     se.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
+    se.add_argument("--no-prefix-caching", action="store_true",
+                    help="compute every prompt whole (default: full blocks of KV already computed for a shared "
+                         "prefix are reused)")
     se.add_argument("--max-queue", type=int, default=1024,
                     help="most requests (a prompt times n) running or waiting at once; more get HTTP 429, and "
                          "one request asking for more than this alone gets 400 " + DEFAULT)

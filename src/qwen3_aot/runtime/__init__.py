@@ -67,8 +67,8 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
     (runtime/service/engine_process.py), so that callers busy in Python (a server's event loop) never
     hold the GIL the loop needs between steps; the Engine's API is the same.
     `options` are the engine's: for pt2 EngineCore's (num_blocks, kv_cache_tokens,
-    gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap); for
-    onnx OnnxEngine's (max_batch_size)."""
+    gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap,
+    prefix_caching); for onnx OnnxEngine's (max_batch_size)."""
     path, man = _read(path, verify_files)
     graphs = {"pt2": "forward", "onnx": "onnx"}
     if format is None:

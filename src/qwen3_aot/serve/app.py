@@ -220,8 +220,10 @@ def _one_done(st: _State) -> None:
 
 
 def _usage(done: list[Completion], n: int) -> dict:
-    """A prompt counts once however many choices it has (OpenAI's n)."""
-    return protocol.usage(sum(c.prompt_tokens for c in done[::n]), sum(c.output_tokens for c in done))
+    """A prompt counts once however many choices it has (OpenAI's n), and so do its cached tokens
+    (its first choice's: the others take the blocks it computed)."""
+    return protocol.usage(sum(c.prompt_tokens for c in done[::n]), sum(c.output_tokens for c in done),
+                          sum(c.cached_tokens for c in done[::n]))
 
 
 async def _collect(st: _State, gen: Generation, meta: Meta, request: Request) -> list[Completion]:
@@ -329,9 +331,10 @@ def _log_request(st: _State, request: Request, rid: str, outcome: int | str, gen
         return
     done = [c for c in gen.completions if c is not None]
     ttft = "-" if gen.first_token_s is None else f"{gen.first_token_s:.3f}s"
-    log.info("%s %s %s %s: %d requests, tokens in %d out %d, first token %s, total %.3fs", rid, request.method,
-             request.url.path, outcome, len(gen.completions), sum(c.prompt_tokens for c in done),
-             sum(c.output_tokens for c in done), ttft, time.perf_counter() - gen.arrival)
+    log.info("%s %s %s %s: %d requests, tokens in %d (cached %d) out %d, first token %s, total %.3fs", rid,
+             request.method, request.url.path, outcome, len(gen.completions), sum(c.prompt_tokens for c in done),
+             sum(c.cached_tokens for c in done), sum(c.output_tokens for c in done), ttft,
+             time.perf_counter() - gen.arrival)
 
 
 def _add_error_handlers(app: FastAPI, st: _State) -> None:

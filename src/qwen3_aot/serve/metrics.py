@@ -1,8 +1,9 @@
 """/metrics: Prometheus text, in one registry per server (not prometheus_client's global one,
 so that two apps in one process do not collide). Names follow vLLM's with our prefix.
 
-The engine's own figures (running, waiting, blocks, preemptions, token counts) are read from
-`engine.stats()` at each scrape; latencies are observed by the server as pieces go out."""
+The engine's own figures (running, waiting, blocks, preemptions, token counts, prefix-cache
+queries and hits) are read from `engine.stats()` at each scrape; latencies are observed by the
+server as pieces go out."""
 
 from __future__ import annotations
 
@@ -38,7 +39,12 @@ class _EngineCollector(Collector):
                                           1 - s.num_free_blocks / s.num_blocks if s.num_blocks else 0.0)}
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+        yield GaugeMetricFamily(PREFIX + "prefix_cache_blocks", "KV-cache blocks findable by their content.",
+                                value=s.num_cached_blocks)
         counters = {"num_preemptions": ("Sequences preempted (their blocks taken back) so far.", s.num_preemptions),
+                    "prefix_cache_queries": ("Tokens of joining sequences looked up in the prefix cache.",
+                                             s.prefix_cache_queries),
+                    "prefix_cache_hits": ("Of those, tokens found in the prefix cache.", s.prefix_cache_hits),
                     "prompt_tokens": ("Prompt tokens prefilled so far.", s.prompt_tokens),
                     "generation_tokens": ("Tokens generated so far.", s.generation_tokens)}
         for name, (doc, value) in counters.items():

@@ -56,7 +56,8 @@ class Request:
     def completion(self) -> Completion:
         out = self.seq.output_ids
         return Completion(text=self.text.text, token_ids=out, finish_reason=self.finish_reason,
-                          prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs)
+                          prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs,
+                          cached_tokens=self.seq.num_cached_tokens or 0)
 
 
 def request_limits(max_model_len: int, cache_capacity: int) -> list[tuple[int, str]]:
@@ -94,7 +95,9 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    return Request(Sequence(seq_id, ids), params, stop_ids, Detokenizer(tokenizer, params.stop), generator)
+    # prompt logprobs need every prompt position's logits: such a request computes its whole prompt
+    reads_cache = getattr(params, "prompt_logprobs", None) is None
+    return Request(Sequence(seq_id, ids, params.cache_salt, reads_cache), params, stop_ids, Detokenizer(tokenizer, params.stop), generator)
 
 
 def prompt_ids(prompt: object, tokenizer: Tokenizer) -> list[int]:

@@ -141,8 +141,8 @@ class Engine:
     # ---- state ----
 
     def stats(self) -> EngineStats:
-        """Running and waiting requests, KV-cache blocks, preemptions and token counts, as of
-        the loop's last step or command."""
+        """Running and waiting requests, KV-cache blocks, preemptions, token counts and the
+        prefix cache's queries, hits and blocks, as of the loop's last step or command."""
         return self._loop.stats
 
     @property
