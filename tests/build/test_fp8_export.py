@@ -1,0 +1,147 @@
+"""FP8 checkpoints (Qwen's block FP8, compressed-tensors) and `--quantize fp8`: read, exported,
+loaded, and compared with transformers' float64 model of the dequantized weights; refusals
+leave nothing behind; the manifest's record of the quantization is checked at load."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from artifact_damage import edit_manifest
+from fp8_checkpoints import float64_reference, write_bf16, write_block_fp8, write_compressed_tensors
+from greedy_reference import prompts, tokenizer
+from qwen3_aot import Qwen3AotError, manifest, runtime
+from qwen3_aot.build import export
+from qwen3_aot.driver import FlatBatchDriver
+from qwen3_aot.model import Qwen3ForCausalLM
+from qwen3_aot.runtime import SamplingParams
+from qwen3_aot.weights import load_checkpoint
+
+pytestmark = pytest.mark.xdist_group("fp8_artifact")  # one worker builds the FP8 artifact for the module
+NEW_TOKENS = 12
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+PROMPTS = 6
+
+
+@pytest.fixture(scope="module")
+def block_fp8(tmp_path_factory):
+    return write_block_fp8(tmp_path_factory.mktemp("fp8") / "block-fp8")
+
+
+@pytest.fixture(scope="module")
+def fp8_artifact(tmp_path_factory, block_fp8):
+    """The block-FP8 checkpoint as a CPU artifact, with the build's verify (about 30 s)."""
+    return export(block_fp8, tmp_path_factory.mktemp("artifacts") / "tiny-fp8", device="cpu", log=lambda _m: None)
+
+
+def _reference_greedy(checkpoint) -> list[list[int]]:
+    hf = float64_reference(checkpoint)
+    out = []
+    for p in prompts()[:PROMPTS]:
+        ids = tokenizer().encode(p).ids
+        out.append(hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
+                               )[0, len(ids):].tolist())
+    return out
+
+
+def _eager_greedy(model: Qwen3ForCausalLM) -> list[list[int]]:
+    driver = FlatBatchDriver(model, model.config, model.dtype, "cpu")
+    return driver.generate_greedy([tokenizer().encode(p).ids for p in prompts()[:PROMPTS]], NEW_TOKENS)
+
+
+def test_block_fp8_artifact_greedy_equals_float64_model_of_the_dequantized_weights(fp8_artifact, block_fp8):
+    with runtime.load(fp8_artifact) as engine:
+        got = [c.token_ids for c in engine.generate(prompts()[:PROMPTS], GREEDY)]
+    assert got == _reference_greedy(block_fp8)
+
+
+def test_manifest_records_the_quantization_and_check_passes(fp8_artifact):
+    q = json.loads((fp8_artifact / "manifest.json").read_text())["quantization"]
+    assert q["method"] == "fp8" and q["block_size"] == [128, 128] and q["weight_dtype"] == "float8_e4m3fn"
+    assert q["layers"] == sorted(f"layers.{i}.{p}" for i in range(4)
+                                 for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    assert any("FP8 weights (fp8, 16 layers)" in line for line in manifest.check(fp8_artifact))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.pop("quantization"), "says float weights"),
+    (lambda m: m["quantization"]["layers"].pop(), "says FP8 layers"),
+    (lambda m: m["quantization"].update(method="int4"), "quantization entry this qwen3-aot does not read"),
+])
+def test_check_and_load_refuse_a_quantization_the_weights_do_not_have(fp8_artifact, tmp_path, damage, message):
+    art = tmp_path / "a"
+    shutil.copytree(fp8_artifact, art)
+    edit_manifest(art, damage)
+    with pytest.raises(Qwen3AotError, match=message):
+        manifest.check(art)
+    with pytest.raises(Qwen3AotError, match=message):
+        runtime.load(art)
+
+
+def test_compressed_tensors_greedy_equals_float64_model_and_fused_parts_keep_their_scales(tmp_path):
+    ckpt = write_compressed_tensors(tmp_path / "ct")
+    model = Qwen3ForCausalLM.from_pretrained(ckpt, device="cpu")
+    assert model.quantization["method"] == "compressed-tensors" and model.quantization["source_strategy"] == "channel"
+    stored = load_file(str(ckpt / "model.safetensors"))
+    parts = [stored[f"model.layers.1.self_attn.{p}_proj.weight_scale"][:, 0] for p in "qkv"]
+    assert torch.equal(model.layers[1].qkv_proj_scale[:, 0], torch.cat(parts))
+    assert model.embed_tokens.dtype == torch.bfloat16 and model.layers[1].qkv_proj.dtype == torch.float8_e4m3fn
+    assert _eager_greedy(model) == _reference_greedy(ckpt)
+
+
+def test_quantize_fp8_writes_the_block_fp8_checkpoints_weights(block_fp8, tmp_path):
+    """--quantize fp8 of the bf16 weights is the block-FP8 checkpoint written by the format's rule."""
+    _, built = load_checkpoint(write_bf16(tmp_path / "bf16"), quantize="fp8")
+    _, read = load_checkpoint(block_fp8)
+    assert built.keys() == read.keys()
+    for name in built:
+        assert built[name].dtype == read[name].dtype and torch.equal(built[name].float(), read[name].float()), name
+
+
+def _drop_scale(path):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "model.layers.2.mlp.down_proj.weight_scale_inv"
+    shard = path / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard))
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _edit_scale(path, fn):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.self_attn.k_proj.weight_scale_inv"
+    shard = path / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    tensors[name] = fn(tensors[name])
+    save_file(tensors, str(shard))
+
+
+@pytest.mark.parametrize("config, damage, message", [
+    ({}, lambda p: _edit_scale(p, lambda s: s * float("nan")), "non-finite or non-positive scales"),
+    ({}, lambda p: _edit_scale(p, lambda s: torch.ones(3, 3)), r"k_proj.weight_scale_inv has shape \(3, 3\)"),
+    ({}, _drop_scale, r"lacks 1 tensor.*down_proj.weight_scale_inv"),
+    ({"weight_block_size": [64, 64]}, None, r"weight_block_size \[64, 64\] \(only \[128, 128\]"),
+    ({"activation_scheme": "static"}, None, "activation_scheme 'static'"),
+    ({"quant_method": "gptq"}, None, "quant_method is 'gptq'"),
+])
+def test_unsupported_or_damaged_fp8_checkpoints_are_refused_and_nothing_is_written(tmp_path, config, damage, message):
+    ckpt = write_block_fp8(tmp_path / "ckpt", **config)
+    if damage:
+        damage(ckpt)
+    out = tmp_path / "out"
+    with pytest.raises(Qwen3AotError, match=message):
+        export(ckpt, out, device="cpu", check=False, log=lambda _m: None)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_fp8_refuses_what_it_cannot_build(block_fp8, tmp_path):
+    for kwargs, message in [({"formats": ("onnx",)}, "pt2 graph only"), ({"weights": "link"}, "--weights link"),
+                            ({"tensor_parallel": 2}, "tensor-parallel")]:
+        with pytest.raises(Qwen3AotError, match=message):
+            export(block_fp8, tmp_path / "out", device="cpu", log=lambda _m: None, **kwargs)
+    with pytest.raises(Qwen3AotError, match="already quantized"):
+        export(block_fp8, tmp_path / "out", device="cpu", quantize="fp8", log=lambda _m: None)
+    assert not (tmp_path / "out").exists()
