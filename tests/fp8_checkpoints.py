@@ -116,10 +116,10 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
             out[name] = t.double()
             continue
         base = name[:-len("weight")]
-        scale = tensors.get(base + "weight_scale_inv", tensors.get(base + "weight_scale")).double()
-        if scale.shape[1] == 1:  # per channel
-            out[name] = t.double() * scale
-        else:  # per 128x128 block
+        if base + "weight_scale" in tensors:  # compressed-tensors, per channel
+            out[name] = t.double() * tensors[base + "weight_scale"].double()
+        else:  # Qwen's, per 128x128 block
+            scale = tensors[base + "weight_scale_inv"].double()
             full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:t.shape[0], :t.shape[1]]
             out[name] = t.double() * full
     return out
