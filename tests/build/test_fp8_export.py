@@ -97,6 +97,22 @@ def test_compressed_tensors_greedy_equals_float64_model_and_fused_parts_keep_the
     assert _eager_greedy(model) == _reference_greedy(ckpt)
 
 
+def test_small_batch_form_is_as_close_to_float64_as_the_main_graph(block_fp8):
+    """The small-batch graph's FP8 layers (weight-only rows kernel, norms unfused), run eagerly:
+    no further from float64 of the dequantized weights than the main form (activations quantized)."""
+    from qwen3_aot.build.reference import Float64Forward
+
+    model = Qwen3ForCausalLM.from_pretrained(block_fp8, device="cpu")
+    seqs = [tokenizer().encode(p).ids for p in prompts()[:3]]
+    ref = torch.cat(FlatBatchDriver(Float64Forward(model), model.config, torch.float64, "cpu").logits(seqs))
+    driver = FlatBatchDriver(model, model.config, model.dtype, "cpu")
+    main = torch.cat(driver.logits(seqs))
+    model.small_batch = True
+    small = torch.cat(driver.logits(seqs))
+    err = lambda x: float((x.double() - ref).norm() / ref.norm())  # noqa: E731
+    assert err(small) <= 1.25 * err(main) + 1e-2 and err(main) < 0.1
+
+
 def test_quantize_fp8_writes_the_block_fp8_checkpoints_weights(block_fp8, tmp_path):
     """--quantize fp8 of the bf16 weights is the block-FP8 checkpoint written by the format's rule."""
     _, built = load_checkpoint(write_bf16(tmp_path / "bf16"), quantize="fp8")
