@@ -130,7 +130,7 @@ def build(ckpt: Path, art: Path, device: str, tiny: bool, fp8_weights: bool) -> 
     limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
     how = ["--quantize", "fp8"] if fp8_weights else ["--weights", "link"]
     cmd = [sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
-           "--dtype", "float32" if tiny and not fp8_weights else "bfloat16", "--force", *how, *limits]
+           "--force", *how, *limits]
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     stages, verify = {}, None
@@ -253,11 +253,8 @@ def accuracy(ckpt: Path, bf16_art: Path, fp8_art: Path, ids: list[int], device: 
 # ---- a shape ----
 
 def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bool, tokenizer: Path | None) -> dict:
-    hf = {**family_bench.config("tiny" if tiny else "8B", "float32" if tiny else "bfloat16")}
-    if not tiny:
-        hf.update(SHAPES[shape])
-    if tiny:
-        hf["dtype"] = "bfloat16"
+    hf = family_bench.config("tiny", "bfloat16") if tiny else {**family_bench.config("8B", "bfloat16"),
+                                                               **SHAPES[shape]}
     root = work / shape
     ckpt, record = root / "checkpoint", root / "record.json"
     arts = {"bf16": root / "bf16", "fp8": root / "fp8"}
