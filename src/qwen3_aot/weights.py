@@ -249,5 +249,5 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, qu
         return cfg, to_model_state(load_hf_tensors(path, cfg), cfg, run_dtype)
     hf = load_hf_tensors(path, cfg, None if quantize else quant)
     if quantize:
-        hf = quantization.quantize_checkpoint_tensors(hf)
+        hf = quantization.quantize_checkpoint_tensors(hf, "cuda" if torch.cuda.is_available() else "cpu")
     return cfg, dict(quantization.model_state_items(model_state_names(cfg), hf.__getitem__, quant, run_dtype))

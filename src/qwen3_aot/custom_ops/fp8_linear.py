@@ -41,8 +41,10 @@ FP8_MAX = 448.0      # the largest finite float8_e4m3fn
 FP8 = torch.float8_e4m3fn
 # rows kernel: weight elements a program holds at once, and its warps (any values are correct)
 ROWS_TILE, ROWS_WARPS = 8192, 4
-# GEMM tile (BLOCK_K is GROUP: one scale per row and column of a tile)
-GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_WARPS, GEMM_STAGES = 64, 128, 4, 3
+# GEMM tile (BLOCK_K is GROUP: one scale per row and column of a tile). Fixed, since the row
+# count is symbolic in the exported graph; 64 columns so that a decode batch of 64 rows still
+# spreads a 4096-wide projection over 64 programs (the GPU has 132 SMs)
+GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_WARPS, GEMM_STAGES = 64, 64, 4, 4
 
 
 @triton.jit
