@@ -117,12 +117,18 @@ def check_quantization(artifact: Path, manifest: dict[str, Any]) -> None:
                               and isinstance(q.get("layers"), list)):
         raise Qwen3AotError(f"{artifact}/{MANIFEST} has a quantization entry this qwen3-aot does not read ({q!r:.200}); "
                             "rebuild the artifact.")
-    if q is not None and not isinstance(weights, str):
-        raise Qwen3AotError(f"{artifact} has FP8 weights outside one weights file (linked or tensor-parallel), which "
-                            "this qwen3-aot does not load; rebuild it with --weights copy.")
-    if not isinstance(weights, str) or not (artifact / weights).is_file():
-        return  # linked and tensor-parallel artifacts hold float weights; a missing file is check_files' to report
-    _, header = safetensors_layout(artifact / weights)
+    if q is not None and isinstance(weights, dict) and not isinstance(weights.get("checkpoint_quantization"), dict):
+        raise Qwen3AotError(f"{artifact} has FP8 weights that its weights entry does not say how to read; rebuild it.")
+    if q is not None and weights is None:
+        raise Qwen3AotError(f"{artifact} has FP8 weights outside a weights file (tensor-parallel shards), which this "
+                            "qwen3-aot does not load; rebuild it without --tensor-parallel.")
+    f = artifact / weights if isinstance(weights, str) else None
+    if f is None or not f.is_file() or f.stat().st_size != manifest["sizes"].get(weights):
+        return  # linked and tensor-parallel artifacts hold float weights; damage is check_files' to report
+    try:
+        _, header = safetensors_layout(f)
+    except Qwen3AotError:
+        return
     fp8 = sorted(n for n, t in header.items() if n != "__metadata__" and t.get("dtype") == FP8_STORED)
     layers = sorted(q["layers"]) if q else []
     scales_ok = all(header.get(f"{n}_scale", {}).get("dtype") == SCALE_STORED for n in layers)

@@ -55,6 +55,14 @@ class CheckpointQuantization:
                 return False
         return True
 
+    def source(self) -> dict[str, Any]:
+        """What a linked artifact records to read the checkpoint's scales at load (`from_source`)."""
+        return {**dataclasses.asdict(self), "ignore": list(self.ignore)}
+
+    @classmethod
+    def from_source(cls, d: dict[str, Any]) -> "CheckpointQuantization":
+        return cls(**{**d, "ignore": tuple(d["ignore"])})
+
     def manifest_entry(self, layers: list[str]) -> dict[str, Any]:
         return {"method": self.method, "source_strategy": self.strategy, "weight_dtype": "float8_e4m3fn",
                 "block_size": BLOCK if self.strategy == "block" else None,
@@ -129,9 +137,9 @@ def scale_names(quant: CheckpointQuantization, weight_names: list[str]) -> dict[
             if n.endswith(".weight") and quant.quantized(n[: -len(".weight")])}
 
 
-def row_scales(weight: torch.Tensor, scale: torch.Tensor, quant: CheckpointQuantization, name: str) -> torch.Tensor:
-    """A checkpoint's scale tensor for `weight` [N, K] as our fp32 [N, ceil(K/128)], checked."""
-    n, k = weight.shape
+def row_scales(shape: tuple[int, ...], scale: torch.Tensor, quant: CheckpointQuantization, name: str) -> torch.Tensor:
+    """A checkpoint's scale tensor for a weight of `shape` [N, K] as our fp32 [N, ceil(K/128)], checked."""
+    n, k = shape
     kb = -(-k // GROUP)
     expected = {"block": [(-(-n // GROUP), kb)], "channel": [(n, 1), (n,)], "tensor": [(), (1,)]}[quant.strategy]
     if tuple(scale.shape) not in expected:
@@ -190,7 +198,7 @@ def model_state_items(names: Iterator[tuple[str, tuple[str, ...]]], get: Callabl
             if w.dtype != FP8:
                 raise Qwen3AotError(f"tensor {p} is {w.dtype}; the checkpoint's quantization_config ({quant.method}) "
                                     "makes it a quantized layer, stored as float8_e4m3fn.")
-        scales = [row_scales(w, get(p[: -len("weight")] + quant.scale_name), quant, p[: -len("weight")] +
+        scales = [row_scales(tuple(w.shape), get(p[: -len("weight")] + quant.scale_name), quant, p[: -len("weight")] +
                              quant.scale_name) for p, w in zip(parts, weights)]
         yield ours, torch.cat(weights).contiguous()
         yield ours + SCALE_SUFFIX, torch.cat(scales).contiguous()

@@ -160,10 +160,30 @@ def test_unsupported_or_damaged_fp8_checkpoints_are_refused_and_nothing_is_writt
 
 
 def test_fp8_refuses_what_it_cannot_build(block_fp8, tmp_path):
-    for kwargs, message in [({"formats": ("onnx",)}, "pt2 graph only"), ({"weights": "link"}, "--weights link"),
-                            ({"tensor_parallel": 2}, "tensor-parallel")]:
+    for kwargs, message in [({"formats": ("onnx",)}, "pt2 graph only"), ({"tensor_parallel": 2}, "tensor-parallel")]:
         with pytest.raises(Qwen3AotError, match=message):
             export(block_fp8, tmp_path / "out", device="cpu", log=lambda _m: None, **kwargs)
     with pytest.raises(Qwen3AotError, match="already quantized"):
         export(block_fp8, tmp_path / "out", device="cpu", quantize="fp8", log=lambda _m: None)
+    with pytest.raises(Qwen3AotError, match="--quantize fp8 writes new weights"):
+        export(write_bf16(tmp_path / "bf16"), tmp_path / "out", device="cpu", quantize="fp8", weights="link",
+               log=lambda _m: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_linked_fp8_checkpoint_reads_as_the_copied_state(block_fp8, tmp_path):
+    """--weights link of an FP8 checkpoint: the build accepts its FP8 tensors, and the runtime's
+    load-time fusion (weight_reader) makes the state the build's loader makes, scales included."""
+    from qwen3_aot.build.linked import linkable_files
+    from qwen3_aot.quantization import CheckpointQuantization
+    from qwen3_aot.runtime.forward.weight_reader import read_model_state
+    from qwen3_aot.weights import checkpoint_quantization, tensor_files
+
+    assert linkable_files(block_fp8, tmp_path, None) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
+    cfg, copied = load_checkpoint(block_fp8)
+    source = checkpoint_quantization(block_fp8).source()
+    linked = read_model_state(tensor_files(block_fp8), cfg, torch.bfloat16, torch.device("cpu"),
+                              CheckpointQuantization.from_source(json.loads(json.dumps(source))))
+    assert linked.keys() == copied.keys()
+    assert all(linked[n].dtype == copied[n].dtype and torch.equal(linked[n].float(), copied[n].float()) for n in copied)

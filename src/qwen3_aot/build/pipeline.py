@@ -191,9 +191,9 @@ def check_quantized_build(checkpoint: Path, quantize: str | None, device: str, f
     if tensor_parallel is not None:
         raise Qwen3AotError(f"{what}: FP8 weights are not sharded for --tensor-parallel yet; drop it (FP8 halves the "
                             "weights: a model that needed two GPUs in bf16 may fit one).")
-    if weights == "link":
-        raise Qwen3AotError(f"{what}: --weights link is not supported for FP8 weights (the runtime's load-time "
-                            "fusion reads float tensors only); use --weights copy.")
+    if weights == "link" and quantize is not None:
+        raise Qwen3AotError("--quantize fp8 writes new weights, and --weights link keeps the checkpoint's: use "
+                            "--weights copy (or link an FP8 checkpoint, which needs no --quantize).")
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         raise Qwen3AotError(f"{what}: FP8 needs a GPU of compute capability 8.9 or more (Ada, Hopper), this one is "
                             f"{torch.cuda.get_device_name()}; build from a bf16 checkpoint without --quantize.")
