@@ -10,8 +10,9 @@ error (float64 with only the activations quantized), and FP8 against the bf16 ar
 (KL divergence and top-1 agreement).
 
     PYTHONPATH=src python bench/fp8_bench.py --shapes 0.6B --json $OUT/fp8_0.6B.json
-    PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage build && \\
-        PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage measure --json $OUT/fp8_8B.json
+    PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage build --builds bf16   # then, back to back:
+    PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage build --builds fp8
+    PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage measure --json $OUT/fp8_8B.json
     PYTHONPATH=src python bench/fp8_bench.py --tiny      # a tiny shape on the CPU (smoke run)
 
 Qwen's tokenizer is made from the dashscope wheel as the tests make it (tests/qwen_checkpoint.py):
@@ -128,7 +129,8 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
 def build(ckpt: Path, art: Path, device: str, tiny: bool, fp8_weights: bool) -> dict:
     """scripts/export.py as a user runs it: bf16 with --weights link, FP8 with --quantize fp8."""
     limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
-    how = ["--quantize", "fp8"] if fp8_weights else ["--weights", "link"]
+    # bf16's verify is the established build's; FP8's is kept: it is its check against float64 on the GPU
+    how = ["--quantize", "fp8"] if fp8_weights else ["--weights", "link", "--no-verify"]
     cmd = [sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
            "--force", *how, *limits]
     t = time.perf_counter()
@@ -253,18 +255,21 @@ def accuracy(ckpt: Path, bf16_art: Path, fp8_art: Path, ids: list[int], device: 
 
 # ---- a shape ----
 
-def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bool, tokenizer: Path | None) -> dict:
+def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bool, tokenizer: Path | None,
+              builds: tuple[str, ...] = ("bf16", "fp8")) -> dict:
     hf = family_bench.config("tiny", "bfloat16") if tiny else {**family_bench.config("8B", "bfloat16"),
                                                                **SHAPES[shape]}
     root = work / shape
     ckpt, record = root / "checkpoint", root / "record.json"
     arts = {"bf16": root / "bf16", "fp8": root / "fp8"}
-    r: dict = json.loads(record.read_text()) if stage == "measure" and record.is_file() else {"shape": shape}
+    r: dict = json.loads(record.read_text()) if stage != "all" and record.is_file() else {"shape": shape}
     if stage in ("build", "all"):
         if not (ckpt / INDEX).is_file():
             print(f"[{shape}] writing the checkpoint", flush=True)
             r["checkpoint"] = family_bench.write_checkpoint(ckpt, hf, device)
         for name, art in arts.items():
+            if name not in builds:
+                continue
             r[name] = build(ckpt, art, device.type, tiny, name == "fp8")
             print(f"[{shape}] {name} build {r[name]['build_s']:.0f} s {r[name]['stages_s']}", flush=True)
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +326,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="0.6B", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--stage", choices=["all", "build", "measure", "kernels"], default="all",
                     help="all: kernels, write, build, measure, delete; or one part (8B and up: build, then measure)")
+    ap.add_argument("--builds", default="bf16,fp8",
+                    help="which artifacts --stage build makes (8B and up: one call each, back to back)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_fp8"))
     ap.add_argument("--tokenizer", type=Path, default=None, help="Qwen's tokenizer.json (default: made from dashscope)")
     ap.add_argument("--json", type=Path, default=None)
@@ -340,7 +347,8 @@ def main() -> None:
         for shape in shapes:
             kernels += kernel_checks(shape, device, a.tiny)
     for shape in shapes if a.stage != "kernels" else []:
-        results.append(run_shape(shape, a.stage, a.work, device, a.tiny, a.tokenizer))
+        results.append(run_shape(shape, a.stage, a.work, device, a.tiny, a.tokenizer,
+                                 tuple(b.strip() for b in a.builds.split(","))))
         if a.json:  # after each shape: a later shape's failure keeps the earlier ones
             a.json.write_text(json.dumps({**system_info(device), "kernels": kernels, "results": results}, indent=1))
     if a.json:
