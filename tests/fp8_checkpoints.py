@@ -125,8 +125,21 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def float64_reference(path: Path):
-    """transformers' Qwen3 in float64 with the checkpoint's dequantized weights."""
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic FP8 activations as Qwen's `activation_scheme: dynamic` means them (vLLM's
+    per_token_group_quant_fp8): each token's inputs in groups of 128, each group scaled by its
+    amax / 448 and rounded to the nearest e4m3; returned dequantized, in x's dtype."""
+    k = x.shape[-1]
+    groups = torch.nn.functional.pad(x, (0, -k % 128)).unflatten(-1, (-1, 128))
+    amax = groups.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return ((groups / scale).to(FP8).to(x.dtype) * scale).flatten(-2)[..., :k]
+
+
+def float64_reference(path: Path, activations: bool = True):
+    """transformers' Qwen3 in float64 with the checkpoint's dequantized weights; activations:
+    each quantized projection's input quantized as `quantize_activations` says (the dynamic
+    scheme, in 128-input groups for both formats, as qwen3-aot runs them)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = json.loads((path / "config.json").read_text())
@@ -134,4 +147,8 @@ def float64_reference(path: Path):
     model = Qwen3ForCausalLM(Qwen3Config(**config)).double().eval()
     missing, unexpected = model.load_state_dict(dequantized(path), strict=False)
     assert missing == ["lm_head.weight"] and not unexpected  # tied: lm_head is the embedding
+    if activations:
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+                module.register_forward_pre_hook(lambda _m, args: (quantize_activations(args[0]),))
     return model

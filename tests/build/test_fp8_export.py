@@ -32,14 +32,17 @@ def block_fp8(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp8_artifact(tmp_path_factory, block_fp8):
-    """The block-FP8 checkpoint as a CPU artifact, with the build's verify (about 30 s)."""
-    return export(block_fp8, tmp_path_factory.mktemp("artifacts") / "tiny-fp8", device="cpu", log=lambda _m: None)
+    """The block-FP8 checkpoint as a CPU artifact, with the build's verify (about 30 s); in fp32,
+    so that its greedy tokens are compared with float64 through fp32's roundings, not bf16's."""
+    return export(block_fp8, tmp_path_factory.mktemp("artifacts") / "tiny-fp8", device="cpu", dtype="float32",
+                  log=lambda _m: None)
 
 
 @torch.inference_mode()
 def _reference_greedy(checkpoint) -> list[list[int]]:
-    """transformers' float64 model of the dequantized weights, greedy (its KV cache; generate()
-    costs several times more in its per-token overheads)."""
+    """transformers' float64 model of the dequantized weights with the dynamic activation
+    quantization (fp8_checkpoints.float64_reference), greedy (its KV cache; generate() costs
+    several times more in its per-token overheads)."""
     hf = float64_reference(checkpoint)
     out = []
     for p in prompts()[:PROMPTS]:
@@ -57,7 +60,7 @@ def _eager_greedy(model: Qwen3ForCausalLM) -> list[list[int]]:
     return driver.generate_greedy([tokenizer().encode(p).ids for p in prompts()[:PROMPTS]], NEW_TOKENS)
 
 
-def test_block_fp8_artifact_greedy_equals_float64_model_of_the_dequantized_weights(fp8_artifact, block_fp8):
+def test_block_fp8_artifact_greedy_equals_float64_model_of_the_quantized_checkpoint(fp8_artifact, block_fp8):
     with runtime.load(fp8_artifact) as engine:
         got = [c.token_ids for c in engine.generate(prompts()[:PROMPTS], GREEDY)]
     assert got == _reference_greedy(block_fp8)
@@ -86,14 +89,14 @@ def test_check_and_load_refuse_a_quantization_the_weights_do_not_have(fp8_artifa
         runtime.load(art)
 
 
-def test_compressed_tensors_greedy_equals_float64_model_and_fused_parts_keep_their_scales(tmp_path):
+def test_compressed_tensors_greedy_equals_float64_model_of_the_checkpoint_and_fused_parts_keep_their_scales(tmp_path):
     ckpt = write_compressed_tensors(tmp_path / "ct")
-    model = Qwen3ForCausalLM.from_pretrained(ckpt, device="cpu")
+    model = Qwen3ForCausalLM.from_pretrained(ckpt, dtype="float32", device="cpu")
     assert model.quantization["method"] == "compressed-tensors" and model.quantization["source_strategy"] == "channel"
     stored = load_file(str(ckpt / "model.safetensors"))
     parts = [stored[f"model.layers.1.self_attn.{p}_proj.weight_scale"][:, 0] for p in "qkv"]
     assert torch.equal(model.layers[1].qkv_proj_scale[:, 0], torch.cat(parts))
-    assert model.embed_tokens.dtype == torch.bfloat16 and model.layers[1].qkv_proj.dtype == torch.float8_e4m3fn
+    assert model.embed_tokens.dtype == torch.float32 and model.layers[1].qkv_proj.dtype == torch.float8_e4m3fn
     assert _eager_greedy(model) == _reference_greedy(ckpt)
 
 
