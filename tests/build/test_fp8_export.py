@@ -190,3 +190,15 @@ def test_a_linked_fp8_checkpoint_reads_as_the_copied_state(block_fp8, tmp_path):
                               CheckpointQuantization.from_source(json.loads(json.dumps(source))))
     assert linked.keys() == copied.keys()
     assert all(linked[n].dtype == copied[n].dtype and torch.equal(linked[n].float(), copied[n].float()) for n in copied)
+
+
+def test_an_fp8_artifact_is_refused_on_a_gpu_without_fp8(fp8_artifact, monkeypatch):
+    """An A100 (8.0) has no FP8: the load says so rather than failing in a kernel (the GPU
+    faked: CI has none; the check reads only what torch.cuda reports)."""
+    man = json.loads((fp8_artifact / "manifest.json").read_text())
+    man["device"], man["build_env"]["compute_capability"] = "cuda", "8.0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_a: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(Qwen3AotError, match=r"FP8 weights, which need a GPU of compute capability 8.9.*A100"):
+        manifest.check_compiled(fp8_artifact, man)
