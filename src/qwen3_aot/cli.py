@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from qwen3_aot import __version__
+from qwen3_aot.config import YARN_EXAMPLE
 from qwen3_aot.errors import Qwen3AotError
 
 
@@ -14,10 +16,16 @@ def _export(a: argparse.Namespace) -> None:
 
     limits = GraphLimits(block_size=a.block_size, max_num_tokens=a.max_num_tokens, max_num_seqs=a.max_num_seqs,
                          max_model_len=a.max_model_len)
+    rope_scaling = None
+    if a.rope_scaling is not None:
+        try:
+            rope_scaling = json.loads(a.rope_scaling)
+        except json.JSONDecodeError as e:
+            raise Qwen3AotError(f"--rope-scaling is not valid JSON ({e}); write it as '{YARN_EXAMPLE}'.") from e
     export(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
                     formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify,
                     weights=a.weights, tensor_parallel=a.tensor_parallel,
-                    small_batch_graph=a.small_batch_graph, quantize=a.quantize)
+                    small_batch_graph=a.small_batch_graph, rope_scaling=rope_scaling, quantize=a.quantize)
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -103,8 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most tokens in one step, prompts and decodes together " + DEFAULT)
     ex.add_argument("--max-num-seqs", type=int, default=1024, help="most sequences in one step " + DEFAULT)
     ex.add_argument("--max-model-len", type=int, default=0,
-                    help="longest sequence, prompt and output, in tokens; 0: the model's max_position_embeddings "
-                         + DEFAULT)
+                    help="longest sequence, prompt and output, in tokens; 0: the model's context, its "
+                         "max_position_embeddings or, with rope scaling, the stretched length (YaRN: "
+                         "original_max_position_embeddings x factor) " + DEFAULT)
+    ex.add_argument("--rope-scaling", default=None, metavar="JSON",
+                    help="RoPE scaling replacing config.json's, in its rope_scaling form, e.g. for Qwen3's "
+                         f"documented 131,072 tokens '{YARN_EXAMPLE}' (yarn with transformers' fields, or linear); "
+                         "recorded in the manifest's model_config (default: the checkpoint's)")
     ex.add_argument("--small-batch-graph", action=argparse.BooleanOptionalAction, default=None,
                     help="on CUDA, also compile the forward's small-batch form, which the engine replays for the "
                          "decode batches it runs faster (a second compile); default: for models of hidden size "

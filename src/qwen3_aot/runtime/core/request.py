@@ -61,7 +61,9 @@ class Request:
 
 def request_limits(max_model_len: int, cache_capacity: int) -> list[tuple[int, str]]:
     """The limits a prompt + max_tokens must stay within, with what sets each and how to raise it."""
-    return [(max_model_len, f"the artifact's max_model_len ({max_model_len}); shorten one of them"),
+    return [(max_model_len, f"the artifact's max_model_len ({max_model_len}); shorten one of them, or rebuild the "
+                            "artifact with a larger --max-model-len (past the model's own context with YaRN: "
+                            "--rope-scaling, README's Long context)"),
             (cache_capacity, f"the KV cache ({cache_capacity} tokens); shorten them or load with a larger cache "
                              "(num_blocks, kv_cache_tokens or gpu_memory_utilization)")]
 
