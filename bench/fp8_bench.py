@@ -13,6 +13,8 @@ error (float64 with only the activations quantized), and FP8 against the bf16 ar
     PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage build --builds bf16   # then, back to back:
     PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage build --builds fp8
     PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage measure --json $OUT/fp8_8B.json
+    PYTHONPATH=src python bench/fp8_bench.py --shapes 32B --fp8-checkpoint --stage build    # then:
+    PYTHONPATH=src python bench/fp8_bench.py --shapes 32B --fp8-checkpoint --stage measure --json $OUT/fp8_32B.json
     PYTHONPATH=src python bench/fp8_bench.py --tiny      # a tiny shape on the CPU (smoke run)
 
 Qwen's tokenizer is made from the dashscope wheel as the tests make it (tests/qwen_checkpoint.py):
@@ -126,11 +128,57 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
 
 # ---- building ----
 
-def build(ckpt: Path, art: Path, device: str, tiny: bool, fp8_weights: bool) -> dict:
-    """scripts/export.py as a user runs it: bf16 with --weights link, FP8 with --quantize fp8."""
+def write_fp8_checkpoint(path: Path, hf: dict, device: torch.device) -> dict:
+    """The seeded random checkpoint of family_bench.write_checkpoint (same draws) written as Qwen's
+    block FP8 (--quantize fp8's rule, each projection quantized on `device` as drawn), sharded:
+    Qwen3-32B's is 33 GB, where its bf16 one (65 GB) and an artifact do not fit a 64 GiB disk."""
+    from safetensors.torch import save_file
+
+    from qwen3_aot.config import Qwen3Config
+    from qwen3_aot.quantization import quantize_block_fp8, scale_names, BUILT
+    from qwen3_aot.random_checkpoint import QWEN3_0_6B_K_NORM_MAX, random_tensor
+    from qwen3_aot.weights import hf_shapes
+
+    shapes = list(hf_shapes(Qwen3Config.from_hf_dict(hf)).items())
+    fp8 = scale_names(BUILT, [n for n, _ in shapes])
+    path.mkdir(parents=True, exist_ok=True)
+    weight_map, shard, size, nbytes, k, t = {}, {}, 0, 0, 0, time.perf_counter()
+
+    def flush() -> None:
+        nonlocal shard, size, k
+        k += 1
+        save_file(shard, str(path / f"model-{k:05d}.safetensors"), metadata={"format": "pt"})
+        weight_map.update({n: f"model-{k:05d}.safetensors" for n in shard})
+        shard, size = {}, 0
+
+    for i, (n, shape) in enumerate(shapes):
+        g = torch.Generator(device).manual_seed(i)  # family_bench.write_checkpoint's seed 0 draws
+        with torch.device(device):
+            w = random_tensor(n, shape, QWEN3_0_6B_K_NORM_MAX, g).to(torch.bfloat16)
+        parts = dict(zip((n, fp8[n]), (x.cpu() for x in quantize_block_fp8(w)))) if n in fp8 else {n: w.cpu()}
+        shard.update(parts)
+        size += sum(x.nbytes for x in parts.values())
+        nbytes += sum(x.nbytes for x in parts.values())
+        if size > family_bench.SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": nbytes}, "weight_map": weight_map}))
+    config = {**hf, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                            "weight_block_size": [128, 128]}}
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": hf["bos_token_id"],
+                                                             "eos_token_id": hf["eos_token_id"]}))
+    return {"bytes": nbytes, "shards": k, "seconds": time.perf_counter() - t}
+
+
+def build(ckpt: Path, art: Path, device: str, tiny: bool, fp8_weights: bool, fp8_checkpoint: bool = False) -> dict:
+    """scripts/export.py as a user runs it: bf16 with --weights link, FP8 with --quantize fp8 (an FP8
+    checkpoint: --weights link, nothing to quantize)."""
     limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
     # bf16's verify is the established build's; FP8's is kept: it is its check against float64 on the GPU
-    how = ["--quantize", "fp8"] if fp8_weights else ["--weights", "link", "--no-verify"]
+    how = ["--weights", "link"] if fp8_checkpoint else ["--quantize", "fp8"] if fp8_weights else \
+        ["--weights", "link", "--no-verify"]
     cmd = [sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
            "--force", *how, *limits]
     t = time.perf_counter()
@@ -203,8 +251,9 @@ def text_ids(tokenizer: Path | None, positions: int) -> list[int]:
     return ids[:positions]
 
 
-def accuracy(ckpt: Path, bf16_art: Path, fp8_art: Path, ids: list[int], device: torch.device) -> dict:
-    """Logits of every position of `ids` (one prefill), compared as the module's docstring says."""
+def accuracy(ckpt: Path, bf16_art: Path | None, fp8_art: Path, ids: list[int], device: torch.device) -> dict:
+    """Logits of every position of `ids` (one prefill), compared as the module's docstring says
+    (bf16_art None: an FP8 checkpoint, no bf16 artifact to compare with)."""
     from qwen3_aot.build import reference
     from qwen3_aot.custom_ops.fp8_linear import dequantize, fp8_linear_reference
     from qwen3_aot.driver import FlatBatchDriver
@@ -216,7 +265,8 @@ def accuracy(ckpt: Path, bf16_art: Path, fp8_art: Path, ids: list[int], device: 
         with torch.inference_mode():
             return FlatBatchDriver(forward, cfg, dtype, device).logits([ids])[0].double().cpu()
 
-    model = Qwen3ForCausalLM.from_pretrained(ckpt, dtype="bfloat16", device=device, quantize="fp8")
+    model = Qwen3ForCausalLM.from_pretrained(ckpt, dtype="bfloat16", device=device,
+                                             quantize="fp8" if bf16_art is not None else None)
     cfg = model.config
     ids = [i % cfg.vocab_size for i in ids]  # --tiny: the fixture tokenizer's added tokens lie past its 512 rows
     ref = logits(reference.Float64Forward(model), cfg, torch.float64)
@@ -240,37 +290,40 @@ def accuracy(ckpt: Path, bf16_art: Path, fp8_art: Path, ids: list[int], device: 
     fp8_artifact = logits(fwd, cfg, torch.bfloat16)
     del fwd
     free_memory()
-    fwd = load_forward(bf16_art)
-    bf16_artifact = logits(fwd, cfg, torch.bfloat16)
-    del fwd
-    free_memory()
     against = lambda x: {"rel_err": rel(x, ref), "top1": top1(x, ref)}  # noqa: E731
-    return {"positions": len(ids), "vs_float64_of_dequantized": {
-                "fp8_artifact": against(fp8_artifact), "fp8_eager": against(fp8_eager),
-                "bf16_eager_dequantized": against(bf16_dequantized), "activation_quantization_only":
-                against(act_quantized)},
-            "fp8_vs_bf16_artifact": {"kl": kl(bf16_artifact, fp8_artifact), "top1": top1(fp8_artifact, bf16_artifact),
-                                     "rel_err": rel(fp8_artifact, bf16_artifact)}}
+    out = {"positions": len(ids), "vs_float64_of_dequantized": {
+        "fp8_artifact": against(fp8_artifact), "fp8_eager": against(fp8_eager),
+        "bf16_eager_dequantized": against(bf16_dequantized), "activation_quantization_only": against(act_quantized)}}
+    if bf16_art is not None:
+        fwd = load_forward(bf16_art)
+        bf16_artifact = logits(fwd, cfg, torch.bfloat16)
+        del fwd
+        free_memory()
+        out["fp8_vs_bf16_artifact"] = {"kl": kl(bf16_artifact, fp8_artifact), "top1": top1(fp8_artifact, bf16_artifact),
+                                       "rel_err": rel(fp8_artifact, bf16_artifact)}
+    return out
 
 
 # ---- a shape ----
 
 def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bool, tokenizer: Path | None,
-              builds: tuple[str, ...] = ("bf16", "fp8")) -> dict:
+              builds: tuple[str, ...] = ("bf16", "fp8"), fp8_checkpoint: bool = False) -> dict:
+    """fp8_checkpoint: the checkpoint written in block FP8 and linked, no bf16 artifact (32B on 64 GiB)."""
     hf = family_bench.config("tiny", "bfloat16") if tiny else {**family_bench.config("8B", "bfloat16"),
                                                                **SHAPES[shape]}
     root = work / shape
     ckpt, record = root / "checkpoint", root / "record.json"
-    arts = {"bf16": root / "bf16", "fp8": root / "fp8"}
+    arts = {"fp8": root / "fp8"} if fp8_checkpoint else {"bf16": root / "bf16", "fp8": root / "fp8"}
     r: dict = json.loads(record.read_text()) if stage != "all" and record.is_file() else {"shape": shape}
     if stage in ("build", "all"):
         if not (ckpt / INDEX).is_file():
-            print(f"[{shape}] writing the checkpoint", flush=True)
-            r["checkpoint"] = family_bench.write_checkpoint(ckpt, hf, device)
+            print(f"[{shape}] writing the {'FP8 ' if fp8_checkpoint else ''}checkpoint", flush=True)
+            r["checkpoint"] = (write_fp8_checkpoint if fp8_checkpoint else family_bench.write_checkpoint)(ckpt, hf,
+                                                                                                        device)
         for name, art in arts.items():
             if name not in builds:
                 continue
-            r[name] = build(ckpt, art, device.type, tiny, name == "fp8")
+            r[name] = build(ckpt, art, device.type, tiny, name == "fp8", fp8_checkpoint)
             print(f"[{shape}] {name} build {r[name]['build_s']:.0f} s {r[name]['stages_s']}", flush=True)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(r))
@@ -282,7 +335,7 @@ def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bo
             r[name] = {**r.get(name, {}), **measure(art, TINY_PLAN if tiny else PLAN, device)}
         record.write_text(json.dumps(r))
         try:  # the measures above are kept whatever happens here (a tokenizer that cannot be made, memory)
-            r["accuracy"] = accuracy(ckpt, arts["bf16"], arts["fp8"],
+            r["accuracy"] = accuracy(ckpt, arts.get("bf16"), arts["fp8"],
                                      text_ids(tokenizer, 64 if tiny else TEXT_POSITIONS), device)
             print(f"[{shape}] accuracy {json.dumps(r['accuracy'])}", flush=True)
         except Exception as e:  # noqa: BLE001  (reported in the JSON and the table)
@@ -318,9 +371,10 @@ def report(results: list[dict], kernels: list[dict]) -> None:
             v = a["vs_float64_of_dequantized"]
             print(f"{r['shape']}: against float64 of the dequantized weights over {a['positions']} positions "
                   "(rel err, top-1): " + ", ".join(f"{k} {x['rel_err']:.2e} {x['top1']:.3f}" for k, x in v.items()))
-            b = a["fp8_vs_bf16_artifact"]
-            print(f"{r['shape']}: FP8 against the bf16 artifact: KL {b['kl']:.2e}, top-1 {b['top1']:.3f}, "
-                  f"rel err {b['rel_err']:.2e}")
+            b = a.get("fp8_vs_bf16_artifact")
+            if b:
+                print(f"{r['shape']}: FP8 against the bf16 artifact: KL {b['kl']:.2e}, top-1 {b['top1']:.3f}, "
+                      f"rel err {b['rel_err']:.2e}")
         if "accuracy_error" in r:
             print(f"{r['shape']}: accuracy not measured: {r['accuracy_error']}")
         for name in ("bf16", "fp8"):
@@ -335,6 +389,9 @@ def main() -> None:
                     help="all: kernels, write, build, measure, delete; or one part (8B and up: build, then measure)")
     ap.add_argument("--builds", default="bf16,fp8",
                     help="which artifacts --stage build makes (8B and up: one call each, back to back)")
+    ap.add_argument("--fp8-checkpoint", action="store_true",
+                    help="write the checkpoint in block FP8 and link it; FP8 only (32B: 33 GB, where bf16's 65 GB and "
+                         "a second artifact do not fit the GPU machine's 64 GiB disk)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_fp8"))
     ap.add_argument("--tokenizer", type=Path, default=None, help="Qwen's tokenizer.json (default: made from dashscope)")
     ap.add_argument("--json", type=Path, default=None)
@@ -361,7 +418,7 @@ def main() -> None:
                 print(f"  kernel checks failed: {kernels[-1]['error']}", flush=True)
     for shape in shapes if a.stage != "kernels" else []:
         results.append(run_shape(shape, a.stage, a.work, device, a.tiny, a.tokenizer,
-                                 tuple(b.strip() for b in a.builds.split(","))))
+                                 tuple(b.strip() for b in a.builds.split(",")), a.fp8_checkpoint))
         if a.json:  # after each shape: a later shape's failure keeps the earlier ones
             a.json.write_text(json.dumps({**system_info(device), "kernels": kernels, "results": results}, indent=1))
     if a.json:
