@@ -351,7 +351,8 @@ def report(results: list[dict], kernels: list[dict]) -> None:
         for k in kernels:
             print(f"{k['shape']:>5s} {k['projection']:8s} {k['N']:>6d}x{k['K']:<6d} {k['M']:>4d}   {k['kernel']:28s}"
                   f" {k['rel_err']:.2e} ({k['reference_rel_err']:.2e}) "
-                  + (f"{k['fp8_us']:8.1f} {k['bf16_us']:8.1f}" if "fp8_us" in k else "") + ("" if k["ok"] else "  FAILED"))
+                  + (f"{k['fp8_us']:8.1f} {k['bf16_us']:8.1f}" if "fp8_us" in k else "")
+                  + ("" if k["ok"] else "  FAILED"))
     fmt = lambda v: "-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}"  # noqa: E731
     print(f"\n{'shape':6s}{'dtype':>6s}{'build s':>9s}{'load s':>8s}{'1st tok s':>10s}{'b1 tok/s (floor)':>18s}"
           f"{'b64 tok/s (floor)':>19s}{'workload tok/s':>16s}{'peak GB':>9s}{'weights GB':>12s}")

@@ -115,7 +115,8 @@ def check_quantization(artifact: Path, manifest: dict[str, Any]) -> None:
     weights = manifest.get("weights")
     if q is not None and not (isinstance(q, dict) and q.get("method") in QUANTIZATION_METHODS
                               and isinstance(q.get("layers"), list)):
-        raise Qwen3AotError(f"{artifact}/{MANIFEST} has a quantization entry this qwen3-aot does not read ({q!r:.200}); "
+        raise Qwen3AotError(f"{artifact}/{MANIFEST} has a quantization entry this qwen3-aot does not read "
+                            f"({q!r:.200}); "
                             "rebuild the artifact.")
     if q is not None and isinstance(weights, dict) and not isinstance(weights.get("checkpoint_quantization"), dict):
         raise Qwen3AotError(f"{artifact} has FP8 weights that its weights entry does not say how to read; rebuild it.")

@@ -118,7 +118,8 @@ def _parse_compressed_tensors(qc: dict[str, Any], source: str) -> CheckpointQuan
     w, a = group.get("weights") or {}, group.get("input_activations")
     if group.get("targets") != ["Linear"]:
         raise _refuse(source, f"targets {group.get('targets')!r} (only ['Linear'] is supported)")
-    if (w.get("num_bits"), w.get("type"), w.get("symmetric", True), w.get("dynamic", False)) != (8, "float", True, False):
+    if (w.get("num_bits"), w.get("type"), w.get("symmetric", True), w.get("dynamic", False)) != \
+            (8, "float", True, False):
         raise _refuse(source, f"has weights {w} (only 8-bit float, symmetric, static scales are supported)")
     strategy = w.get("strategy")
     if strategy not in ("channel", "tensor", "block"):
