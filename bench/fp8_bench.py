@@ -172,6 +172,11 @@ def write_fp8_checkpoint(path: Path, hf: dict, device: torch.device) -> dict:
     return {"bytes": nbytes, "shards": k, "seconds": time.perf_counter() - t}
 
 
+# set by --no-fp8-verify: the FP8 build's verify holds the eager model and the artifact at once (32B: about
+# 66 GB of FP8 weights, plus a float64 lm_head), which an 80 GB H100 may not fit
+FP8_VERIFY = True
+
+
 def build(ckpt: Path, art: Path, device: str, tiny: bool, fp8_weights: bool, fp8_checkpoint: bool = False) -> dict:
     """scripts/export.py as a user runs it: bf16 with --weights link, FP8 with --quantize fp8 (an FP8
     checkpoint: --weights link, nothing to quantize)."""
@@ -179,6 +184,8 @@ def build(ckpt: Path, art: Path, device: str, tiny: bool, fp8_weights: bool, fp8
     # bf16's verify is the established build's; FP8's is kept: it is its check against float64 on the GPU
     how = ["--weights", "link"] if fp8_checkpoint else ["--quantize", "fp8"] if fp8_weights else \
         ["--weights", "link", "--no-verify"]
+    if fp8_weights and not FP8_VERIFY:
+        how.append("--no-verify")
     cmd = [sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art), "--device", device,
            "--force", *how, *limits]
     t = time.perf_counter()
@@ -393,11 +400,15 @@ def main() -> None:
     ap.add_argument("--fp8-checkpoint", action="store_true",
                     help="write the checkpoint in block FP8 and link it; FP8 only (32B: 33 GB, where bf16's 65 GB and "
                          "a second artifact do not fit the GPU machine's 64 GiB disk)")
+    ap.add_argument("--no-fp8-verify", action="store_true",
+                    help="build FP8 without the build's verify (see FP8_VERIFY)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_fp8"))
     ap.add_argument("--tokenizer", type=Path, default=None, help="Qwen's tokenizer.json (default: made from dashscope)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU (a smoke run)")
     a = ap.parse_args()
+    global FP8_VERIFY
+    FP8_VERIFY = not a.no_fp8_verify
     shapes = ["tiny"] if a.tiny else [s.strip() for s in a.shapes.split(",")]
     unknown = set(shapes) - set(SHAPES) - {"tiny"}
     if unknown:
