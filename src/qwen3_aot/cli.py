@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp8: store a bf16/fp16 checkpoint's q/k/v/o/gate/up/down projections as block FP8 "
                          "(128x128 blocks, scale = amax / 448); needs a GPU of compute capability 8.9+ (or "
                          "--device cpu). An FP8 checkpoint (Qwen's *-FP8, compressed-tensors) is read as FP8 "
-                         "without it.")
+                         "without it (default: none, the checkpoint's weights as they are).")
     ex.add_argument("--weights", choices=["copy", "link"], default="copy",
                     help="copy: write the weights into the artifact (fused, any --dtype); link: hard-link the "
                          "checkpoint's safetensors (same filesystem, its dtype), fused at load: no second copy "

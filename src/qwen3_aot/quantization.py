@@ -25,8 +25,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from qwen3_aot.custom_ops.fp8_linear import FP8, FP8_MAX, GROUP
 from qwen3_aot.errors import Qwen3AotError
+
+# (not imported from custom_ops/fp8_linear.py, which imports these: the runtime reads weights
+# without importing triton or the ops)
+GROUP = 128          # inputs per scale, of the weights and of the quantized activations
+FP8_MAX = 448.0      # the largest finite float8_e4m3fn
+FP8 = torch.float8_e4m3fn
 
 SCALE_SUFFIX = "_scale"  # our name of a quantized weight's scales: "layers.3.qkv_proj_scale"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

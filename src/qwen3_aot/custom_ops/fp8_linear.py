@@ -36,9 +36,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-GROUP = 128          # inputs per scale, of the weights and of the quantized activations
-FP8_MAX = 448.0      # the largest finite float8_e4m3fn
-FP8 = torch.float8_e4m3fn
+from qwen3_aot.quantization import FP8, FP8_MAX, GROUP  # noqa: F401  (the layout's constants; FP8 for callers)
+
 # rows kernel: weight elements a program holds at once, and its warps (any values are correct)
 ROWS_TILE, ROWS_WARPS = 8192, 4
 # GEMM tile (BLOCK_K is GROUP: one scale per row and column of a tile). Fixed, since the row
