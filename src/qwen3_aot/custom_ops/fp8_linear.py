@@ -72,8 +72,9 @@ def _round_to_e4m3(v):
     conversion to FP8 after it is exact. Done by hand because the Triton interpreter's
     fp32 -> fp8 conversion drops a rounding's carry into the exponent (124.3 became 64)."""
     e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits; subnormals below 2^-6
-    y = v / ulp  # exact: a power of two, |y| < 16
+    step = tl.maximum(e, -6) - 3  # log2 of the e4m3 spacing at v: 3 mantissa bits; subnormals below 2^-6
+    ulp = ((step + 127) << 23).to(tl.float32, bitcast=True)
+    y = v * ((127 - step) << 23).to(tl.float32, bitcast=True)  # v / ulp, exact (a power of two), |y| < 16
     return ((y + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2^23: fp32 addition rounds y to an integer, ties to even
 
 
@@ -86,8 +87,9 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, KB):
     k_ok = k < K
     x = tl.load(x_ptr + row * K + k, mask=k_ok, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
-    s = tl.where(amax > 0, amax / 448.0, 1.0)
-    q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+    # div_rn: correctly rounded, as torch divides (Triton's `/` on CUDA is approximate, 2 ulp)
+    s = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+    q = tl.minimum(tl.maximum(tl.div_rn(x, s), -448.0), 448.0)
     tl.store(q_ptr + row * K + k, _round_to_e4m3(q).to(q_ptr.dtype.element_ty), mask=k_ok)
     tl.store(s_ptr + row * KB + g, s)
 
