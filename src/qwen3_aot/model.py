@@ -23,7 +23,7 @@ import qwen3_aot.custom_ops  # noqa: F401  (registers torch.ops.qwen3_aot.*)
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.quantization import SCALE_SUFFIX, quantized_layers
+from qwen3_aot.quantization import GROUP, SCALE_SUFFIX, quantized_layers
 from qwen3_aot.weights import checkpoint_quantization, load_checkpoint, parse_dtype
 
 # The registered ops: what torch.export keeps as single nodes and AOTInductor compiles. A
@@ -69,7 +69,7 @@ class DecoderLayer(nn.Module):
         for name in fp8:
             w = getattr(self, name)
             setattr(self, name, _param(*w.shape, dtype=torch.float8_e4m3fn, device=device))
-            setattr(self, name + SCALE_SUFFIX, _param(w.shape[0], -(-w.shape[1] // 128), dtype=torch.float32,
+            setattr(self, name + SCALE_SUFFIX, _param(w.shape[0], -(-w.shape[1] // GROUP), dtype=torch.float32,
                                                       device=device))
 
 
