@@ -25,7 +25,7 @@ def _export(a: argparse.Namespace) -> None:
     export(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
                     formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify,
                     weights=a.weights, tensor_parallel=a.tensor_parallel,
-                    small_batch_graph=a.small_batch_graph, rope_scaling=rope_scaling)
+                    small_batch_graph=a.small_batch_graph, rope_scaling=rope_scaling, quantize=a.quantize)
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="pt2",
                     help="pt2 (AOTInductor, paged KV cache), onnx (onnxruntime), or pt2,onnx for both " + DEFAULT)
     ex.add_argument("--force", action="store_true", help="replace an existing artifact at --output")
+    ex.add_argument("--quantize", choices=["fp8"], default=None,
+                    help="fp8: store a bf16/fp16 checkpoint's q/k/v/o/gate/up/down projections as block FP8 "
+                         "(128x128 blocks, scale = amax / 448); needs a GPU of compute capability 8.9+ (or "
+                         "--device cpu). An FP8 checkpoint (Qwen's *-FP8, compressed-tensors) is read as FP8 "
+                         "without it (default: none, the checkpoint's weights as they are).")
     ex.add_argument("--weights", choices=["copy", "link"], default="copy",
                     help="copy: write the weights into the artifact (fused, any --dtype); link: hard-link the "
                          "checkpoint's safetensors (same filesystem, its dtype), fused at load: no second copy "

@@ -81,6 +81,7 @@ def read(artifact: str | Path, verify_files: bool = True, compiled: bool = True)
         raise Qwen3AotError(f"{artifact} has format version {manifest.get('format_version')}; this qwen3-aot reads "
                             f"version {FORMAT_VERSION}. Rebuild it with this version's scripts/export.py.")
     _check_structure(artifact, manifest)
+    check_quantization(artifact, manifest)
     if compiled:
         check_compiled(artifact, manifest)
     if verify_files:
@@ -101,6 +102,42 @@ def _check_structure(artifact: Path, manifest: dict[str, Any]) -> None:
                             "Rebuild the artifact.")
     if set(manifest["sizes"]) != set(manifest["files"]):
         raise Qwen3AotError(f"{artifact}/{MANIFEST} lists different files under files and sizes; rebuild the artifact.")
+
+
+QUANTIZATION_METHODS = ("fp8", "compressed-tensors", "quantize fp8")
+FP8_STORED, SCALE_STORED = "F8_E4M3", "F32"
+
+
+def check_quantization(artifact: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's quantization (quantization.py) against the weights file's header, as the
+    dtype is: exactly its layers stored in FP8, each with its fp32 scales, and nothing else FP8."""
+    q = manifest.get("quantization")
+    weights = manifest.get("weights")
+    if q is not None and not (isinstance(q, dict) and q.get("method") in QUANTIZATION_METHODS
+                              and isinstance(q.get("layers"), list)):
+        raise Qwen3AotError(f"{artifact}/{MANIFEST} has a quantization entry this qwen3-aot does not read "
+                            f"({q!r:.200}); "
+                            "rebuild the artifact.")
+    if q is not None and isinstance(weights, dict) and not isinstance(weights.get("checkpoint_quantization"), dict):
+        raise Qwen3AotError(f"{artifact} has FP8 weights that its weights entry does not say how to read; rebuild it.")
+    if q is not None and weights is None:
+        raise Qwen3AotError(f"{artifact} has FP8 weights outside a weights file (tensor-parallel shards), which this "
+                            "qwen3-aot does not load; rebuild it without --tensor-parallel.")
+    f = artifact / weights if isinstance(weights, str) else None
+    if f is None or not f.is_file() or f.stat().st_size != manifest["sizes"].get(weights):
+        return  # linked and tensor-parallel artifacts hold float weights; damage is check_files' to report
+    try:
+        _, header = safetensors_layout(f)
+    except Qwen3AotError:
+        return
+    fp8 = sorted(n for n, t in header.items() if n != "__metadata__" and t.get("dtype") == FP8_STORED)
+    layers = sorted(q["layers"]) if q else []
+    scales_ok = all(header.get(f"{n}_scale", {}).get("dtype") == SCALE_STORED for n in layers)
+    if fp8 != layers or not scales_ok:
+        said = f"FP8 layers {layers[:3]}{'...' if len(layers) > 3 else ''}" if q else "float weights"
+        raise Qwen3AotError(f"{artifact}: its manifest says {said}, and {weights} holds FP8 tensors {fp8[:3]}"
+                            f"{'...' if len(fp8) > 3 else ''}{'' if scales_ok else ' without their fp32 scales'}; "
+                            "the weights were replaced: rebuild the artifact.")
 
 
 def check_files(artifact: Path, manifest: dict[str, Any], full: bool = False) -> list[str]:
@@ -147,8 +184,10 @@ def check(artifact: str | Path) -> list[str]:
     if not artifact.is_dir():
         raise Qwen3AotError(f"artifact {artifact} does not exist; build one with scripts/export.py.")
     manifest = read(artifact, verify_files=False, compiled=False)
+    quant = manifest.get("quantization")
     lines = [f"{MANIFEST}: format {FORMAT_VERSION}, {manifest['dtype']} for {manifest['device']}, "
-             f"graphs {sorted(manifest['graphs'])}, {len(manifest['files'])} files ok"]
+             + (f"FP8 weights ({quant['method']}, {len(quant['layers'])} layers), " if quant else "")
+             + f"graphs {sorted(manifest['graphs'])}, {len(manifest['files'])} files ok"]
     lines += check_files(artifact, manifest, full=True)
     try:
         check_compiled(artifact, manifest)
@@ -234,6 +273,10 @@ def check_compiled(artifact: Path, manifest: dict[str, Any]) -> None:
             raise Qwen3AotError(f"{artifact} was built for cuda and torch sees no GPU here; "
                                 "build a cpu artifact (--device cpu) or run on a GPU machine.")
         major, minor = torch.cuda.get_device_capability()
+        if manifest.get("quantization") and (major, minor) < (8, 9):
+            raise Qwen3AotError(f"{artifact} has FP8 weights, which need a GPU of compute capability 8.9 or more "
+                                f"(Ada, Hopper); this one is {major}.{minor} ({torch.cuda.get_device_name()}). "
+                                "Build a bf16 artifact for it.")
         if built.get("compute_capability") != f"{major}.{minor}":
             raise Qwen3AotError(f"{artifact} was built for compute capability {built.get('compute_capability')} "
                                 f"({built.get('gpu')}), this GPU is {major}.{minor} ({torch.cuda.get_device_name()}); "

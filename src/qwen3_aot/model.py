@@ -23,7 +23,8 @@ import qwen3_aot.custom_ops  # noqa: F401  (registers torch.ops.qwen3_aot.*)
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.weights import load_checkpoint, parse_dtype
+from qwen3_aot.quantization import GROUP, SCALE_SUFFIX, quantized_layers
+from qwen3_aot.weights import checkpoint_quantization, load_checkpoint, parse_dtype
 
 # The registered ops: what torch.export keeps as single nodes and AOTInductor compiles. A
 # model may be given another backend with the same functions (tests pass the Triton
@@ -49,9 +50,11 @@ def rope_table(cfg: Qwen3Config, max_positions: int, device: torch.device | str)
 
 
 class DecoderLayer(nn.Module):
-    """One layer's weights, named as weights.to_model_state names them."""
+    """One layer's weights, named as weights.to_model_state names them; each projection named in
+    `fp8` is float8_e4m3fn with its scales beside it (quantization.py, custom_ops/fp8_linear.py)."""
 
-    def __init__(self, cfg: Qwen3Config, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, cfg: Qwen3Config, dtype: torch.dtype, device: torch.device | str,
+                 fp8: frozenset[str] = frozenset()) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
         p = dict(dtype=dtype, device=device)
@@ -63,6 +66,11 @@ class DecoderLayer(nn.Module):
         self.post_norm = _param(h, **p)
         self.gate_up_proj = _param(2 * i, h, **p)
         self.down_proj = _param(h, i, **p)
+        for name in fp8:
+            w = getattr(self, name)
+            setattr(self, name, _param(*w.shape, dtype=torch.float8_e4m3fn, device=device))
+            setattr(self, name + SCALE_SUFFIX, _param(w.shape[0], -(-w.shape[1] // GROUP), dtype=torch.float32,
+                                                      device=device))
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -70,13 +78,19 @@ class Qwen3ForCausalLM(nn.Module):
     # graph of an artifact, the one small decode batches replay (build/graph.py exports both)
     small_batch = False
 
+    # the manifest's record of the FP8 weights (quantization.CheckpointQuantization.manifest_entry), None: float
+    quantization: dict[str, Any] | None = None
+
     def __init__(self, cfg: Qwen3Config, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", ops: Any = OPS) -> None:
+                 device: torch.device | str = "cpu", ops: Any = OPS, fp8_layers: list[str] = ()) -> None:
+        """fp8_layers: our names of the projections held in FP8 ("layers.0.qkv_proj")."""
         super().__init__()
         self.config, self.ops = cfg, ops
         p = dict(dtype=dtype, device=device)
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, **p)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
+        fp8 = [frozenset(n.split(".", 2)[2] for n in fp8_layers if n.startswith(f"layers.{i}."))
+               for i in range(cfg.num_hidden_layers)]
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device, fp8[i]) for i in range(cfg.num_hidden_layers))
         self.norm = _param(cfg.hidden_size, **p)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(cfg.vocab_size, cfg.hidden_size, **p)
@@ -94,13 +108,21 @@ class Qwen3ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
-                        device: torch.device | str | None = None, ops: Any = OPS) -> "Qwen3ForCausalLM":
-        """Load a Hugging Face Qwen3 checkpoint directory (safetensors only)."""
+                        device: torch.device | str | None = None, ops: Any = OPS,
+                        quantize: str | None = None) -> "Qwen3ForCausalLM":
+        """Load a Hugging Face Qwen3 checkpoint directory (safetensors only); an FP8 one keeps
+        its projections in FP8, and quantize="fp8" makes a float one's so (quantization.py)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise Qwen3AotError("device cuda was asked for, but torch sees no CUDA GPU here; use device='cpu'.")
-        cfg, state = load_checkpoint(path, dtype)
-        model = cls(cfg, parse_dtype(dtype or cfg.dtype), device="meta", ops=ops)
+        cfg, state = load_checkpoint(path, dtype, quantize)
+        quant = checkpoint_quantization(path, quantize)
+        layers = quantized_layers(state)
+        if layers and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise Qwen3AotError(f"{path}: FP8 weights need a GPU of compute capability 8.9 or more (Ada, Hopper); "
+                                f"this one is {torch.cuda.get_device_name(device)}. Use a bf16 checkpoint here.")
+        model = cls(cfg, parse_dtype(dtype or cfg.dtype), device="meta", ops=ops, fp8_layers=layers)
+        model.quantization = quant.manifest_entry(layers) if quant and layers else None
         model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
         model.cos_sin = model.cos_sin.to(device)
         return model.eval()
@@ -173,13 +195,47 @@ def decoder_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: 
             h = ops.rms_norm(x, upcast(layer.input_norm), eps)
         else:
             h, residual = ops.add_rms_norm(x, residual, upcast(layer.input_norm), eps)
-        q, k, v = ops.qkv_rope(h, upcast(layer.qkv_proj), upcast(layer.q_norm), upcast(layer.k_norm), cos_sin,
-                               positions, cfg.num_attention_heads, cfg.num_key_value_heads, eps)
-        x = model.all_reduce(F.linear(attend(i, q, k, v).flatten(1), upcast(layer.o_proj)))
+        if hasattr(layer, "qkv_proj" + SCALE_SUFFIX):
+            q, k, v = ops.qk_norm_rope(project(layer, "qkv_proj", h, ops, upcast), upcast(layer.q_norm),
+                                       upcast(layer.k_norm), cos_sin, positions, cfg.num_attention_heads,
+                                       cfg.num_key_value_heads, eps)
+        else:
+            q, k, v = ops.qkv_rope(h, upcast(layer.qkv_proj), upcast(layer.q_norm), upcast(layer.k_norm), cos_sin,
+                                   positions, cfg.num_attention_heads, cfg.num_key_value_heads, eps)
+        x = model.all_reduce(project(layer, "o_proj", attend(i, q, k, v).flatten(1), ops, upcast))
         h, residual = ops.add_rms_norm(x, residual, upcast(layer.post_norm), eps)
-        gate, up = F.linear(h, upcast(layer.gate_up_proj)).chunk(2, dim=-1)
-        x = model.all_reduce(F.linear(F.silu(gate) * up, upcast(layer.down_proj)))
+        gate, up = project(layer, "gate_up_proj", h, ops, upcast).chunk(2, dim=-1)
+        x = model.all_reduce(project(layer, "down_proj", F.silu(gate) * up, ops, upcast))
     return x, residual
+
+
+def project(layer: DecoderLayer, name: str, x: torch.Tensor, ops: Any,
+            upcast: Callable[[torch.Tensor], torch.Tensor] = _same, few_rows: bool = False) -> torch.Tensor:
+    """x through the layer's projection `name`: F.linear, or FP8's op where the weight is FP8
+    (dynamic activation quantization and the FP8 GEMM; few_rows: weight-only, the rows
+    kernel, as small_linear is for float weights)."""
+    w, scale = getattr(layer, name), getattr(layer, name + SCALE_SUFFIX, None)
+    if scale is not None:
+        return ops.fp8_linear(x, w, scale, not few_rows)
+    return ops.small_linear(x, w) if few_rows else F.linear(x, upcast(w))
+
+
+def _fp8_small_batch_layer(model: "Qwen3ForCausalLM", layer: DecoderLayer, x: torch.Tensor, residual: torch.Tensor,
+                           first: bool, attend: Callable[[torch.Tensor], torch.Tensor]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of `small_batch_layers` with FP8 projections: its norms unfused (the rows
+    kernel reads FP8 weights, custom_ops/fp8_linear.py), the same paged-cache epilogue."""
+    ops, eps = model.ops, model.config.rms_norm_eps
+    if first:
+        h = ops.rms_norm(x, layer.input_norm, eps)
+    else:
+        h, residual = ops.add_rms_norm(x, residual, layer.input_norm, eps)
+    x = model.all_reduce(project(layer, "o_proj", attend(project(layer, "qkv_proj", h, ops, few_rows=True)).flatten(1),
+                                 ops, few_rows=True))
+    h, residual = ops.add_rms_norm(x, residual, layer.post_norm, eps)
+    gate, up = project(layer, "gate_up_proj", h, ops, few_rows=True).float().chunk(2, dim=-1)
+    act = (F.silu(gate) * up).to(h.dtype)  # fp32, rounded once, as small_linear's silu_mul
+    return model.all_reduce(project(layer, "down_proj", act, ops, few_rows=True)), residual
 
 
 def small_batch_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -196,6 +252,15 @@ def small_batch_layers(model: Qwen3ForCausalLM, input_ids: torch.Tensor, positio
     x = model.embed(input_ids)
     residual = x
     for i, layer in enumerate(model.layers):
+        if any(name.endswith(SCALE_SUFFIX) for name, _ in layer.named_parameters()):
+            def attend(qkv: torch.Tensor, i: int = i, layer: DecoderLayer = layer) -> torch.Tensor:
+                q = ops.qk_norm_rope_cache(qkv, layer.q_norm, layer.k_norm, model.cos_sin, positions, seq_ids,
+                                           block_tables, k_caches[i], v_caches[i], cfg.num_attention_heads,
+                                           cfg.num_key_value_heads, eps)
+                return ops.paged_attention_cached(q, k_caches[i], v_caches[i], positions, seq_ids, block_tables, scale)
+
+            x, residual = _fp8_small_batch_layer(model, layer, x, residual, i == 0, attend)
+            continue
         if i == 0:
             qkv = ops.rms_norm_linear(x, layer.input_norm, layer.qkv_proj, eps, False)
         else:

@@ -17,8 +17,10 @@ from typing import Callable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from qwen3_aot import quantization
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.quantization import CheckpointQuantization
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved this buffer; we recompute it
@@ -90,7 +92,7 @@ def _unreadable(f: Path, e: Exception) -> Qwen3AotError:
 INDEX = "model.safetensors.index.json"
 CHECKPOINT_LAYOUT = "checkpoint"  # a linked artifact's weights: the checkpoint's files and names
 # the dtype names of a safetensors header
-STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn}
 
 
 def tensor_files(path: Path, files: list[str] | None = None) -> dict[str, Path]:
@@ -123,11 +125,15 @@ def tensor_files(path: Path, files: list[str] | None = None) -> dict[str, Path]:
     return out
 
 
-def load_hf_tensors(path: str | Path, cfg: Qwen3Config) -> dict[str, torch.Tensor]:
-    """Read and validate every tensor of the checkpoint, as stored (HF names, disk dtype)."""
+def load_hf_tensors(path: str | Path, cfg: Qwen3Config,
+                    quant: CheckpointQuantization | None = None) -> dict[str, torch.Tensor]:
+    """Read and validate every tensor of the checkpoint, as stored (HF names, disk dtype);
+    quant: the checkpoint's quantization, whose weights are FP8 and have scale tensors."""
     path = Path(path)
     files = tensor_files(path)
-    expected = hf_shapes(cfg)
+    expected: dict[str, tuple[int, ...] | None] = dict(hf_shapes(cfg))
+    fp8 = quantization.scale_names(quant, list(expected)) if quant else {}
+    expected.update({scale: None for scale in fp8.values()})  # shapes checked as they are read (row_scales)
     names = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         names.discard("lm_head.weight")  # some tied checkpoints store the copy too; the embedding wins
@@ -144,14 +150,23 @@ def load_hf_tensors(path: str | Path, cfg: Qwen3Config) -> dict[str, torch.Tenso
     for f, ns in by_file.items():
         with open_safetensors(f) as sf:
             for n in ns:
-                tensors[n] = _checked(f, n, sf.get_tensor(n), expected[n])
+                tensors[n] = _checked(f, n, sf.get_tensor(n), expected[n], n in fp8)
     return tensors
 
 
-def _checked(f: Path, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _checked(f: Path, name: str, t: torch.Tensor, shape: tuple[int, ...] | None, fp8: bool) -> torch.Tensor:
+    if shape is None:
+        return t
     if tuple(t.shape) != shape:
         raise Qwen3AotError(f"{f.name}: tensor {name} has shape {tuple(t.shape)}, the config says {shape}.")
-    if t.dtype not in DTYPES.values():
+    if fp8 and t.dtype != torch.float8_e4m3fn:
+        raise Qwen3AotError(f"{f.name}: tensor {name} is {t.dtype}; the checkpoint's quantization_config makes it a "
+                            "quantized layer, stored as float8_e4m3fn.")
+    if t.dtype == torch.float8_e4m3fn and not fp8:
+        raise Qwen3AotError(f"{f.name}: tensor {name} is float8_e4m3fn, and the checkpoint's quantization_config does "
+                            f"not quantize it; qwen3-aot reads FP8 only for the q/k/v/o/gate/up/down projections of "
+                            f"{quantization.SUPPORTED}.")
+    if t.dtype not in DTYPES.values() and not fp8:
         raise Qwen3AotError(f"{f.name}: tensor {name} is {t.dtype}; only bf16, fp16 and fp32 are supported.")
     return t
 
@@ -204,8 +219,35 @@ def to_model_state(hf: dict[str, torch.Tensor], cfg: Qwen3Config, dtype: torch.d
     return {k: v.to(dtype).contiguous() for k, v in model_state_items(cfg, hf.__getitem__)}
 
 
-def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None) -> tuple[Qwen3Config, dict[str, torch.Tensor]]:
-    """Config and our state dict (CPU) of a Hugging Face Qwen3 checkpoint directory."""
+QUANTIZE_CHOICES = ("fp8",)
+
+
+def checkpoint_quantization(path: str | Path, quantize: str | None = None) -> CheckpointQuantization | None:
+    """How a checkpoint's weights are quantized (its config.json's quantization_config), or
+    how `quantize` ("fp8", `export --quantize`) will quantize a float one; None: float."""
+    path = Path(path)
+    Qwen3Config.from_checkpoint(path)  # the config's own checks and errors first
+    quant = quantization.parse(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    if quantize is None:
+        return quant
+    if quantize not in QUANTIZE_CHOICES:
+        raise Qwen3AotError(f"--quantize {quantize!r} is not supported; use {' or '.join(QUANTIZE_CHOICES)}.")
+    if quant is not None:
+        raise Qwen3AotError(f"{path} is already quantized ({quant.method}); drop --quantize.")
+    return quantization.BUILT
+
+
+def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, quantize: str | None = None
+                    ) -> tuple[Qwen3Config, dict[str, torch.Tensor]]:
+    """Config and our state dict (CPU) of a Hugging Face Qwen3 checkpoint directory. A
+    quantized checkpoint's projections (and all of them with quantize="fp8") come as FP8
+    weights with their `_scale` tensors (quantization.py); everything else in `dtype`."""
     cfg = Qwen3Config.from_checkpoint(path)
     run_dtype = parse_dtype(dtype or cfg.dtype)
-    return cfg, to_model_state(load_hf_tensors(path, cfg), cfg, run_dtype)
+    quant = checkpoint_quantization(path, quantize)
+    if quant is None:
+        return cfg, to_model_state(load_hf_tensors(path, cfg), cfg, run_dtype)
+    hf = load_hf_tensors(path, cfg, None if quantize else quant)
+    if quantize:
+        hf = quantization.quantize_checkpoint_tensors(hf, "cuda" if torch.cuda.is_available() else "cpu")
+    return cfg, dict(quantization.model_state_items(model_state_names(cfg), hf.__getitem__, quant, run_dtype))

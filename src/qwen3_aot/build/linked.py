@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.weights import (CHECKPOINT_LAYOUT, INDEX, STORED_DTYPES, hf_shapes, name_rule, open_safetensors,
-                               parse_dtype, tensor_files)
+from qwen3_aot.quantization import scale_names
+from qwen3_aot.weights import (CHECKPOINT_LAYOUT, INDEX, STORED_DTYPES, checkpoint_quantization, hf_shapes,
+                               name_rule, open_safetensors, parse_dtype, tensor_files)
 
 WEIGHT_MODES = ("copy", "link")
 BUFFERS = "buffers.safetensors"  # what the model computes rather than reads (the RoPE table)
@@ -35,12 +36,14 @@ def linkable_files(checkpoint: Path, output_dir: Path, dtype: str | None) -> lis
     run = parse_dtype(dtype or cfg.dtype)
     located = tensor_files(checkpoint)
     shards = sorted({f.relative_to(checkpoint).as_posix() for f in located.values()})
+    quant = checkpoint_quantization(checkpoint)
+    fp8 = set(scale_names(quant, list(hf_shapes(cfg)))) if quant else set()  # FP8 as stored: read so at load
     other = []
     for f in sorted(set(located.values())):
         with open_safetensors(f) as sf:
             names = [n for n in sf.keys() if n in hf_shapes(cfg) and located[n] == f]
             other += [(n, sf.get_slice(n).get_dtype()) for n in names
-                      if STORED_DTYPES.get(sf.get_slice(n).get_dtype()) != run]
+                      if STORED_DTYPES.get(sf.get_slice(n).get_dtype()) != (torch.float8_e4m3fn if n in fp8 else run)]
     if other:
         n, stored = other[0]
         raise Qwen3AotError(f"--weights link keeps the checkpoint's bytes as they are, and {checkpoint} stores "
@@ -71,5 +74,8 @@ def link_weights(checkpoint: Path, shards: list[str], buffers: dict[str, torch.T
         except OSError as e:
             raise Qwen3AotError(f"{_other_filesystem(checkpoint, tmp.parent)} ({e})") from e
     save_file({k: v.detach().contiguous().cpu() for k, v in buffers.items()}, str(tmp / BUFFERS))
+    quant = checkpoint_quantization(checkpoint)
     return {"layout": CHECKPOINT_LAYOUT, "files": shards, "index": index, "buffers": BUFFERS,
-            "names": name_rule(), "fused_at_load": True, "linked_from": str(checkpoint.resolve())}
+            "names": name_rule(), "fused_at_load": True, "linked_from": str(checkpoint.resolve()),
+            # how the runtime finds and reads an FP8 checkpoint's scales (quantization.CheckpointQuantization)
+            **({"checkpoint_quantization": quant.source()} if quant else {})}

@@ -32,7 +32,7 @@ from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
 from qwen3_aot.runtime.forward.compiled import SMALL_BATCH_GRAPH
-from qwen3_aot.weights import dtype_name
+from qwen3_aot.weights import checkpoint_quantization, dtype_name
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"]
@@ -164,20 +164,48 @@ def verify(artifact: Path, model: Qwen3ForCausalLM, log: Callable[[str], None]) 
 
 
 def wants_small_batch_graph(option: bool | None, cfg: Qwen3Config, device: str, tensor_parallel: int | None,
-                            formats: tuple[str, ...]) -> bool:
+                            formats: tuple[str, ...], fp8: bool = False) -> bool:
     """Whether a build compiles the small-batch graph: only for a one-process pt2 graph on
     CUDA (its kernels are Triton's; tensor-parallel ranks replay no CUDA graphs); `option`
-    None decides by the model's width."""
+    None decides by the model's width, except with FP8 weights: there its weight-only rows
+    kernel is the few-row path at every width (the main graph quantizes the activations and
+    runs a GEMM tiled for many rows)."""
     if device != "cuda" or tensor_parallel is not None or "pt2" not in formats:
         return False
-    return cfg.hidden_size < SMALL_BATCH_BELOW_HIDDEN if option is None else option
+    if option is None:
+        return fp8 or cfg.hidden_size < SMALL_BATCH_BELOW_HIDDEN
+    return option
+
+
+def check_quantized_build(checkpoint: Path, quantize: str | None, device: str, formats: tuple[str, ...],
+                          weights: str, tensor_parallel: int | None) -> bool:
+    """Whether the build has FP8 weights (a quantized checkpoint or --quantize fp8), refusing
+    what FP8 cannot be built as yet; before any work."""
+    quant = checkpoint_quantization(checkpoint, quantize)
+    if quant is None:
+        return False
+    what = f"{checkpoint}'s {quant.method} weights" if quantize is None else "--quantize fp8"
+    if formats != ("pt2",):
+        raise Qwen3AotError(f"{what}: FP8 is built for the pt2 graph only (ONNX export has no FP8 projection); use "
+                            "--format pt2.")
+    if tensor_parallel is not None:
+        raise Qwen3AotError(f"{what}: FP8 weights are not sharded for --tensor-parallel yet; drop it (FP8 halves the "
+                            "weights: a model that needed two GPUs in bf16 may fit one).")
+    if weights == "link" and quantize is not None:
+        raise Qwen3AotError("--quantize fp8 writes new weights, and --weights link keeps the checkpoint's: use "
+                            "--weights copy (or link an FP8 checkpoint, which needs no --quantize).")
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        raise Qwen3AotError(f"{what}: FP8 needs a GPU of compute capability 8.9 or more (Ada, Hopper), this one is "
+                            f"{torch.cuda.get_device_name()}; build from a bf16 checkpoint without --quantize.")
+    return True
 
 
 def export(checkpoint: str | Path, output: str | Path, device: str | None = None,
                     dtype: str | None = None, force: bool = False, limits: GraphLimits = GraphLimits(),
                     formats: tuple[str, ...] = ("pt2",), check: bool = True, weights: str = "copy",
                     tensor_parallel: int | None = None, small_batch_graph: bool | None = None,
-                    rope_scaling: dict | None = None, log: Callable[[str], None] = _log) -> Path:
+                    rope_scaling: dict | None = None, quantize: str | None = None,
+                    log: Callable[[str], None] = _log) -> Path:
     """Build an artifact from a Hugging Face Qwen3 checkpoint directory; returns its path.
 
     formats: "pt2" (the AOTInductor package, paged KV cache) and/or "onnx" (onnxruntime,
@@ -191,11 +219,13 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
     small_batch_graph: on CUDA, also compile the forward's small-batch form (model_small.pt2,
     `model.small_batch_layers`, the same weights), which the runtime replays for the decode
     batches it runs faster (runtime/forward/decode_graphs.py); it adds its compile to the build.
-    None: for models of hidden size under SMALL_BATCH_BELOW_HIDDEN.
+    None: for models of hidden size under SMALL_BATCH_BELOW_HIDDEN, and every FP8 one.
     rope_scaling: replaces the checkpoint's RoPE scaling (config.json's rope_scaling form, e.g.
     YaRN {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, Qwen3's
     documented 131,072 tokens); None keeps the checkpoint's. Its resolved fields are recorded in
-    the manifest's model_config, and limits.max_model_len 0 then means the stretched context."""
+    the manifest's model_config, and limits.max_model_len 0 then means the stretched context.
+    quantize: "fp8" quantizes a float checkpoint's projections to block FP8 (quantization.py);
+    an FP8 checkpoint (Qwen's block FP8, compressed-tensors) is read as FP8 without it."""
     checkpoint, output = Path(checkpoint), Path(output)
     device = resolve_device(device)
     formats = tuple(dict.fromkeys(formats))
@@ -213,6 +243,7 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
                                 "with --format pt2 and --weights copy (the defaults).")
     if rope_scaling is not None:  # refused before anything is loaded or written
         Qwen3Config.from_checkpoint(checkpoint).with_rope_scaling(rope_scaling)
+    fp8 = check_quantized_build(checkpoint, quantize, device, formats, weights, tensor_parallel)
     if output.exists() and not force:
         raise Qwen3AotError(f"{output} already exists; pass --force to replace it.")
     t_start = time.perf_counter()
@@ -225,9 +256,9 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
         tmp.mkdir()
         try:
             small = wants_small_batch_graph(small_batch_graph, Qwen3Config.from_checkpoint(checkpoint), device,
-                                            tensor_parallel, formats)
+                                            tensor_parallel, formats, fp8)
             written = _build(checkpoint, tmp, device, dtype, limits, formats, check, shards, tensor_parallel, small,
-                             rope_scaling, log)
+                             rope_scaling, log, quantize)
             _replace(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -240,14 +271,15 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
 
 def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: GraphLimits,
            formats: tuple[str, ...], check: bool, shards: list[str] | None, tensor_parallel: int | None,
-           small_batch: bool, rope_scaling: dict | None, log: Callable[[str], None]) -> dict:
+           small_batch: bool, rope_scaling: dict | None, log: Callable[[str], None],
+           quantize: str | None = None) -> dict:
     """Every file of the artifact into `tmp`, checked; returns the manifest written.
     shards: the checkpoint files to hard-link as the weights (`linkable_files`), or None to copy them.
     tensor_parallel: the number of ranks of a tensor-parallel artifact, or None.
     small_batch: compile the small-batch graph too.
-    rope_scaling: the RoPE scaling replacing the checkpoint's, or None."""
+    rope_scaling: the RoPE scaling replacing the checkpoint's, or None. quantize: see `export`."""
     with stage("load", log):
-        model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
+        model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device, quantize=quantize)
         cfg = model.config if rope_scaling is None else model.config.with_rope_scaling(rope_scaling)
         limits = limits.resolved(cfg.context_length)
         # the RoPE table of exactly the positions the artifact takes: it is a graph constant,
@@ -309,6 +341,7 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
             "kv_cache": {"block_size": limits.block_size,
                          "layout": ["num_blocks", "block_size", "kv_heads", "head_dim"]},
             "weights": weights,
+            **({"quantization": model.quantization} if model.quantization else {}),
             **({"tensor_parallel": parallel} if parallel is not None else {}),
             "tokenizer_files": copied,
             "build_options": options,

@@ -19,7 +19,8 @@ import types
 import torch
 
 from qwen3_aot.custom_ops.paged_attention import paged_attention_reference
-from qwen3_aot.custom_ops.qkv_rope import qkv_rope_reference
+from qwen3_aot.custom_ops.fp8_linear import dequantize
+from qwen3_aot.custom_ops.qkv_rope import qk_norm_rope_reference, qkv_rope_reference
 from qwen3_aot.custom_ops.rms_norm import add_rms_norm_reference, rms_norm_reference
 from qwen3_aot.model import Qwen3ForCausalLM, decoder_layers, final_logits, rope_table
 
@@ -57,6 +58,14 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(REFERENCE_DTYPE)
 
 
+def _dequantized_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    """An FP8 projection as the checkpoint means it: x times the exactly dequantized weight, in
+    float64. Without the activation quantization of the FP8 GEMM: that is an error of the graph
+    (the build's verify measures it), not part of the model."""
+    return torch.nn.functional.linear(x, dequantize(w, w_scale, REFERENCE_DTYPE))
+
+
 # our ops' plain-torch references, whose float64 paths compute in float64 throughout
 FLOAT64_OPS = types.SimpleNamespace(rms_norm=rms_norm_reference, add_rms_norm=add_rms_norm_reference,
-                                    qkv_rope=qkv_rope_reference)
+                                    qkv_rope=qkv_rope_reference, qk_norm_rope=qk_norm_rope_reference,
+                                    fp8_linear=_dequantized_linear)

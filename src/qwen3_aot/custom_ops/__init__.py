@@ -5,4 +5,5 @@ and CPU under TRITON_INTERPRET=1), the plain-torch reference (what CPU dispatch 
 the tests' oracle in float64), the fake implementation used by torch.export, and the math.
 """
 
-from qwen3_aot.custom_ops import paged_attention, qkv_rope, rms_norm, small_linear  # noqa: F401  (registration)
+from qwen3_aot.custom_ops import (fp8_linear, paged_attention, qk_norm_rope, qkv_rope, rms_norm,  # noqa: F401
+                                 small_linear)  # (registration)

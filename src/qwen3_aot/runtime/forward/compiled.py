@@ -11,6 +11,7 @@ import torch
 
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.quantization import CheckpointQuantization
 from qwen3_aot.runtime.forward.flat_batch import FlatBatch
 from qwen3_aot.runtime.forward.extraction import remove_stale_extractions
 from qwen3_aot.runtime.forward.weight_reader import read_file, read_model_state
@@ -147,5 +148,7 @@ def _read_linked(artifact: Path, entry: dict, manifest: dict, device: torch.devi
         raise Qwen3AotError(f"{artifact} names its weights by another rule than this qwen3-aot's (built by another "
                             "version); rebuild the artifact with this one.")
     cfg = Qwen3Config.from_dict(manifest["model_config"])
-    state = read_model_state(tensor_files(artifact, files), cfg, DTYPES[manifest["dtype"]], device)
+    quant = entry.get("checkpoint_quantization")
+    state = read_model_state(tensor_files(artifact, files), cfg, DTYPES[manifest["dtype"]], device,
+                             CheckpointQuantization.from_source(quant) if quant else None)
     return {**state, **_read_file(artifact, buffers, device)}

@@ -22,6 +22,7 @@ import torch
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.manifest import safetensors_layout
+from qwen3_aot.quantization import SCALE_SUFFIX, CheckpointQuantization, row_scales, scale_names
 from qwen3_aot.weights import STORED_DTYPES as WEIGHT_DTYPES, hf_shapes, model_state_names
 
 READ_THREADS = 8         # page-cache reads scale to about this many cores
@@ -58,27 +59,40 @@ def stored_tensors(files: list[Path]) -> dict[str, Stored]:
     return out
 
 
-def read_model_state(files: dict[str, Path], cfg: Qwen3Config, dtype: torch.dtype,
-                     device: torch.device) -> dict[str, torch.Tensor]:
+def read_model_state(files: dict[str, Path], cfg: Qwen3Config, dtype: torch.dtype, device: torch.device,
+                     quant: CheckpointQuantization | None = None) -> dict[str, torch.Tensor]:
     """Our state from checkpoint-named safetensors (`files`: tensor name -> file, as
     weights.tensor_files gives), fused on the device as weights.model_state_names says. The
-    bytes are used as stored: every tensor must already be `dtype` (no conversion)."""
-    expected = hf_shapes(cfg)
-    missing = sorted(set(expected) - set(files))
+    bytes are used as stored: every tensor must already be `dtype` (no conversion), but for
+    the FP8 weights of a quantized checkpoint (`quant`), whose scales become ours
+    (quantization.row_scales) on the device."""
+    expected: dict[str, tuple[int, ...]] = dict(hf_shapes(cfg))
+    fp8 = scale_names(quant, list(expected)) if quant else {}
+    missing = sorted(set(expected) - set(files)) + sorted(set(fp8.values()) - set(files))
     if missing:
         raise Qwen3AotError(f"the weight files lack {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}.")
-    stored = stored_tensors(sorted({files[n] for n in expected}))
-    for name, shape in expected.items():
+    stored = stored_tensors(sorted({files[n] for n in [*expected, *fp8.values()]}))
+    for name in [*expected, *fp8.values()]:
         s = stored.get(name)
         if s is None or s.file != files[name]:
             raise Qwen3AotError(f"{files[name]} does not hold tensor {name}, which its index places there; "
                                 "download or copy the checkpoint again.")
+        shape = expected.get(name)
+        if shape is None:  # a scale: row_scales checks it
+            continue
         if s.shape != shape:
             raise Qwen3AotError(f"{s.file.name}: tensor {name} has shape {s.shape}, the config says {shape}.")
-        if s.dtype != dtype:
-            raise Qwen3AotError(f"{s.file}: tensor {name} is {s.dtype}, the artifact runs {dtype}; the file was "
+        want = torch.float8_e4m3fn if name in fp8 else dtype
+        if s.dtype != want:
+            raise Qwen3AotError(f"{s.file}: tensor {name} is {s.dtype}, the artifact runs {want}; the file was "
                                 "replaced: rebuild the artifact.")
-    return read_tensors({ours: [stored[n] for n in names] for ours, names in model_state_names(cfg)}, device)
+    names = dict(model_state_names(cfg))
+    state = read_tensors({ours: [stored[n] for n in parts] for ours, parts in names.items()}, device)
+    for ours, parts in names.items():
+        if parts[0] in fp8:  # each part's scales as ours, concatenated as the weights are
+            raw = read_tensors({fp8[p]: [stored[fp8[p]]] for p in parts}, device)
+            state[ours + SCALE_SUFFIX] = torch.cat([row_scales(expected[p], raw[fp8[p]], quant, fp8[p]) for p in parts])
+    return state
 
 
 def read_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:

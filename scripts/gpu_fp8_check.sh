@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# FP8 weights on one GPU (issue 32), one call per part, each under 10 minutes:
+#   tests: the FP8 tests on CUDA (kernels against float64, the ops' schemas, checkpoints, refusals)
+#   0.6B: bench/fp8_bench.py --shapes 0.6B (kernels, both builds, measures, accuracy) in one call
+#   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back
+#   32b-build, 32b-measure: 32B from an FP8 checkpoint, FP8 only, back to back (no build verify: the
+#   eager model and the artifact together may not fit an 80 GB H100)
+#   (files survive between calls only while the machine stays warm, 30 s after a call)
+# Qwen's tokenizer is made from the dashscope wheel: QWEN3_AOT_WHEELS=.whl (see tests/qwen_checkpoint.py).
+# Each part writes $OUT/fp8_PART.log (and .json) and prints the tables last.
+#     QWEN3_AOT_WHEELS=.whl bash scripts/gpu_fp8_check.sh 0.6B
+set -uo pipefail
+OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
+export PYTHONPATH=src TRITON_INTERPRET=0
+part=${1:?usage: gpu_fp8_check.sh tests|0.6B|8b-bf16|8b-fp8|8b-measure|32b-build|32b-measure}
+case $part in
+    tests) timeout 590 python3 -m pytest -n 0 -q tests/custom_ops/test_fp8_linear.py tests/custom_ops/test_opcheck.py \
+               tests/build/test_fp8_export.py tests/test_quantization.py 2>&1 | tail -30; exit "${PIPESTATUS[0]}" ;;
+    0.6B) args=(--shapes 0.6B) ;;
+    8b-bf16) args=(--shapes 8B --stage build --builds bf16) ;;
+    8b-fp8) args=(--shapes 8B --stage build --builds fp8) ;;
+    8b-measure) args=(--shapes 8B --stage measure) ;;
+    32b-build) args=(--shapes 32B --fp8-checkpoint --no-fp8-verify --stage build) ;;
+    32b-measure) args=(--shapes 32B --fp8-checkpoint --stage measure) ;;
+    *) echo "unknown part $part"; exit 2 ;;
+esac
+df -h /tmp | tail -1; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+timeout ${FP8_TIMEOUT_S:-590} python3 bench/fp8_bench.py "${args[@]}" --json "$OUT/fp8_$part.json" > "$OUT/fp8_$part.log" 2>&1
+rc=$?
+grep -E "^\\{|^\\[|^  |^kernel|^shape|^ *[0-9.]+B |^[0-9.]+B[ :]|^tiny|error|Error|FAILED" "$OUT/fp8_$part.log" \
+    | grep -v "^\[.*\] \.\.\.\( [0-9]* s\)\?$" | tail -70
+echo "fp8 $part exit code: $rc"
+exit $rc

@@ -1,0 +1,203 @@
+"""Projections with FP8 (e4m3) weights in blocks of 128 inputs, each row of a block with its scale.
+
+``fp8_linear(x, w, w_scale, act_quant) -> y``
+    x: [M, K] bf16/fp16/fp32; w: [N, K] float8_e4m3fn (as nn.Linear stores it);
+    w_scale: [N, ceil(K / 128)] fp32, the scale of w[n, 128 j : 128 (j + 1)];
+    y: [M, N], dtype of x.
+    W[n, k] = w[n, k] * w_scale[n, k // 128]                       (the dequantized weight)
+    act_quant False (weight-only): y = x @ W.T, products summed in fp32, rounded once.
+    act_quant True (dynamic per-token-group activations, Qwen's `activation_scheme: dynamic`):
+        each row's group of 128 inputs g is quantized on its own,
+        s[m, g] = amax |x[m, g]| / 448 (1 for an all-zero group),
+        q[m, k] = fp8(clamp(x[m, k] / s[m, k // 128], -448, 448)) rounded to nearest,
+        X[m, k] = q[m, k] * s[m, k // 128], then y = X @ W.T as above.
+
+Why a scale per row of a block: a checkpoint's 128x128 block scale (Qwen's `weight_scale_inv`)
+is that block's 128 rows' scale, repeated; per-channel and per-tensor scales (compressed-tensors)
+are the same repeated along K. So every format the loader reads is one layout, and q/k/v or
+gate/up fuse by concatenating rows, scales included, whatever their sizes (a block of 128
+rows may straddle two parts). It costs 4 bytes per 128 weight bytes (3%) over one scale a block.
+
+Kernels (CUDA sm_89+, or CPU under TRITON_INTERPRET=1):
+- rows (weight-only), for a few rows: as custom_ops/small_linear.py, a program owns one row of
+  x and BLOCK_N output columns and streams their FP8 weight rows once, dequantizing in
+  registers: a decode step reads 1 byte a weight instead of 2.
+- GEMM (act_quant), for many rows (prefill, large decode batches): one kernel quantizes the
+  activations per (row, group of 128) as above, then a tiled GEMM takes FP8 x FP8 products on
+  the tensor cores one group of 128 at a time, scaling each group's fp32 partial sums by the
+  row's activation scale times the column's weight scale. torch._scaled_mm's blockwise form
+  (cuBLAS, CUDA >= 12.9, sm_90 only) wants one scale per 128x128 weight block, not this layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from qwen3_aot.quantization import FP8, FP8_MAX, GROUP  # noqa: F401  (the layout's constants; FP8 for callers)
+
+# rows kernel: weight elements a program holds at once, and its warps (any values are correct)
+ROWS_TILE, ROWS_WARPS = 8192, 4
+# GEMM tile (BLOCK_K is GROUP: one scale per row and column of a tile). Fixed, since the row
+# count is symbolic in the exported graph; 64 columns so that a decode batch of 64 rows still
+# spreads a 4096-wide projection over 64 programs (the GPU has 132 SMs)
+GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_WARPS, GEMM_STAGES = 64, 64, 4, 4
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, KB, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    kk = tl.arange(0, GROUPS * 128)
+    jj = tl.arange(0, GROUPS)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for kb0 in range(0, KB, GROUPS):
+        k = kb0 * 128 + kk
+        k_ok = k < K
+        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        s = tl.load(s_ptr + n.to(tl.int64)[:, None] * KB + (kb0 + jj)[None, :],
+                    mask=n_ok[:, None] & (kb0 + jj < KB)[None, :], other=0.0)
+        x = tl.load(x_ptr + row * K + k, mask=k_ok, other=0.0).to(tl.float32)
+        part = tl.sum(tl.reshape(w.to(tl.float32) * x[None, :], [BLOCK_N, GROUPS, 128]), axis=2)
+        acc += tl.sum(part * s, axis=1)
+    tl.store(y_ptr + row * N + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, still in fp32: the
+    conversion to FP8 after it is exact. Done by hand because the Triton interpreter's
+    fp32 -> fp8 conversion drops a rounding's carry into the exponent (124.3 became 64)."""
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    step = tl.maximum(e, -6) - 3  # log2 of the e4m3 spacing at v: 3 mantissa bits; subnormals below 2^-6
+    ulp = ((step + 127) << 23).to(tl.float32, bitcast=True)
+    y = v * ((127 - step) << 23).to(tl.float32, bitcast=True)  # v / ulp, exact (a power of two), |y| < 16
+    return ((y + 12582912.0) - 12582912.0) * ulp  # 1.5 * 2^23: fp32 addition rounds y to an integer, ties to even
+
+
+@triton.jit
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, KB):
+    """One program per (row, group of 128): the group's scale and its FP8 values."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    k = g * 128 + tl.arange(0, 128)
+    k_ok = k < K
+    x = tl.load(x_ptr + row * K + k, mask=k_ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    # div_rn: correctly rounded, as torch divides (Triton's `/` on CUDA is approximate, 2 ulp)
+    s = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+    q = tl.minimum(tl.maximum(tl.div_rn(x, s), -448.0), 448.0)
+    tl.store(q_ptr + row * K + k, _round_to_e4m3(q).to(q_ptr.dtype.element_ty), mask=k_ok)
+    tl.store(s_ptr + row * KB + g, s)
+
+
+@triton.jit
+def _fp8_gemm_kernel(q_ptr, qs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = m < M, n < N
+    m64, n64 = m.to(tl.int64), n.to(tl.int64)
+    kk = tl.arange(0, 128)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb in range(0, KB):
+        k = kb * 128 + kk
+        k_ok = k < K
+        a = tl.load(q_ptr + m64[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + n64[None, :] * K + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        sa = tl.load(qs_ptr + m64 * KB + kb, mask=m_ok, other=0.0)
+        sb = tl.load(ws_ptr + n64 * KB + kb, mask=n_ok, other=0.0)
+        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+    tl.store(y_ptr + m64[:, None] * N + n64[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def rows_launch_parameters(k: int) -> tuple[int, int]:
+    """(BLOCK_N, GROUPS): a program's weight tile is BLOCK_N rows of GROUPS groups of 128."""
+    groups = min(triton.next_power_of_2(triton.cdiv(k, GROUP)), 16)
+    return max(1, min(32, ROWS_TILE // (groups * GROUP))), groups
+
+
+def fp8_rows_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Weight-only: the Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    (m, k), n = x.shape, w.shape[0]
+    x = x.contiguous()
+    y = x.new_empty(m, n)
+    block_n, groups = rows_launch_parameters(k)
+    wrap_triton(_fp8_rows_kernel)[(m, triton.cdiv(n, block_n))](
+        x, w, w_scale, y, n, k, w_scale.shape[1], BLOCK_N=block_n, GROUPS=groups, num_warps=ROWS_WARPS)
+    return y
+
+
+def quantize_groups_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] float8_e4m3fn, s [M, ceil(K / 128)] fp32), as the docstring says."""
+    m, k = x.shape
+    x = x.contiguous()
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    s = torch.empty(m, triton.cdiv(k, GROUP), dtype=torch.float32, device=x.device)
+    wrap_triton(_quantize_groups_kernel)[(m, s.shape[1])](x, q, s, k, s.shape[1], num_warps=1)
+    return q, s
+
+
+def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Dynamic activation quantization and the block-scaled FP8 GEMM (the Triton path)."""
+    (m, k), n = x.shape, w.shape[0]
+    q, s = quantize_groups_triton(x)
+    y = x.new_empty(m, n)
+    wrap_triton(_fp8_gemm_kernel)[(triton.cdiv(m, GEMM_BLOCK_M), triton.cdiv(n, GEMM_BLOCK_N))](
+        q, s, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N,
+        num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
+    return y
+
+
+def fp8_linear_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    return fp8_gemm_triton(x, w, w_scale) if act_quant else fp8_rows_triton(x, w, w_scale)
+
+
+def _per_input(scale: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, ceil(K / 128)] group scales -> [R, K], each repeated over its group's inputs."""
+    return scale.repeat_interleave(GROUP, dim=1)[:, :k]
+
+
+def dequantize(w: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """W = w * w_scale per row and group, in `dtype` (float64: exact, an e4m3 value times an fp32 scale)."""
+    return w.to(dtype) * _per_input(w_scale, w.shape[1]).to(dtype)
+
+
+def quantize_groups_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation quantization of the docstring, in fp32: (q, s)."""
+    m, k = x.shape
+    groups = -(-k // GROUP)
+    padded = torch.nn.functional.pad(x.float(), (0, groups * GROUP - k)).view(m, groups, GROUP)
+    amax = padded.abs().amax(-1)
+    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (x.float() / _per_input(s, k)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, s
+
+
+def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    """Plain torch: dequantize and multiply in fp32, rounded once to x.dtype (float64 x: the
+    float64 oracle of the same definition; its activation quantization is still the fp32 one)."""
+    c = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if act_quant:
+        q, s = quantize_groups_reference(x)
+        xc = dequantize(q, s, c)
+    else:
+        xc = x.to(c)
+    return torch.nn.functional.linear(xc, dequantize(w, w_scale, c)).to(x.dtype)
+
+
+@triton_op("qwen3_aot::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    return fp8_linear_triton(x, w, w_scale, act_quant)
+
+
+fp8_linear.register_kernel("cpu")(fp8_linear_reference)
+
+
+@fp8_linear.register_fake
+def _(x, w, w_scale, act_quant):
+    return x.new_empty(x.shape[0], w.shape[0])

@@ -1,0 +1,86 @@
+"""The FP8 projection against float64, on shapes whose K and N are not multiples of 128 (partial
+blocks): the reference no further from float64 than one rounding, the Triton kernels (the
+interpreter on CPU) no further than the reference; the activation quantizer and the weight
+quantizer against the formats' definitions."""
+
+import pytest
+import torch
+
+from suite_support import rel_err, rounded_once_tol
+from qwen3_aot.custom_ops import fp8_linear as fp8
+from qwen3_aot.quantization import quantize_block_fp8
+
+SHAPES = [(1, 37, 300), (3, 130, 520)]  # (M, N, K)
+GEMM_SHAPES = [(70, 40, 200)]  # more rows than one GEMM tile holds (GEMM_BLOCK_M)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(m, n, k, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, :5] = 0.0  # a few zeros; a whole group of zeros below
+    if k > 256:
+        x[-1, 128:256] = 0.0
+    w = (torch.randn(n, k, generator=g) * 30).clamp(-448, 448).to(fp8.FP8)
+    scale = torch.rand(n, -(-k // 128), generator=g) / 300 + 1e-4
+    return x.to(dtype).to(device), w.to(device), scale.to(device)
+
+
+def _oracle(x, w, scale, act_quant):
+    """float64 of the definition: the activation quantization (when asked for) of x's fp32 values,
+    then exact dequantized products summed in float64."""
+    xc = x.cpu()
+    if act_quant:
+        q, s = fp8.quantize_groups_reference(xc)
+        xc = fp8.dequantize(q, s)
+    return torch.nn.functional.linear(xc.double(), fp8.dequantize(w.cpu(), scale.cpu()))
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_is_float64_rounded_once(shape, dtype, act_quant):
+    x, w, scale = _inputs(*shape, dtype, "cpu", seed=sum(shape))
+    oracle = _oracle(x, w, scale, act_quant)
+    assert rel_err(fp8.fp8_linear_reference(x, w, scale, act_quant), oracle) <= rounded_once_tol(dtype, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, act_quant", [(s, a) for s in SHAPES for a in (False, True)]
+                         + [(s, True) for s in GEMM_SHAPES])
+def test_triton_kernels_are_as_close_to_float64_as_the_reference(shape, dtype, act_quant, kernel_device,
+                                                                  poison_new_tensors):
+    x, w, scale = _inputs(*shape, dtype, kernel_device, seed=1 + sum(shape))
+    got = fp8.fp8_linear_triton(x, w, scale, act_quant)
+    assert got.shape == (shape[0], shape[1]) and got.dtype == dtype
+    oracle = _oracle(x, w, scale, act_quant)
+    ref_err = rel_err(fp8.fp8_linear_reference(x.cpu(), w.cpu(), scale.cpu(), act_quant), oracle)
+    assert rel_err(got, oracle) <= 1.25 * ref_err + rounded_once_tol(dtype, interpreted=kernel_device == "cpu")
+
+
+@pytest.mark.parametrize("shape", [(3, 300), (5, 128), (2, 1000)])
+def test_activation_quantizer_is_the_definition(shape, kernel_device):
+    """Group scale amax / 448, values x / scale rounded to the nearest e4m3 (ties to even): the
+    kernel's scales and values are torch's, bit for bit (its divisions are correctly rounded)."""
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[1])).to(torch.bfloat16)
+    x[0, :128] = 0.0
+    q, s = fp8.quantize_groups_triton(x.to(kernel_device))
+    rq, rs = fp8.quantize_groups_reference(x)
+    assert torch.equal(s.cpu(), rs) and rs[0, 0] == 1.0
+    assert torch.equal(q.cpu().float(), rq.float())
+    groups = torch.nn.functional.pad(x.float(), (0, rs.shape[1] * 128 - shape[1])).view(shape[0], -1, 128)
+    assert torch.equal(rs, torch.where(groups.abs().amax(-1) > 0, groups.abs().amax(-1) / 448, 1.0))
+
+
+def test_weight_quantizer_rounds_each_128x128_block_to_nearest():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 300, generator=g).to(torch.bfloat16)
+    w[128:, 256:] = 0.0  # an all-zero block: scale 1
+    q, s = quantize_block_fp8(w)
+    assert q.dtype == fp8.FP8 and s.shape == (2, 3) and s[1, 2] == 1.0
+    block = w[:128, 128:256].float()
+    assert s[0, 1] == block.abs().max() / 448 and q[:128, 128:256].float().abs().max() == 448
+    # round to nearest: the dequantized weight is within half an e4m3 step (2^-4 relative) of w
+    deq = fp8.dequantize(q, s.repeat_interleave(128, 0)[:200])
+    assert ((deq - w.double()).abs() <= w.double().abs() * 2 ** -4 + 2 ** -10 * s.max()).all()
