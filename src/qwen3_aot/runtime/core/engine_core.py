@@ -23,7 +23,8 @@ from qwen3_aot.runtime.forward.flat_batch import FlatBatch, Forward
 from qwen3_aot.runtime.forward.kv_cache import KVCache
 from qwen3_aot.runtime.core.cache_sizing import plan_num_blocks, within
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up, request_limits
-from qwen3_aot.runtime.core.sampler import Sampler
+from qwen3_aot.runtime.core.penalties import TokenHistory
+from qwen3_aot.runtime.core.sampler import Sampled, Sampler
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.runtime.core.scheduler import Batch, Scheduler
 from qwen3_aot.runtime.forward.tensor_parallel import META, TensorParallelForward, tensor_parallel_size
@@ -80,7 +81,8 @@ class EngineCore:
         cache_device = device if self.tensor_parallel is None else META
         # -- end of the tensor-parallel hook
         clock.lap("forward")
-        self.sampler = Sampler()
+        # the penalties' token counts, on the device that samples (the logits' device)
+        self.sampler = Sampler(TokenHistory(self.config["vocab_size"], device))
         max_num_seqs = within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
         max_tokens = within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
                              "--max-num-tokens")
@@ -132,6 +134,14 @@ class EngineCore:
             self.scheduler.remove(request.seq)
             self._requests.pop(request.seq.seq_id, None)
             request.finish_reason = "abort"
+            self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Give back what an ended request held in the sampler (its token-history slot). A step
+        still in flight may count one more token into that slot: `acquire` zeroes it after."""
+        if request.history_slot is not None:
+            self.sampler.history.release(request.history_slot)
+            request.history_slot = None
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
@@ -225,21 +235,28 @@ class EngineCore:
             fn(record)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> StepInFlight:
-        ids, logprobs = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests])
-        return StepInFlight(requests, ids, logprobs)
+        slots = None
+        if any(r.params.uses_history for r in requests):
+            for r in requests:
+                if r.params.uses_history and r.history_slot is None:
+                    r.history_slot = self.sampler.history.acquire(r.seq.token_ids[:r.seq.num_prompt_tokens])
+            slots = [r.history_slot for r in requests]
+        sampled = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests], slots)
+        return StepInFlight(requests, sampled)
 
     def _receive(self, step: StepInFlight) -> list[Request]:
         """Wait for a step's tokens and give each to its request, unless it has ended since
         (on an earlier token, or aborted); returns the requests that took one."""
-        ids, logprobs = step.results()
+        ids, logprobs, top = step.results()
         took = []
         for i, r in enumerate(step.requests):
             if not r.finished:
                 self.scheduler.append(r.seq, ids[i])
                 self.generation_tokens += 1
-                if r.accept_token(ids[i], logprobs[i] if logprobs else None):
+                if r.accept_token(ids[i], logprobs[i] if logprobs else None, top[i] if top else None):
                     self.scheduler.remove(r.seq)
                     del self._requests[r.seq.seq_id]
+                    self._release(r)
                 took.append(r)
         return took
 
@@ -269,23 +286,25 @@ class EngineCore:
 
 
 class StepInFlight:
-    """A step queued on the device: the request of each sampled row, the ids (and logprobs)
-    on the device, and their copies on their way to pinned host memory."""
+    """A step queued on the device: the request of each sampled row, the ids (and logprobs,
+    top alternatives) on the device, and their copies on their way to pinned host memory."""
 
-    def __init__(self, requests: list[Request], ids: torch.Tensor, logprobs: torch.Tensor | None) -> None:
-        self.requests, self.ids = requests, ids
-        self._host = [_to_host(t) for t in (ids, logprobs) if t is not None]
+    def __init__(self, requests: list[Request], sampled: Sampled) -> None:
+        self.requests, self.ids = requests, sampled.ids
+        self._host = [None if t is None else _to_host(t)
+                      for t in (sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs)]
         self._ready = None
-        if ids.device.type == "cuda":
+        if sampled.ids.device.type == "cuda":
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def results(self) -> tuple[list[int], list[float] | None]:
-        """The ids and logprobs as lists, once the device has them (waits)."""
+    def results(self) -> tuple[list[int], list[float] | None, list[tuple[list[int], list[float]]] | None]:
+        """The ids, logprobs and (top ids, top logprobs) per row as lists, once the device has
+        them (waits)."""
         if self._ready is not None:
             self._ready.synchronize()
-        ids = self._host[0].tolist()
-        return ids, self._host[1].tolist() if len(self._host) > 1 else None
+        ids, logprobs, top_ids, top_lps = [None if t is None else t.tolist() for t in self._host]
+        return ids, logprobs, None if top_ids is None else list(zip(top_ids, top_lps))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
