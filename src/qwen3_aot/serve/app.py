@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.text.reasoning import ReasoningSplitter, opens_reasoning, split_reasoning
 from qwen3_aot.runtime.core.sampling_params import Completion
+from qwen3_aot.runtime.core.generation_defaults import describe as describe_defaults
 from qwen3_aot.runtime.service.engine import Engine
 from qwen3_aot.serve import protocol
 from qwen3_aot.serve.generation import ClientGone, Event, Generation
@@ -49,14 +50,25 @@ class _State:
     max_queue: int
     metrics: Metrics
     text: protocol.TokenText
+    defaults: dict  # the checkpoint's sampling defaults in force (generation_config.json), or {}
     in_flight: int = 0  # engine requests admitted and not yet ended
 
 
-def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 1024) -> FastAPI:
+def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 1024,
+              generation_config: str = "auto") -> FastAPI:
     """The app over a loaded engine, serving it as `model_name`. `max_queue`: the most engine
-    requests (a prompt times n) running or waiting at once; more get 429."""
+    requests (a prompt times n) running or waiting at once; more get 429. generation_config:
+    "auto" (vLLM's default) samples the fields a request leaves out as the artifact's
+    generation_config.json says (temperature, top_k, top_p, min_p, repetition_penalty; its
+    max_new_tokens caps max_tokens); "none": OpenAI's defaults."""
+    if generation_config not in ("auto", "none"):
+        raise Qwen3AotError(f"generation_config must be 'auto' or 'none', got {generation_config!r}.")
+    defaults = engine.generation_defaults if generation_config == "auto" else {}
+    log.info("sampling defaults for fields a request leaves out (--generation-config %s): %s", generation_config,
+             describe_defaults(defaults))
     app = FastAPI(title="qwen3-aot", docs_url=None, redoc_url=None)
-    st = _State(engine, model_name, api_key, max_queue, Metrics(engine), protocol.TokenText(engine.tokenizer))
+    st = _State(engine, model_name, api_key, max_queue, Metrics(engine), protocol.TokenText(engine.tokenizer),
+                defaults)
     _add_error_handlers(app, st)
 
     async def authorized(request: Request) -> None:
@@ -74,17 +86,26 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
     async def metrics() -> Response:
         return Response(st.metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card() -> dict:
+        return {"id": st.model, "object": "model", "created": 0, "owned_by": "qwen3-aot",
+                "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": st.model, "object": "model", "created": 0, "owned_by": "qwen3-aot",
-                                            "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+    async def model(model_id: str) -> dict:
+        _check_model(st, model_id)
+        return model_card()
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check()
         _check_model(st, body.model)
+        _warn_ignored(body, request)
         prompts = body.prompts()
-        jobs = [(p, body.sampling(_max_tokens(st, body.max_tokens, p), body.logprobs is not None, j))
+        jobs = [(p, body.sampling(_max_tokens(st, body.max_tokens, p), body.logprobs, j, st.defaults))
                 for p in prompts for j in range(body.n)]
         meta = protocol.Response.new("cmpl", st.model, "text_completion")
         gen = _start(st, jobs, request)
@@ -92,18 +113,23 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
             return _sse(_stream_completion(st, gen, meta, body), st, gen, meta, request)
         done = await _collect(st, gen, meta, request)
         choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": st.text.completion_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None
-                    else None} for i, c in enumerate(done)]
+                    "logprobs": st.text.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs)
+                    if c.logprobs is not None else None} for i, c in enumerate(done)]
         return JSONResponse(meta.body(choices, usage=_usage(done, body.n)))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat(body: ChatRequest, request: Request) -> Response:
         body.check()
         _check_model(st, body.model)
+        _warn_ignored(body, request)
+        if not engine.has_chat_template:
+            raise Qwen3AotError(f"the model {st.model!r} has no chat template, so /v1/chat/completions cannot render "
+                                "messages: send the prompt text to /v1/completions, or rebuild the artifact from a "
+                                "checkpoint whose tokenizer_config.json has a chat_template.")
         text = engine.apply_chat_template(body.template_messages(), add_generation_prompt=body.add_generation_prompt,
                                           **(body.chat_template_kwargs or {}))
         ids = engine.tokenizer.encode(text)
-        jobs = [(ids, body.sampling(_max_tokens(st, body.max_new_tokens, ids), body.logprobs, j))
+        jobs = [(ids, body.sampling(_max_tokens(st, body.max_new_tokens, ids), body.logprobs_asked, j, st.defaults))
                 for j in range(body.n)]
         meta = protocol.Response.new("chatcmpl", st.model, "chat.completion")
         thinking = opens_reasoning(text)  # the template opened a think block: the output starts inside it
@@ -117,9 +143,10 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
             reasoning, content = split_reasoning(c.text, in_reasoning=thinking)
             choices.append({"index": i, "finish_reason": c.finish_reason,
                             "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
-                            "logprobs": st.text.chat_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None
-                            else None})
-        return JSONResponse(meta.body(choices, usage=_usage(done, 1)))
+                            "logprobs": st.text.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs,
+                                                              body.top_logprobs or 0)
+                            if c.logprobs is not None else None})
+        return JSONResponse(meta.body(choices, usage=_usage(done, body.n)))
 
     return app
 
@@ -132,14 +159,24 @@ def _check_model(st: _State, model: str | None) -> None:
 
 
 def _max_tokens(st: _State, asked: int | None, prompt: Prompt) -> int:
-    """What was asked, else the rest of the context (vLLM's default)."""
+    """What was asked, else the rest of the context (vLLM's default); at most the checkpoint's
+    max_new_tokens when its generation_config is in force (vLLM's cap)."""
+    cap = st.defaults.get("max_tokens")
     if asked is not None:
-        return asked
+        return asked if cap is None or not isinstance(asked, int) else min(asked, cap)
     n = len(st.engine.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(prompt)
     if n >= st.engine.max_model_len:
         raise Qwen3AotError(f"the prompt ({n} tokens) fills the context ({st.engine.max_model_len} tokens); "
                             "shorten it.")
-    return st.engine.max_model_len - n
+    return st.engine.max_model_len - n if cap is None else min(st.engine.max_model_len - n, cap)
+
+
+def _warn_ignored(body: protocol.CompletionRequest | protocol.ChatRequest, request: Request) -> None:
+    """Fields this server does not know are ignored, and named in a warning (as vLLM does)."""
+    ignored = body.ignored_fields()
+    if ignored:
+        log.warning("%s %s: the request's fields %s are not known to this server and were ignored", request.method,
+                    request.url.path, ", ".join(ignored))
 
 
 def _start(st: _State, jobs: list, request: Request) -> Generation:
@@ -204,7 +241,7 @@ async def _stream_completion(st: _State, gen: Generation, meta: Meta, body: Comp
             continue
         logprobs = None
         if e.logprobs is not None:
-            logprobs = st.text.completion_logprobs(*pending.pop(e.index), offsets[e.index])
+            logprobs = st.text.completion_logprobs(*pending.pop(e.index), offset=offsets[e.index])
             offsets[e.index] += sum(map(len, logprobs["tokens"]))
         yield meta.body([{"index": e.index, "text": e.text, "logprobs": logprobs, "finish_reason": _finish(e)}],
                         **extra)
@@ -213,19 +250,26 @@ async def _stream_completion(st: _State, gen: Generation, meta: Meta, body: Comp
 
 
 class _Pending:
-    """Each choice's tokens and logprobs not yet sent (a piece of text can lag its tokens)."""
+    """Each choice's tokens, logprobs and top alternatives not yet sent (a piece of text can lag
+    its tokens)."""
 
     def __init__(self, choices: int) -> None:
         self.ids: list[list[int]] = [[] for _ in range(choices)]
         self.logprobs: list[list[float]] = [[] for _ in range(choices)]
+        self.top: list[list[dict[int, float]] | None] = [[] for _ in range(choices)]
 
     def add(self, e: Event) -> None:
         self.ids[e.index] += e.token_ids
         self.logprobs[e.index] += e.logprobs or []
+        if e.top_logprobs is None:
+            self.top[e.index] = None
+        elif self.top[e.index] is not None:
+            self.top[e.index] += e.top_logprobs
 
-    def pop(self, index: int) -> tuple[list[int], list[float]]:
-        out = self.ids[index], self.logprobs[index]
+    def pop(self, index: int) -> tuple[list[int], list[float], list[dict[int, float]] | None]:
+        out = self.ids[index], self.logprobs[index], self.top[index]
         self.ids[index], self.logprobs[index] = [], []
+        self.top[index] = None if out[2] is None else []
         return out
 
 
@@ -245,12 +289,13 @@ async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatReques
             reasoning, content = reasoning + tail[0], content + tail[1]
         if not (reasoning or content or e.completion):
             continue
-        logprobs = st.text.chat_logprobs(*pending.pop(e.index)) if e.logprobs is not None else None
+        logprobs = st.text.chat_logprobs(*pending.pop(e.index), body.top_logprobs or 0) \
+            if e.logprobs is not None else None
         delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
         yield meta.body([{"index": e.index, "delta": delta, "logprobs": logprobs, "finish_reason": _finish(e)}],
                         **extra)
     if body.include_usage:
-        yield meta.body([], usage=_usage(gen.completions, 1))
+        yield meta.body([], usage=_usage(gen.completions, body.n))
 
 
 def _finish(e: Event) -> str | None:
@@ -263,11 +308,11 @@ def _log_request(st: _State, request: Request, rid: str, outcome: int | str, gen
     if gen is None:
         log.info("%s %s %s: %s", request.method, request.url.path, outcome, detail)
         return
-    done = [c for c in gen.completions if c is not None]
     ttft = "-" if gen.first_token_s is None else f"{gen.first_token_s:.3f}s"
+    # what each engine request did, finished or cut short (a cancelled one has no Completion)
     log.info("%s %s %s %s: %d requests, tokens in %d out %d, first token %s, total %.3fs", rid, request.method,
-             request.url.path, outcome, len(gen.completions), sum(c.prompt_tokens for c in done),
-             sum(c.output_tokens for c in done), ttft, time.perf_counter() - gen.arrival)
+             request.url.path, outcome, len(gen.completions), sum(gen.prompt_tokens), sum(gen.output_tokens), ttft,
+             time.perf_counter() - gen.arrival)
 
 
 def _add_error_handlers(app: FastAPI, st: _State) -> None:
@@ -286,6 +331,11 @@ def _add_error_handlers(app: FastAPI, st: _State) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            bad = next(err for err in errors if err.get("type") == "json_invalid")
+            detail = (bad.get("ctx") or {}).get("error", "")
+            return reply(request, 400, f"the request body is not valid JSON ({detail or bad['msg']}); send a JSON "
+                                       "object with Content-Type: application/json.")
         where = [".".join(str(x) for x in err["loc"][1:]) for err in errors]  # loc[0] is "body"
         message = "; ".join(f"{w or 'body'}: {err['msg']}" for w, err in zip(where, errors))
         return reply(request, 400, message, where[0] if where else None)

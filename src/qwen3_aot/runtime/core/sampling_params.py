@@ -111,6 +111,12 @@ class SamplingParams:
             given[name] = defaults.get(name)
         return SamplingParams(**given)
 
+    def replace(self, **fields: Any) -> "SamplingParams":
+        """dataclasses.replace that keeps the unset fields unset (so `with_defaults` still applies)."""
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        given.update({name: None for name in self._unset})
+        return SamplingParams(**{**given, **fields})
+
     @property
     def unset(self) -> frozenset[str]:
         """The fields left unset, which took their default."""

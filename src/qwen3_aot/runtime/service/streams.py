@@ -42,6 +42,10 @@ class _StreamBase:
         self.completion: Completion | None = None
         self._closed = False
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self._request.seq.num_prompt_tokens
+
     def _submit(self, put) -> None:
         self._sub = Submission(self._request, put, self._final_only)
         self._loop.submit(self._sub)
