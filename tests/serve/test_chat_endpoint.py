@@ -64,7 +64,7 @@ def test_chat_logprobs_are_the_engines(qwen_server, qwen_engine):
     ({"messages": [{"content": "hi"}]}, "role"),
     ({"messages": []}, "messages"),
     ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": MESSAGES, "top_logprobs": 3, "logprobs": True}, "top_logprobs"),
+    ({"messages": MESSAGES, "top_logprobs": 21, "logprobs": True}, "top_logprobs must be an int in [0, 20]"),
     ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
 ], ids=["no role", "no messages", "tools", "top_logprobs", "max_tokens=0"])
 def test_bad_chat_requests_get_400_then_a_good_one_is_served(qwen_server, body, says):

@@ -19,7 +19,7 @@ from typing import Any, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.core.sampling_params import SamplingParams
+from qwen3_aot.runtime.core.sampling_params import MAX_LOGPROBS, SamplingParams
 
 Prompt = Union[str, list[int]]
 
@@ -130,6 +130,8 @@ class ChatRequest(_Sampling):
             raise Qwen3AotError("tools (function calling) are not supported by this server; leave them out.")
         if self.response_format not in (None, {"type": "text"}):
             raise Qwen3AotError("response_format other than {\"type\": \"text\"} is not supported by this server.")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise Qwen3AotError(f"top_logprobs must be an int in [0, {MAX_LOGPROBS}], got {self.top_logprobs}.")
         if self.top_logprobs is not None and not self.logprobs:
             raise Qwen3AotError("top_logprobs needs logprobs=true.")
         if self.max_tokens is not None and self.max_completion_tokens is not None:

@@ -92,3 +92,41 @@ def test_seeded_penalised_sampling_is_the_same_with_overlap_on_and_off(core):
     core.overlap = True
     assert runs[0] == runs[1]
     assert len({tuple(t) for t in runs[0][:3]}) > 1
+
+
+def test_prompt_logprobs_are_transformers_computed_a_few_rows_a_step(core, monkeypatch):
+    """prompt_logprobs=3 on two long prompts beside a plain one, with at most 16 prompt rows a
+    step (so each prompt takes several chunked steps): each prompt token's logprob and top 3
+    equal transformers' log_softmax, and the sampled outputs are unchanged."""
+    from transformers import Qwen3ForCausalLM
+
+    from qwen3_aot.runtime.core import scheduler
+
+    monkeypatch.setattr(scheduler, "PROMPT_LOGPROB_ROWS", 16)
+    steps = []
+    core.observers.append(steps.append)
+    try:
+        texts = [prompts()[15], prompts()[0], prompts()[13]]
+        asking = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=3)
+        out = core.generate(texts, [asking, SHORT_GREEDY, asking])
+    finally:
+        core.observers.remove(steps.append)
+    assert max(s.tokens for s in steps) <= 16 + len(tokenizer().encode(texts[1]).ids)
+    hf = Qwen3ForCausalLM.from_pretrained(FIXTURE, dtype=torch.float32).eval()
+    plain = core.generate(texts, SHORT_GREEDY)
+    for c, text, p in zip(out, texts, plain):
+        ids = tokenizer().encode(text).ids
+        assert c.token_ids == p.token_ids[:len(c.token_ids)]
+        if c is out[1]:
+            assert c.prompt_logprobs is None
+            continue
+        with torch.no_grad():
+            raw = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].double(), -1)
+        want = raw.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert c.prompt_logprobs[0] is None and c.prompt_top_logprobs[0] is None
+        assert len(c.prompt_logprobs) == len(ids)
+        assert torch.allclose(torch.tensor(c.prompt_logprobs[1:], dtype=torch.float64), want, atol=1e-4)
+        top_lp, top_ids = raw.topk(3, -1)
+        for k in range(len(ids) - 1):
+            alts = c.prompt_top_logprobs[k + 1]
+            assert set(top_ids[k].tolist()) <= set(alts) and ids[k + 1] in alts

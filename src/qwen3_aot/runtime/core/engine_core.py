@@ -195,11 +195,32 @@ class EngineCore:
     def _launch(self, batch: Batch) -> StepInFlight | None:
         """The scheduled batch's forward, and a sample for each sequence whose tokens are now
         all in the cache (the others are mid-prompt; None if every one is)."""
-        logits, replayed = self._forward(batch)
+        logits, replayed, prompt_rows = self._forward(batch)
+        if prompt_rows is not None:
+            logits = self._take_prompt_logprobs(logits, prompt_rows)
         self._observe(batch, replayed, ahead=False)
         self.scheduler.computed(batch)
         done = [self._requests[seq.seq_id] for seq, _ in batch if seq.num_computed == len(seq.token_ids)]
         return self._sample(logits, done) if done else None
+
+    def _take_prompt_logprobs(self, logits: torch.Tensor, rows: "PromptRows") -> torch.Tensor:
+        """Record the prompt logprobs these logits hold (waits for the device: only steps with
+        such requests do) and return the rows to sample from."""
+        for seq, first, offset, count in rows.wanted:
+            r = self._requests[seq.seq_id]
+            lps = torch.log_softmax(logits[offset:offset + count].float(), -1)
+            targets = torch.tensor(seq.token_ids[first:first + count], device=lps.device)
+            chosen = lps.gather(1, targets[:, None])[:, 0].tolist()
+            n = r.params.prompt_logprobs
+            top = [([], [])] * count
+            if n:
+                values, ids = lps.topk(n, -1)
+                top = list(zip(ids.tolist(), values.tolist()))
+            r.prompt_logprobs += chosen
+            r.prompt_top_logprobs += [{**dict(zip(*t)), tok: lp}
+                                      for t, tok, lp in zip(top, seq.token_ids[first:first + count], chosen)]
+            seq.logits_from = first + count if first + count < seq.num_prompt_tokens else None
+        return logits.index_select(0, torch.tensor(rows.sample, device=logits.device))
 
     def _decode_ahead(self, previous: StepInFlight) -> StepInFlight | None:
         """The next decode step, queued before `previous`'s tokens are known, when it is sure to
@@ -260,29 +281,46 @@ class EngineCore:
                 took.append(r)
         return took
 
-    def _forward(self, batch: Batch) -> tuple[torch.Tensor, bool]:
-        """Logits of the last token of each sequence that reaches its end in this batch, and
-        whether a CUDA graph computed them."""
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, bool, "PromptRows | None"]:
+        """Logits of the last token of each sequence that reaches its end in this batch, whether
+        a CUDA graph computed them, and, when a sequence needs the logits of prompt positions
+        (prompt_logprobs), where those rows are (the scheduler keeps them few a step)."""
         seqs = [seq for seq, _ in batch]
         if (self.graphs is not None and len(batch) <= self.graphs.max_batch
                 and all(n == 1 and seq.num_computed + 1 == len(seq.token_ids) for seq, n in batch)):
             # a decode step (one token per sequence, its last): lists built directly, no per-token loop
             return self.graphs([s.token_ids[-1] for s in seqs], [s.num_computed for s in seqs],
-                               self.scheduler.block_tables(seqs)), True
+                               self.scheduler.block_tables(seqs)), True, None
         ids, pos, seq_ids, rows = [], [], [], []
+        prompt = PromptRows()
         for i, (seq, n) in enumerate(batch):
-            start = seq.num_computed
+            start, base = seq.num_computed, len(ids)
             ids += seq.token_ids[start:start + n]
             pos += range(start, start + n)
             seq_ids += [i] * n
+            if seq.logits_from is not None:  # position p's logits give prompt token p + 1's logprob
+                first, last = max(start, seq.logits_from - 1), min(start + n, seq.num_prompt_tokens - 1)
+                if last > first:
+                    prompt.wanted.append((seq, first + 1, len(rows), last - first))
+                    rows += range(base + first - start, base + last - start)
             if start + n == len(seq.token_ids):
+                prompt.sample.append(len(rows))
                 rows.append(len(ids) - 1)
         tables = torch.from_numpy(self.scheduler.block_tables(seqs))
         dev = self.device
         flat = FlatBatch(torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
                          torch.tensor(seq_ids, dtype=torch.int32, device=dev), tables.to(dev),
                          torch.tensor(rows or [len(ids) - 1], dtype=torch.int64, device=dev))  # the graph wants >= 1 row
-        return self.forward.run(flat, self.cache.k, self.cache.v), False
+        return self.forward.run(flat, self.cache.k, self.cache.v), False, prompt if prompt.wanted else None
+
+
+class PromptRows:
+    """Which logits rows of a step are prompt positions (prompt_logprobs): (sequence, index of
+    the first prompt token they score, first row, rows) each; and the rows to sample from."""
+
+    def __init__(self) -> None:
+        self.wanted: list[tuple[object, int, int, int]] = []
+        self.sample: list[int] = []
 
 
 class StepInFlight:

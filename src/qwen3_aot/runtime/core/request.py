@@ -26,6 +26,12 @@ class Request:
         self.logprobs: list[float] | None = [] if params.logprobs is not None else None
         self.top_logprobs: list[dict[int, float]] | None = [] if params.logprobs else None
         self.history_slot: int | None = None  # the sampler's TokenHistory slot, for the penalties
+        # prompt_logprobs: the first token has none; the engine core fills in the rest in chunks
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[dict[int, float] | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = [None], [None]
+            seq.logits_from = 1 if seq.num_prompt_tokens > 1 else None
         self.finish_reason: str | None = None
 
     @property
@@ -64,7 +70,8 @@ class Request:
         out = self.seq.output_ids
         return Completion(text=self.text.text, token_ids=out, finish_reason=self.finish_reason,
                           prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs,
-                          top_logprobs=self.top_logprobs)
+                          top_logprobs=self.top_logprobs, prompt_logprobs=self.prompt_logprobs,
+                          prompt_top_logprobs=self.prompt_top_logprobs)
 
 
 def request_limits(max_model_len: int, cache_capacity: int) -> list[tuple[int, str]]:

@@ -46,6 +46,10 @@ class SamplingParams:
     logprobs: None: none; N (0..20): the chosen token's log-probability and the N most likely
         alternatives', from the model's own distribution log_softmax(raw logits), before
         logit_bias, penalties, temperature and filters (vLLM's default). True means 0, False None.
+    prompt_logprobs: None: none; N (0..20): each prompt token's log-probability given the tokens
+        before it (the first token's is None) and its N most likely alternatives (vLLM's name),
+        from the same raw distribution; computed in chunks of at most PROMPT_LOGPROB_ROWS
+        positions a step (runtime/core/scheduler.py), never [prompt_len, vocab] at once.
     temperature, top_k, top_p, min_p and repetition_penalty may be left unset (None): they take
     DEFAULTABLE's value, unless `with_defaults` (the checkpoint's generation_config.json, see
     runtime/core/generation_defaults.py) gives another. An explicit value always wins.
@@ -64,6 +68,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         unset = frozenset(name for name in DEFAULTABLE if getattr(self, name) is None)
@@ -87,6 +92,10 @@ class SamplingParams:
         if lp is not None:
             lp = _int("logprobs", lp, f"in [0, {MAX_LOGPROBS}] (or true/false)", lambda v: 0 <= v <= MAX_LOGPROBS)
         self._set("logprobs", lp)
+        plp = self.prompt_logprobs
+        if plp is not None:
+            plp = _int("prompt_logprobs", plp, f"in [0, {MAX_LOGPROBS}]", lambda v: 0 <= v <= MAX_LOGPROBS)
+        self._set("prompt_logprobs", plp)
         if self.seed is not None:
             self._set("seed", _int("seed", self.seed, "in [0, 2**64)", lambda v: 0 <= v < 2**64))
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -181,4 +190,8 @@ class Completion:
     # with SamplingParams(logprobs=N): per output token, {token id: logprob} of the N most likely
     # tokens and the chosen one (vLLM's layout), from the model's own distribution
     top_logprobs: list[dict[int, float]] | None = None
+    # with SamplingParams(prompt_logprobs=N): per prompt token, its logprob (None for the first)
+    # and {token id: logprob} of the N most likely and itself (None for the first)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     reasoning: str | None = None  # Qwen3's thinking, when asked to keep it apart from `text` (chat)

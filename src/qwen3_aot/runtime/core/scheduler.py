@@ -22,6 +22,11 @@ import numpy as np
 from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK, KVCache
 
 
+# The most prompt positions a step computes logits for, for requests with prompt_logprobs:
+# [512, 151936] fp32 is 311 MB, where a 2,048-token prompt at once would be 1.2 GB.
+PROMPT_LOGPROB_ROWS = 512
+
+
 class Sequence:
     """A request's tokens and its place in the cache. `num_computed` tokens have their K/V
     in the blocks of `block_table`; the rest are fed to the next forward."""
@@ -33,6 +38,9 @@ class Sequence:
         self.num_computed = 0
         self.block_table: list[int] = []
         self.slot: int | None = None  # its row of Scheduler.tables while running
+        # prompt positions whose logits its request still needs (prompt_logprobs), from this
+        # one on; None: none. Each step computes the logits of at most PROMPT_LOGPROB_ROWS of them.
+        self.logits_from: int | None = None
 
     @property
     def output_ids(self) -> list[int]:
@@ -109,11 +117,18 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch: Batch = []
         budget = self.max_num_batched_tokens
+        logit_rows = PROMPT_LOGPROB_ROWS  # the extra logits rows a step may compute for prompt logprobs
         preemptions = self.num_preemptions
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if seq.logits_from is not None and seq.num_computed < seq.num_prompt_tokens:
+                n = min(n, logit_rows)
+                logit_rows -= n
+                if n == 0:
+                    i += 1
+                    continue
             if not self._make_room(seq, n):
                 break
             batch.append((seq, n))
@@ -124,6 +139,11 @@ class Scheduler:
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             n = min(len(seq.token_ids), budget)
+            if seq.logits_from is not None:
+                n = min(n, logit_rows)
+                if n == 0:
+                    break
+                logit_rows -= n
             if not self._grow(seq, n):
                 break
             self.running.append(self.waiting.popleft())

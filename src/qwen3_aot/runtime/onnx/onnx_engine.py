@@ -100,6 +100,9 @@ class OnnxEngine:
     def _request(self, prompt: Prompt, params: SamplingParams | None) -> Request:
         limits = [(self.max_model_len, f"the model's max_position_embeddings ({self.max_model_len}); shorten one "
                                        "of them")]
+        if params is not None and getattr(params, "prompt_logprobs", None) is not None:
+            raise Qwen3AotError("prompt_logprobs need the pt2 engine; an ONNX artifact's engine does not compute "
+                                "them. Leave prompt_logprobs out, or export with --format pt2.")
         # logits come back to the host: seeded generators live there
         return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"], limits,
                             torch.device("cpu"))
