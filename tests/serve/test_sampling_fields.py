@@ -161,7 +161,7 @@ def test_unknown_fields_are_served_and_named_in_a_warning(server):
 
 
 def test_a_cancelled_request_logs_the_tokens_it_had(server):
-    chunks = complete(server, prompt=PROMPT, max_tokens=2000, temperature=0, stream=True,
+    chunks = complete(server, prompt=PROMPT, max_tokens=1000, temperature=0, stream=True,
                       extra_body={"ignore_eos": True})
     seen = 0
     for c in chunks:
@@ -179,3 +179,23 @@ def test_a_cancelled_request_logs_the_tokens_it_had(server):
     assert lines, "no log line for the cancelled request"
     out = int(lines[0].split(" out ")[1].split(",")[0])
     assert out >= 3 and " in 0 " not in lines[0]
+
+
+def test_echo_with_max_tokens_0_gives_the_prompts_logprobs(server, engine):
+    """What lm-evaluation-harness's loglikelihood requests send: echo, logprobs, max_tokens 0."""
+    ids = engine.tokenizer.encode(PROMPT)
+    want = engine.generate(PROMPT, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+    r = complete(server, prompt=PROMPT, echo=True, logprobs=2, max_tokens=0, temperature=0)
+    c = r.choices[0]
+    assert c.text == PROMPT and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    assert c.logprobs.token_logprobs[1:] == pytest.approx(want.prompt_logprobs[1:], abs=1e-5)
+    assert c.logprobs.tokens == [engine_token(engine, t) for t in ids]
+    assert all(len(d) >= 2 for d in c.logprobs.top_logprobs[1:])
+    by_ids = complete(server, prompt=ids, echo=True, logprobs=0, max_tokens=0).choices[0]
+    assert by_ids.text == PROMPT and by_ids.logprobs.token_logprobs == c.logprobs.token_logprobs
+    more = complete(server, prompt=PROMPT, echo=True, logprobs=1, max_tokens=3, temperature=0).choices[0]
+    generated = engine.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0))[0]
+    assert more.text == PROMPT + generated.text and len(more.logprobs.tokens) == len(ids) + 3
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        complete(server, prompt=PROMPT, max_tokens=0)  # without echo, nothing to return

@@ -10,6 +10,7 @@ away aborts its engine requests. One log line per request, at info level, when i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -105,16 +106,21 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         _check_model(st, body.model)
         _warn_ignored(body, request)
         prompts = body.prompts()
-        jobs = [(p, body.sampling(_max_tokens(st, body.max_tokens, p), body.logprobs, j, st.defaults))
+        asked = 1 if body.scores_only else body.max_tokens
+        prompt_logprobs = body.logprobs if body.echo else None
+        jobs = [(p, body.sampling(_max_tokens(st, asked, p), body.logprobs, j, st.defaults, prompt_logprobs))
                 for p in prompts for j in range(body.n)]
         meta = protocol.Response.new("cmpl", st.model, "text_completion")
         gen = _start(st, jobs, request)
         if body.stream:
             return _sse(_stream_completion(st, gen, meta, body), st, gen, meta, request)
         done = await _collect(st, gen, meta, request)
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": st.text.completion_logprobs(c.token_ids, c.logprobs, c.top_logprobs)
-                    if c.logprobs is not None else None} for i, c in enumerate(done)]
+        if body.scores_only:  # the one token taken is not part of the answer
+            done = [dataclasses.replace(c, text="", token_ids=[], output_tokens=0, finish_reason="length",
+                                        logprobs=None if c.logprobs is None else [],
+                                        top_logprobs=None if c.top_logprobs is None else []) for c in done]
+        choices = [_completion_choice(st, i, c, prompts[i // body.n] if body.echo else None)
+                   for i, c in enumerate(done)]
         return JSONResponse(meta.body(choices, usage=_usage(done, body.n)))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
@@ -156,6 +162,20 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
 def _check_model(st: _State, model: str | None) -> None:
     if model is not None and model != st.model:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {st.model!r}.", "model")
+
+
+def _completion_choice(st: _State, index: int, c: Completion, echoed: Prompt | None) -> dict:
+    """One choice of a completions response; `echoed`: the prompt, when echo asks for it first
+    (its text, and with logprobs its tokens' logprobs, the first token's null)."""
+    text, ids, lps, top = c.text, c.token_ids, c.logprobs, c.top_logprobs
+    if echoed is not None:
+        prompt_ids = st.engine.tokenizer.encode(echoed) if isinstance(echoed, str) else list(echoed)
+        text = (echoed if isinstance(echoed, str) else st.engine.tokenizer.decode(prompt_ids)) + text
+        if lps is not None:
+            ids, lps = prompt_ids + ids, c.prompt_logprobs + lps
+            top = None if top is None else c.prompt_top_logprobs + top
+    logprobs = None if lps is None else st.text.completion_logprobs(ids, lps, top)
+    return {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}
 
 
 def _max_tokens(st: _State, asked: int | None, prompt: Prompt) -> int:

@@ -2,7 +2,7 @@
 
 Requests are pydantic models with OpenAI's field names (plus vLLM's extra sampling fields
 top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids), validated strictly: "0.5" is not
-a temperature. A field we know but cannot honour (echo, tools, suffix, ...) is refused with a
+a temperature. A field we know but cannot honour (tools, suffix, ...) is refused with a
 message; a field we do not know is ignored and named in a warning log line (vLLM's behaviour);
 values are checked by SamplingParams, so a bad one gets the engine's own message. Sampling
 fields left out take the checkpoint's generation_config defaults (`--generation-config auto`),
@@ -69,7 +69,7 @@ class _Sampling(_Request):
             raise Qwen3AotError("stream_options is only allowed with stream=true.")
 
     def sampling(self, max_tokens: int, logprobs: int | None, choice: int,
-                 defaults: dict[str, Any] | None = None) -> SamplingParams:
+                 defaults: dict[str, Any] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters for choice number `choice` of n: with a seed, choice j samples
         with seed + j, so that n > 1 gives n different (and reproducible) samples. Fields left
         out take `defaults` (the checkpoint's generation_config), then OpenAI's."""
@@ -81,7 +81,7 @@ class _Sampling(_Request):
                                 presence_penalty=self.presence_penalty or 0.0,
                                 frequency_penalty=self.frequency_penalty or 0.0, logit_bias=self.logit_bias,
                                 seed=seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
-                                ignore_eos=self.ignore_eos, logprobs=logprobs)
+                                ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         return params.with_defaults(defaults or {})
 
 
@@ -92,6 +92,12 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @property
+    def scores_only(self) -> bool:
+        """echo with max_tokens 0: the prompt's logprobs alone (lm-evaluation-harness's
+        loglikelihood requests). The engine takes one token, which the response leaves out."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[Prompt]:
         """One prompt (text or token ids) or a list of them, as a list."""
@@ -104,8 +110,8 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         self._refuse_unsupported()
-        if self.echo:
-            raise Qwen3AotError("echo is not supported by this server; leave it out.")
+        if self.echo and self.stream:
+            raise Qwen3AotError("echo is supported with stream=false only; send the request unstreamed.")
         if self.suffix:
             raise Qwen3AotError("suffix is not supported by this server; leave it out.")
         if self.best_of not in (None, self.n):
@@ -226,9 +232,9 @@ class TokenText:
             offsets.append(offset)
             offset += len(t)
         if top is None:
-            top_lps = [{t: lp} for t, lp in zip(tokens, logprobs)]
+            top_lps = [None if lp is None else {t: lp} for t, lp in zip(tokens, logprobs)]
         else:
-            top_lps = [{self.token(i)[0]: lp for i, lp in alts.items()} for alts in top]
+            top_lps = [None if alts is None else {self.token(i)[0]: lp for i, lp in alts.items()} for alts in top]
         return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top_lps, "text_offset": offsets}
 
     def chat_logprobs(self, token_ids: list[int], logprobs: list[float],
