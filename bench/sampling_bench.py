@@ -12,7 +12,10 @@ and measures, on one engine core with the default cache:
   (temperature 0.6, top_k 20, top_p 0.95: every row cuts, through torch.topk); "+ penalties"
   (those plus presence_penalty 1.5 and repetition_penalty 1.05 on every request). The goal:
   the second and third within 5% of the first.
-- the sampler alone on [256, vocab] fp32 logits (CUDA-event timed, median of 50): greedy,
+- prompt logprobs (prompt_logprobs=5) of 64 prompts of 2,048 tokens, one output token each:
+  time and peak GPU memory over what was allocated before, against the same prompts without
+  them (the engine computes at most 512 prompt positions' logits a step).
+- the sampler alone on [256, vocab] fp32 logits (host-timed around a sync, median of 50): greedy,
   temperature, Qwen3's defaults (topk path), top_p alone (the sort path), and the defaults
   with penalties: what each stage adds to a decode step.
 """
@@ -29,8 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_support import free_memory, sync, system_info  # noqa: E402
-from workloads import TINY_PLAN, Plan, build, workload  # noqa: E402
+from bench_support import free_memory, peak_memory, sync, system_info  # noqa: E402
+from workloads import TINY_PLAN, Plan, build, random_prompts, workload  # noqa: E402
 
 from qwen3_aot import runtime  # noqa: E402
 from qwen3_aot.runtime import SamplingParams  # noqa: E402
@@ -66,6 +69,22 @@ def run_variant(core: runtime.EngineCore, plan: Plan, vocab: int, fields: dict) 
     assert tokens == sum(p.max_tokens for p in params), "ignore_eos: every request runs to max_tokens"
     return {"output_tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "preemptions": core.scheduler.num_preemptions}
+
+
+def prompt_logprobs_run(core: runtime.EngineCore, prompts: list[list[int]], asked: int | None) -> dict:
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=asked)
+
+    def run() -> float:
+        sync()
+        t = time.perf_counter()
+        done = core.generate(prompts, params)
+        sync()
+        if asked is not None:
+            assert all(len(c.prompt_logprobs) == len(p) for c, p in zip(done, prompts))
+        return time.perf_counter() - t
+
+    seconds, peak_gb = peak_memory(run)
+    return {"seconds": seconds, "peak_GB": peak_gb, "prompt_tokens": sum(map(len, prompts))}
 
 
 def time_sampler(vocab: int, rows: int, device: torch.device, fields: dict, repeats: int) -> float:
@@ -120,6 +139,13 @@ def main() -> None:
     for name, fields in VARIANTS.items():
         r["workload_runs"][name] = run_variant(core, plan, vocab, fields)
         print(f"[workload] {name}: {r['workload_runs'][name]['tok_s']:.0f} output tok/s", flush=True)
+    count, length = (8, 64) if a.tiny else (64, 2048)
+    prompts = random_prompts(count, length, vocab, seed=1)
+    core.generate(prompts[:2], SamplingParams(max_tokens=1, prompt_logprobs=5))  # warm-up
+    r["prompt_logprobs"] = {"prompts": count, "length": length}
+    for name, asked in (("without", None), ("prompt_logprobs=5", 5)):
+        r["prompt_logprobs"][name] = prompt_logprobs_run(core, prompts, asked)
+        print(f"[prompt logprobs] {name}: {r['prompt_logprobs'][name]}", flush=True)
     del core
     free_memory()
 
@@ -131,6 +157,11 @@ def main() -> None:
     print(f"{'nano-vllm workload':<34}{'output tok/s':>14}{'vs temperature 0.6':>20}")
     for name, run in r["workload_runs"].items():
         print(f"{name:<34}{run['tok_s']:>14.0f}{run['tok_s'] / base:>19.1%}")
+    pl = r["prompt_logprobs"]
+    print(f"\n{str(pl['prompts']) + ' prompts of ' + str(pl['length']) + ' tokens':<34}{'seconds':>14}{'peak GB':>20}")
+    for name in ("without", "prompt_logprobs=5"):
+        peak = pl[name]["peak_GB"]
+        print(f"{name:<34}{pl[name]['seconds']:>14.2f}{'-' if peak is None else f'{peak:.2f}':>20}")
     print(f"\n{'sampler alone, ' + str(rows) + ' rows':<34}{'ms/step':>14}")
     for name, ms in r["sampler_ms"].items():
         print(f"{name:<34}{ms:>14.3f}")
