@@ -73,20 +73,18 @@ class Sampler:
         per-row parameters go over from pinned memory), so the host can queue more work.
         `slots`: each row's TokenHistory slot (None for rows without a penalty)."""
         dev = logits.device
-        out = Sampled(ids=logits)  # ids set below
         asked = [p.logprobs for p in params if p.logprobs is not None]
-        if asked:
+        logprobs = top_logprobs = top_ids = None
+        if asked:  # the model's own distribution, before anything below changes the logits
             logprobs = torch.log_softmax(logits, -1)
             if max(asked) > 0:
-                out.top_logprobs, out.top_ids = logprobs.topk(max(asked), -1)
+                top_logprobs, top_ids = logprobs.topk(max(asked), -1)
         x = self._penalised(logits, params, slots, constraint)
         ids = x.argmax(-1)
         if not all(p.greedy for p in params):
             greedy = on_device([p.greedy for p in params], torch.bool, dev)
             ids = torch.where(greedy, ids, self._draw(x, params, generators))
-        out.ids = ids
-        if asked:
-            out.logprobs = logprobs.gather(1, ids[:, None])[:, 0]
+        out = Sampled(ids, None if logprobs is None else logprobs.gather(1, ids[:, None])[:, 0], top_ids, top_logprobs)
         if slots is not None and any(s is not None for s in slots):
             rows = [i for i, s in enumerate(slots) if s is not None]
             self.history.count(on_device([slots[i] for i in rows], torch.int64, dev),
@@ -107,7 +105,7 @@ class Sampler:
             apply_logit_bias(x, [p.logit_bias for p in params])
         if history:
             if slots is None or any(s is None for s, p in zip(slots, params) if p.uses_history):
-                raise ValueError("a row with a penalty needs its TokenHistory slot")
+                raise RuntimeError("a row with a penalty needs its TokenHistory slot (EngineCore._sample gives one)")
             index = on_device([0 if s is None else s for s in slots], torch.int64, dev)
             counts = self.history.output.index_select(0, index)
             if any(p.repetition_penalty != 1.0 for p in params):
