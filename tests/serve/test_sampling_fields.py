@@ -10,9 +10,7 @@ import time
 import openai
 import pytest
 import torch
-from serving import running
 
-from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
 from qwen3_aot.runtime.text.reasoning import split_reasoning
 
@@ -23,16 +21,14 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
-@pytest.fixture(scope="module")
-def server(qwen_artifact, tmp_path_factory):
-    with running(qwen_artifact, tmp_path_factory.mktemp("serve") / "qwen.log", "--served-model-name", "qwen") as s:
-        yield s
+@pytest.fixture
+def server(qwen_server):
+    return qwen_server  # tests/serve/conftest.py: one server for the modules on the real-tokenizer artifact
 
 
-@pytest.fixture(scope="module")
-def engine(qwen_artifact):
-    with runtime.load(qwen_artifact) as e:
-        yield e
+@pytest.fixture
+def engine(qwen_engine):
+    return qwen_engine
 
 
 def complete(server, **kw):
