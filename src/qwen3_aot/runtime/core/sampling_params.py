@@ -69,6 +69,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    cache_salt: str | None = None   # joins the prefix cache's key: only requests of one salt share blocks
 
     def __post_init__(self) -> None:
         unset = frozenset(name for name in DEFAULTABLE if getattr(self, name) is None)
@@ -106,6 +107,8 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
             raise Qwen3AotError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}.")
         self._set("stop_token_ids", tuple(int(t) for t in ids))
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise Qwen3AotError(f"cache_salt must be a non-empty string (or None), got {self.cache_salt!r}.")
         if not isinstance(self.ignore_eos, bool):
             raise Qwen3AotError(f"ignore_eos must be true or false, got {self.ignore_eos!r}.")
 
@@ -195,3 +198,6 @@ class Completion:
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
     reasoning: str | None = None  # Qwen3's thinking, when asked to keep it apart from `text` (chat)
+    # prompt tokens whose K/V came from the prefix cache: how the prompt was computed, not what
+    # came out, so two completions of the same output compare equal whatever the cache held
+    cached_tokens: int = dataclasses.field(default=0, compare=False)
