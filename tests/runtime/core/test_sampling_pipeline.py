@@ -16,6 +16,8 @@ from qwen3_aot.runtime.core.penalties import TokenHistory
 from qwen3_aot.runtime.core.sampler import Sampler
 
 VOCAB = 40
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                              reason="no CUDA device"))]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -33,13 +35,14 @@ def mixed_rows() -> list[SamplingParams]:
             SamplingParams(temperature=0)]
 
 
-def with_history(params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]]):
+def with_history(params: list[SamplingParams], prompts: list[list[int]], outputs: list[list[int]],
+                 device: str = "cpu"):
     """A sampler whose history holds each row's prompt and output (slots for the rows with a penalty)."""
-    history = TokenHistory(VOCAB, torch.device("cpu"))
+    history = TokenHistory(VOCAB, torch.device(device))
     slots = [history.acquire(pr) if p.uses_history else None for p, pr in zip(params, prompts)]
     for slot, out in zip(slots, outputs):
         if slot is not None and out:
-            history.count(torch.full((len(out),), slot), torch.tensor(out))
+            history.count(torch.full((len(out),), slot, device=device), torch.tensor(out, device=device))
     return Sampler(history), slots
 
 
@@ -50,12 +53,13 @@ def random_history(rows: int, seed: int) -> tuple[list[list[int]], list[list[int
     return prompts, outputs
 
 
-def test_penalised_logits_follow_the_definitions_row_by_row():
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalised_logits_follow_the_definitions_row_by_row(device):
     params = mixed_rows()
     prompts, outputs = random_history(len(params), 0)
     logits = torch.randn(len(params), VOCAB, generator=gen(0)) * 3
-    sampler, slots = with_history(params, prompts, outputs)
-    got = sampler._penalised(logits, params, slots, None)
+    sampler, slots = with_history(params, prompts, outputs, device)
+    got = sampler._penalised(logits.to(device), params, slots, None).cpu()
     for i, p in enumerate(params):
         want = ref.penalised(logits[i].numpy(), p, prompts[i], outputs[i])
         np.testing.assert_allclose(got[i].double().numpy(), want, rtol=1e-6, atol=1e-5)
@@ -78,12 +82,13 @@ def test_greedy_rows_take_the_argmax_of_the_penalised_logits():
     assert ids != logits.argmax(-1).tolist()  # the penalties did change something
 
 
-def test_the_history_counts_each_draw_on_the_device_for_the_next_step():
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_history_counts_each_draw_on_the_device_for_the_next_step(device):
     """A big frequency penalty on flat logits: each greedy step must avoid what the earlier
     steps drew, which only the device's counts (no host list) can tell it."""
     params = [SamplingParams(temperature=0, frequency_penalty=2.0), SamplingParams(temperature=0)]
-    sampler, slots = with_history(params, [[1], [1]], [[], []])
-    logits = torch.zeros(2, VOCAB)
+    sampler, slots = with_history(params, [[1], [1]], [[], []], device)
+    logits = torch.zeros(2, VOCAB, device=device)
     logits[:, :6] = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
     drawn = [sampler.sample(logits, params, [None, None], slots).ids.tolist() for _ in range(6)]
     assert [d[0] for d in drawn] == [0, 1, 2, 3, 4, 5]
@@ -161,16 +166,18 @@ def test_penalties_with_sampling_follow_the_reference_distribution():
     assert stat < wilson_hilferty_chi2(df)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_topk_path_keeps_the_sort_rules_set_ties_included(seed):
+def test_topk_path_keeps_the_sort_rules_set_ties_included(seed, device):
     g = gen(seed)
     rows, vocab = 48, 300
     logits = (torch.randn(rows, vocab, generator=g) * 2).round(decimals=1)  # many exact ties
     probs = torch.softmax(logits, -1)
     k = torch.randint(1, 40, (rows,), generator=g)
     p = torch.where(torch.rand(rows, generator=g) < 0.3, 1.0, torch.rand(rows, generator=g) * 0.9 + 0.05)
-    fast = top_k_top_p(probs, k, p, max_k=int(k.max())) > 0
-    sort = top_k_top_p(probs, k, p) > 0
+    on = [t.to(device) for t in (probs, k, p)]
+    fast = (top_k_top_p(*on, max_k=int(k.max())) > 0).cpu()
+    sort = (top_k_top_p(*on) > 0).cpu()
     assert torch.equal(fast, sort)
     for i in range(rows):
         assert set(fast[i].nonzero()[:, 0].tolist()) == ref.kept(probs[i].numpy(), int(k[i]), float(p[i])), i
