@@ -15,8 +15,8 @@ import pytest
 
 from suite_support import FIXTURE, train_text
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[api,hf]'; not in the test "
-                                                "extra: its dependencies are too heavy for CI)")
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[api,hf]'; not "
+                                                "in the test extra: its dependencies are too heavy for CI)")
 
 pytest.importorskip("tenacity", reason="lm-eval's API models need its api extra: pip install 'lm-eval[api,hf]'")
 pytest.importorskip("accelerate", reason="lm-eval's hf model needs its hf extra: pip install 'lm-eval[api,hf]'")

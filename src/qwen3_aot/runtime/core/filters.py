@@ -23,7 +23,8 @@ def min_p_mask(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill_(probs < min_p[:, None] * top, 0.0)
 
 
-def top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_k: int | None = None) -> torch.Tensor:
+def top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                max_k: int | None = None) -> torch.Tensor:
     """Zero all but each row's top_k [N] (0: all) most likely tokens (ties with the k-th kept),
     then all but the fewest most likely of those whose mass reaches top_p [N] of the top k's
     mass (ties at the boundary kept). Not renormalised. `max_k`: the largest k of a row that

@@ -111,8 +111,9 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     # prompt logprobs need every prompt position's logits: such a request computes its whole prompt
-    reads_cache = getattr(params, "prompt_logprobs", None) is None
-    return Request(Sequence(seq_id, ids, params.cache_salt, reads_cache), params, stop_ids, Detokenizer(tokenizer, params.stop), generator)
+    reads_cache = params.prompt_logprobs is None
+    return Request(Sequence(seq_id, ids, params.cache_salt, reads_cache), params, stop_ids,
+                   Detokenizer(tokenizer, params.stop), generator)
 
 
 def prompt_ids(prompt: object, tokenizer: Tokenizer) -> list[int]:
