@@ -121,7 +121,8 @@ def qwen_checkpoint(qwen_tokenizer_json, tmp_path_factory) -> Path:
     shutil.copy(qwen_tokenizer_json, path / "tokenizer.json")
     (path / "tokenizer_config.json").write_text(json.dumps(qwen3_tokenizer_config(), indent=2), encoding="utf-8")
     (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}), encoding="utf-8")
+        {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,  # Qwen3's own, sampling
+         "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}), encoding="utf-8")
     return path
 
 

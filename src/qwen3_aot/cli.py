@@ -64,7 +64,7 @@ def _serve(a: argparse.Namespace) -> None:
         options["prefix_caching"] = False
     run(a.artifact, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
         max_queue=a.max_queue, max_request_bytes=a.max_request_bytes, grace_s=a.grace_period, device=a.device,
-        engine_process=not a.engine_in_process, **options)
+        engine_process=not a.engine_in_process, generation_config=a.generation_config, **options)
 
 
 DEFAULT = "(default: %(default)s)"  # argparse fills in the option's default
@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
                          "aborted " + DEFAULT)
     se.add_argument("--device", default=None, help=DEVICE_HELP)
+    se.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                    help="auto: sampling fields a request leaves out take the artifact's generation_config.json "
+                         "values (temperature, top_k, top_p, min_p, repetition_penalty; max_new_tokens caps "
+                         "max_tokens), as vLLM does; none: OpenAI's defaults " + DEFAULT)
     se.add_argument("--engine-in-process", action="store_true",
                     help="run the engine in the server's process (default: a process of its own, so that the "
                          "HTTP side's Python never holds the GIL the engine needs between steps)")

@@ -55,3 +55,20 @@ def tiny_engine(tiny_artifact):
 
     with runtime.load(tiny_artifact) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def qwen_server(qwen_artifact, tmp_path_factory) -> Iterator[Server]:
+    """The real-tokenizer artifact served as "qwen", shared by the modules that use it (they are
+    in one xdist_group, so one worker builds the artifact and starts this server once)."""
+    with running(qwen_artifact, tmp_path_factory.mktemp("serve") / "qwen.log", "--served-model-name", "qwen") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def qwen_engine(qwen_artifact):
+    """The same artifact in-process, for the answers the server's must equal."""
+    from qwen3_aot import runtime
+
+    with runtime.load(qwen_artifact) as engine:
+        yield engine

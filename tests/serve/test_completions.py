@@ -143,28 +143,37 @@ def test_each_bad_request_gets_400_with_the_engines_message_then_a_good_one_is_s
     ({"prompt": PROMPT, "temperature": "0.5"}, "temperature"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": {"role": "user", "content": "hi"}}, "prompt"),
-    ({"prompt": PROMPT, "logprobs": 2}, "logprobs=0"),
-    ({"prompt": PROMPT, "echo": True}, "echo"),
-    ({"prompt": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty"),
-    ('{"prompt": ', "JSON"),
-], ids=["string temperature", "no prompt", "dict prompt", "top logprobs", "echo", "penalty", "broken json"])
+    ({"prompt": PROMPT, "logprobs": 21}, "logprobs must be an int in [0, 20]"),
+    ({"prompt": PROMPT, "frequency_penalty": 2.5}, "frequency_penalty must be a number in [-2, 2]"),
+    ({"prompt": PROMPT, "presence_penalty": -3}, "presence_penalty must be a number in [-2, 2]"),
+    ({"prompt": PROMPT, "repetition_penalty": 0}, "repetition_penalty must be a number > 0"),
+    ({"prompt": PROMPT, "min_p": 2}, "min_p must be a number in [0, 1]"),
+    ({"prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias[5] must be a number in [-100, 100]"),
+    ({"prompt": PROMPT, "logit_bias": {"999999": 1}}, "logit_bias token ids [999999] are outside the vocabulary"),
+    ('{"prompt": ', "the request body is not valid JSON"),
+], ids=["string temperature", "no prompt", "dict prompt", "logprobs>20", "frequency", "presence", "repetition",
+        "min_p", "bias value", "bias id", "broken json"])
 def test_malformed_and_unsupported_requests_get_400_not_422(tiny_server, body, says):
     status, reply = tiny_server.post("/v1/completions", body)
     assert status == 400 and says in reply["error"]["message"], reply
     assert reply["error"]["type"] == "BadRequestError" and reply["error"]["code"] == 400
+    assert reply["error"]["param"] != "0"
 
 
 def test_unknown_model_is_404_and_models_lists_ours(tiny_server):
     with pytest.raises(openai.NotFoundError):
         tiny_server.client().completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
     assert [m.id for m in tiny_server.client().models.list()] == ["tiny"]
+    assert tiny_server.client().models.retrieve("tiny").id == "tiny"  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        tiny_server.client().models.retrieve("gpt-4")
     assert tiny_server.get("/health")[0] == 200
 
 
 def test_chat_without_a_template_is_a_400_saying_so(tiny_server):
     with pytest.raises(openai.BadRequestError) as e:
         tiny_server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
-    assert "chat template" in str(e.value)
+    assert "chat template" in str(e.value) and "/v1/completions" in str(e.value)  # what an HTTP user can do
 
 
 def test_one_log_line_per_request(tiny_server):

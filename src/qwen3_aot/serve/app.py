@@ -19,6 +19,7 @@ they leave freed is handed back to the system once they are answered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
@@ -36,6 +37,7 @@ from starlette.exceptions import HTTPException
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.core.request import Request as EngineRequest
 from qwen3_aot.runtime.core.sampling_params import Completion
+from qwen3_aot.runtime.core.generation_defaults import describe as describe_defaults
 from qwen3_aot.runtime.service.engine import Engine
 from qwen3_aot.runtime.text.reasoning import (
     ReasoningSplitter,
@@ -76,18 +78,28 @@ class _State:
     metrics: Metrics
     text: protocol.TokenText
     in_flight: int = 0  # engine requests admitted (from before their prompts are tokenized) and not yet ended
+    defaults: dict = field(default_factory=dict)  # the checkpoint's sampling defaults in force, or {}
     big: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(BIG_WORKERS, "qwen3-aot-big-request"))
 
 
 def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 1024,
-              max_request_bytes: int | None = None) -> FastAPI:
+              max_request_bytes: int | None = None, generation_config: str = "auto") -> FastAPI:
     """The app over a loaded engine, serving it as `model_name`. `max_queue`: the most engine
     requests (a prompt times n) running or waiting at once; more get 429, a request of more
     than that alone 400. `max_request_bytes`: a larger body gets 413 (default:
-    limits.default_max_request_bytes of the engine's context)."""
+    limits.default_max_request_bytes of the engine's context). generation_config: "auto"
+    (vLLM's default) samples the fields a request leaves out as the artifact's
+    generation_config.json says (temperature, top_k, top_p, min_p, repetition_penalty; its
+    max_new_tokens caps max_tokens); "none": OpenAI's defaults."""
+    if generation_config not in ("auto", "none"):
+        raise Qwen3AotError(f"generation_config must be 'auto' or 'none', got {generation_config!r}.")
+    defaults = engine.generation_defaults if generation_config == "auto" else {}
+    log.info("sampling defaults for fields a request leaves out (--generation-config %s): %s", generation_config,
+             describe_defaults(defaults))
     app = FastAPI(title="qwen3-aot", docs_url=None, redoc_url=None)
     limits = Limits.for_engine(engine, max_queue, max_request_bytes)
     st = _State(engine, model_name, api_key, limits, Metrics(engine), protocol.TokenText(engine.tokenizer))
+    st.defaults = defaults
     app.add_middleware(BodyLimit, limit=limits.max_request_bytes, big=BIG_BODY_BYTES,
                        after_big=lambda: st.big.submit(release_freed_memory))
     _add_error_handlers(app, st)
@@ -107,15 +119,24 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
     async def metrics() -> Response:
         return Response(st.metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card() -> dict:
+        return {"id": st.model, "object": "model", "created": 0, "owned_by": "qwen3-aot",
+                "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": st.model, "object": "model", "created": 0, "owned_by": "qwen3-aot",
-                                            "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+    async def model(model_id: str) -> dict:
+        _check_model(st, model_id)
+        return model_card()
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check()
         _check_model(st, body.model)
+        _warn_ignored(body, request)
         prompts = body.prompts()
         st.limits.check_sampling(body.n, body.stop)
         st.limits.check_prompts(prompts)
@@ -125,15 +146,23 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         if body.stream:
             return _sse(_stream_completion(st, gen, meta, body), st, gen, meta, request)
         done = await _collect(st, gen, meta, request)
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": st.text.completion_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None
-                    else None} for i, c in enumerate(done)]
+        if body.scores_only:  # the one token taken is not part of the answer
+            done = [dataclasses.replace(c, text="", token_ids=[], output_tokens=0, finish_reason="length",
+                                        logprobs=None if c.logprobs is None else [],
+                                        top_logprobs=None if c.top_logprobs is None else []) for c in done]
+        choices = [_completion_choice(st, i, c, prompts[i // body.n] if body.echo else None)
+                   for i, c in enumerate(done)]
         return JSONResponse(meta.body(choices, usage=_usage(done, body.n)))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat(body: ChatRequest, request: Request) -> Response:
         body.check()
         _check_model(st, body.model)
+        _warn_ignored(body, request)
+        if not engine.has_chat_template:
+            raise Qwen3AotError(f"the model {st.model!r} has no chat template, so /v1/chat/completions cannot render "
+                                "messages: send the prompt text to /v1/completions, or rebuild the artifact from a "
+                                "checkpoint whose tokenizer_config.json has a chat_template.")
         st.limits.check_sampling(body.n, body.stop)
         st.limits.check_messages(body.messages)
         jobs, thinking = await _prepare(st, request, body.n, _chat_requests, st, body)
@@ -148,9 +177,10 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
             reasoning, content = split_reasoning(c.text, in_reasoning=thinking)
             choices.append({"index": i, "finish_reason": c.finish_reason,
                             "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
-                            "logprobs": st.text.chat_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None
-                            else None})
-        return JSONResponse(meta.body(choices, usage=_usage(done, 1)))
+                            "logprobs": st.text.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs,
+                                                              body.top_logprobs or 0)
+                            if c.logprobs is not None else None})
+        return JSONResponse(meta.body(choices, usage=_usage(done, body.n)))
 
     return app
 
@@ -160,6 +190,28 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
 def _check_model(st: _State, model: str | None) -> None:
     if model is not None and model != st.model:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {st.model!r}.", "model")
+
+
+def _completion_choice(st: _State, index: int, c: Completion, echoed: Prompt | None) -> dict:
+    """One choice of a completions response; `echoed`: the prompt, when echo asks for it first
+    (its text, and with logprobs its tokens' logprobs, the first token's null)."""
+    text, ids, lps, top = c.text, c.token_ids, c.logprobs, c.top_logprobs
+    if echoed is not None:
+        prompt_ids = st.engine.tokenizer.encode(echoed) if isinstance(echoed, str) else list(echoed)
+        text = (echoed if isinstance(echoed, str) else st.engine.tokenizer.decode(prompt_ids)) + text
+        if lps is not None:
+            ids, lps = prompt_ids + ids, c.prompt_logprobs + lps
+            top = None if top is None else c.prompt_top_logprobs + top
+    logprobs = None if lps is None else st.text.completion_logprobs(ids, lps, top)
+    return {"index": index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}
+
+
+def _warn_ignored(body: protocol.CompletionRequest | protocol.ChatRequest, request: Request) -> None:
+    """Fields this server does not know are ignored, and named in a warning (as vLLM does)."""
+    ignored = body.ignored_fields()
+    if ignored:
+        log.warning("%s %s: the request's fields %s are not known to this server and were ignored", request.method,
+                    request.url.path, ", ".join(ignored))
 
 
 async def _prepare(st: _State, request: Request, count: int, make: Callable[..., T], *args: Any) -> T:
@@ -184,8 +236,9 @@ def _completion_requests(st: _State, body: CompletionRequest, prompts: list[Prom
     jobs = []
     for p in prompts:
         ids = (st.engine.tokenizer.encode(p) if p else []) if isinstance(p, str) else p
-        max_tokens = _max_tokens(st, body.max_tokens, len(ids))
-        jobs += [st.engine.make_request(ids, body.sampling(max_tokens, body.logprobs is not None, j))
+        max_tokens = _max_tokens(st, 1 if body.scores_only else body.max_tokens, len(ids))
+        prompt_logprobs = body.logprobs if body.echo else None  # echo: the prompt's tokens' logprobs too
+        jobs += [st.engine.make_request(ids, body.sampling(max_tokens, body.logprobs, j, st.defaults, prompt_logprobs))
                  for j in range(body.n)]
     return jobs
 
@@ -198,16 +251,19 @@ def _chat_requests(st: _State, body: ChatRequest) -> tuple[list[EngineRequest], 
     st.limits.check_text(text)
     ids = st.engine.tokenizer.encode(text)
     max_tokens = _max_tokens(st, body.max_new_tokens, len(ids))
-    return [st.engine.make_request(ids, body.sampling(max_tokens, body.logprobs, j)) for j in range(body.n)], \
-        opens_reasoning(text)
+    return [st.engine.make_request(ids, body.sampling(max_tokens, body.logprobs_asked, j, st.defaults))
+            for j in range(body.n)], opens_reasoning(text)
 
 
 def _max_tokens(st: _State, asked: int | None, prompt_tokens: int) -> int:
-    """What was asked, else the rest of the context (vLLM's default); a prompt that leaves no
+    """What was asked, else the rest of the context (vLLM's default); at most the checkpoint's
+    max_new_tokens when its generation_config is in force (vLLM's cap). A prompt that leaves no
     room is refused here, before its ids are copied into requests."""
     if prompt_tokens >= st.engine.max_model_len:
         raise prompt_fills_context(prompt_tokens, st.engine.max_model_len)
-    return st.engine.max_model_len - prompt_tokens if asked is None else asked
+    cap = st.defaults.get("max_tokens")
+    wanted = st.engine.max_model_len - prompt_tokens if asked is None else asked
+    return wanted if cap is None or not isinstance(wanted, int) else min(wanted, cap)
 
 
 def _start(st: _State, jobs: list[EngineRequest], request: Request) -> Generation:
@@ -270,7 +326,7 @@ async def _stream_completion(st: _State, gen: Generation, meta: Meta, body: Comp
             continue
         logprobs = None
         if e.logprobs is not None:
-            logprobs = st.text.completion_logprobs(*pending.pop(e.index), offsets[e.index])
+            logprobs = st.text.completion_logprobs(*pending.pop(e.index), offset=offsets[e.index])
             offsets[e.index] += sum(map(len, logprobs["tokens"]))
         yield meta.body([{"index": e.index, "text": e.text, "logprobs": logprobs, "finish_reason": _finish(e)}],
                         **extra)
@@ -279,19 +335,26 @@ async def _stream_completion(st: _State, gen: Generation, meta: Meta, body: Comp
 
 
 class _Pending:
-    """Each choice's tokens and logprobs not yet sent (a piece of text can lag its tokens)."""
+    """Each choice's tokens, logprobs and top alternatives not yet sent (a piece of text can lag
+    its tokens)."""
 
     def __init__(self, choices: int) -> None:
         self.ids: list[list[int]] = [[] for _ in range(choices)]
         self.logprobs: list[list[float]] = [[] for _ in range(choices)]
+        self.top: list[list[dict[int, float]] | None] = [[] for _ in range(choices)]
 
     def add(self, e: Event) -> None:
         self.ids[e.index] += e.token_ids
         self.logprobs[e.index] += e.logprobs or []
+        if e.top_logprobs is None:
+            self.top[e.index] = None
+        elif self.top[e.index] is not None:
+            self.top[e.index] += e.top_logprobs
 
-    def pop(self, index: int) -> tuple[list[int], list[float]]:
-        out = self.ids[index], self.logprobs[index]
+    def pop(self, index: int) -> tuple[list[int], list[float], list[dict[int, float]] | None]:
+        out = self.ids[index], self.logprobs[index], self.top[index]
         self.ids[index], self.logprobs[index] = [], []
+        self.top[index] = None if out[2] is None else []
         return out
 
 
@@ -311,12 +374,13 @@ async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatReques
             reasoning, content = reasoning + tail[0], content + tail[1]
         if not (reasoning or content or e.completion):
             continue
-        logprobs = st.text.chat_logprobs(*pending.pop(e.index)) if e.logprobs is not None else None
+        logprobs = st.text.chat_logprobs(*pending.pop(e.index), body.top_logprobs or 0) \
+            if e.logprobs is not None else None
         delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
         yield meta.body([{"index": e.index, "delta": delta, "logprobs": logprobs, "finish_reason": _finish(e)}],
                         **extra)
     if body.include_usage:
-        yield meta.body([], usage=_usage(gen.completions, 1))
+        yield meta.body([], usage=_usage(gen.completions, body.n))
 
 
 def _finish(e: Event) -> str | None:
@@ -329,11 +393,12 @@ def _log_request(st: _State, request: Request, rid: str, outcome: int | str, gen
     if gen is None:
         log.info("%s %s %s: %s", request.method, request.url.path, outcome, detail)
         return
-    done = [c for c in gen.completions if c is not None]
     ttft = "-" if gen.first_token_s is None else f"{gen.first_token_s:.3f}s"
+    done = [c for c in gen.completions if c is not None]
+    # what each engine request did, finished or cut short (a cancelled one has no Completion)
     log.info("%s %s %s %s: %d requests, tokens in %d (cached %d) out %d, first token %s, total %.3fs", rid,
-             request.method, request.url.path, outcome, len(gen.completions), sum(c.prompt_tokens for c in done),
-             sum(c.cached_tokens for c in done), sum(c.output_tokens for c in done), ttft,
+             request.method, request.url.path, outcome, len(gen.completions), sum(gen.prompt_tokens),
+             sum(c.cached_tokens for c in done), sum(gen.output_tokens), ttft,
              time.perf_counter() - gen.arrival)
 
 
@@ -353,6 +418,11 @@ def _add_error_handlers(app: FastAPI, st: _State) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            bad = next(err for err in errors if err.get("type") == "json_invalid")
+            detail = (bad.get("ctx") or {}).get("error", "")
+            return reply(request, 400, f"the request body is not valid JSON ({detail or bad['msg']}); send a JSON "
+                                       "object with Content-Type: application/json.")
         where = [".".join(str(x) for x in err["loc"][1:]) for err in errors]  # loc[0] is "body"
         message = "; ".join(f"{w or 'body'}: {err['msg']}" for w, err in zip(where, errors))
         return reply(request, 400, message, where[0] if where else None)

@@ -30,6 +30,7 @@ class Event:
     text: str
     token_ids: list[int]
     logprobs: list[float] | None
+    top_logprobs: list[dict[int, float]] | None = None
     completion: Completion | None = None
 
 
@@ -47,12 +48,16 @@ class Generation:
         self.arrival = time.perf_counter()
         self.first_token_s: float | None = None
         self.completions: list[Completion | None] = [None] * len(jobs)
+        # each job's tokens so far, for the log line: a cancelled job has no Completion
+        self.prompt_tokens: list[int] = [0] * len(jobs)
+        self.output_tokens: list[int] = [0] * len(jobs)
         self._metrics, self._on_done = metrics, on_done
         self._queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         self._closed = [False] * len(jobs)
         self._tasks = []
         for i, job in enumerate(jobs):
             stream = engine.stream_async(job)
+            self.prompt_tokens[i] = stream.prompt_tokens
             self._tasks.append(task := asyncio.create_task(self._produce(i, stream)))
             task.add_done_callback(lambda _, i=i, stream=stream: self._job_done(i, stream))
         self._watcher = asyncio.create_task(self._watch(receive))
@@ -85,7 +90,8 @@ class Generation:
         seen, last = 0, self.arrival
         try:
             async for piece in stream:
-                total, lps = len(stream.token_ids), stream.logprobs
+                total, lps, top = len(stream.token_ids), stream.logprobs, stream.top_logprobs
+                self.output_tokens[index] = total
                 now = time.perf_counter()
                 new = total - seen
                 if new and self.first_token_s is None:
@@ -98,14 +104,17 @@ class Generation:
                     last = now
                 # only the new tokens: copying the whole output each piece is quadratic in its length
                 self._queue.put_nowait(Event(index, piece, stream.token_ids[seen:total],
-                                             None if lps is None else lps[seen:total]))
+                                             None if lps is None else lps[seen:total],
+                                             None if top is None else top[seen:total]))
                 seen = total
             c = stream.completion
             self.completions[index] = c
+            self.output_tokens[index] = c.output_tokens
             self._metrics.e2e.observe(time.perf_counter() - self.arrival)
             self._metrics.finished.labels(c.finish_reason).inc()
             self._queue.put_nowait(Event(index, "", c.token_ids[seen:],
-                                         None if c.logprobs is None else c.logprobs[seen:], c))
+                                         None if c.logprobs is None else c.logprobs[seen:],
+                                         None if c.top_logprobs is None else c.top_logprobs[seen:], c))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the engine failed: the response reports it

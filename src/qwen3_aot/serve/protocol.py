@@ -1,10 +1,12 @@
 """The OpenAI API's request and response shapes, and their translation to and from the engine.
 
 Requests are pydantic models with OpenAI's field names (plus vLLM's extra sampling fields
-top_k, ignore_eos, stop_token_ids), validated strictly: "0.5" is not a temperature. A field
-we accept but cannot honour (logit_bias, penalties, echo, tools, ...) is refused with a message
-rather than ignored; values are checked by SamplingParams, so a bad one gets the engine's own
-message. Responses are plain dicts in OpenAI's JSON layout.
+top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids), validated strictly: "0.5" is not
+a temperature. A field we know but cannot honour (tools, suffix, ...) is refused with a
+message; a field we do not know is ignored and named in a warning log line (vLLM's behaviour);
+values are checked by SamplingParams, so a bad one gets the engine's own message. Sampling
+fields left out take the checkpoint's generation_config defaults (`--generation-config auto`),
+then OpenAI's. Responses are plain dicts in OpenAI's JSON layout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.core.sampling_params import SamplingParams
+from qwen3_aot.runtime.core.sampling_params import MAX_LOGPROBS, SamplingParams
 
 Prompt = Union[str, list[int]]
 
@@ -62,6 +64,8 @@ class _Sampling(_Request):
     user: str | None = None
     # vLLM's extra sampling fields
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = None  # vLLM's: only requests of the same salt share prefix-cache blocks
@@ -70,27 +74,32 @@ class _Sampling(_Request):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def ignored_fields(self) -> list[str]:
+        """The fields sent that this server does not know (it ignores them; the route logs them)."""
+        return sorted(self.model_extra or ())
+
     def _refuse_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise Qwen3AotError(f"{name} is not supported by this server; leave it out or set it to 0.")
-        if self.logit_bias:
-            raise Qwen3AotError("logit_bias is not supported by this server; leave it out.")
         if self.n < 1:
             raise Qwen3AotError(f"n must be >= 1, got {self.n}.")
         if self.stream_options is not None and not self.stream:
             raise Qwen3AotError("stream_options is only allowed with stream=true.")
 
-    def sampling(self, max_tokens: int, logprobs: bool, choice: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, choice: int,
+                 defaults: dict[str, Any] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters for choice number `choice` of n: with a seed, choice j samples
-        with seed + j, so that n > 1 gives n different (and reproducible) samples."""
+        with seed + j, so that n > 1 gives n different (and reproducible) samples. Fields left
+        out take `defaults` (the checkpoint's generation_config), then OpenAI's."""
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        top_k = 0 if self.top_k in (None, -1) else self.top_k  # vLLM's -1: no top-k cut
+        top_k = 0 if self.top_k == -1 else self.top_k  # vLLM's -1: no top-k cut
         seed = None if self.seed is None else self.seed + choice
-        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                              top_k=top_k, top_p=1.0 if self.top_p is None else self.top_p, seed=seed, stop=stop,
-                              stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-                              logprobs=logprobs, cache_salt=self.cache_salt)
+        params = SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=top_k, top_p=self.top_p,
+                                min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                                presence_penalty=self.presence_penalty or 0.0,
+                                frequency_penalty=self.frequency_penalty or 0.0, logit_bias=self.logit_bias,
+                                seed=seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
+                                ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                cache_salt=self.cache_salt)
+        return params.with_defaults(defaults or {})
 
 
 class CompletionRequest(_Sampling):
@@ -100,6 +109,12 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @property
+    def scores_only(self) -> bool:
+        """echo with max_tokens 0: the prompt's logprobs alone (lm-evaluation-harness's
+        loglikelihood requests). The engine takes one token, which the response leaves out."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[Prompt]:
         """One prompt (text or token ids) or a list of them, as a list."""
@@ -112,15 +127,12 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         self._refuse_unsupported()
-        if self.echo:
-            raise Qwen3AotError("echo is not supported by this server; leave it out.")
+        if self.echo and self.stream:
+            raise Qwen3AotError("echo is supported with stream=false only; send the request unstreamed.")
         if self.suffix:
             raise Qwen3AotError("suffix is not supported by this server; leave it out.")
         if self.best_of not in (None, self.n):
             raise Qwen3AotError(f"best_of other than n is not supported (got best_of={self.best_of}, n={self.n}).")
-        if self.logprobs not in (None, 0):
-            raise Qwen3AotError(f"logprobs={self.logprobs} asks for the top alternatives of each token, which this "
-                                "server does not compute; use logprobs=0 for the chosen tokens' log-probabilities.")
 
 
 class ChatRequest(_Sampling):
@@ -141,13 +153,17 @@ class ChatRequest(_Sampling):
             raise Qwen3AotError("tools (function calling) are not supported by this server; leave them out.")
         if self.response_format not in (None, {"type": "text"}):
             raise Qwen3AotError("response_format other than {\"type\": \"text\"} is not supported by this server.")
-        if self.top_logprobs not in (None, 0):
-            raise Qwen3AotError(f"top_logprobs={self.top_logprobs} asks for the top alternatives of each token, "
-                                "which this server does not compute; use logprobs=true alone.")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise Qwen3AotError(f"top_logprobs must be an int in [0, {MAX_LOGPROBS}], got {self.top_logprobs}.")
         if self.top_logprobs is not None and not self.logprobs:
             raise Qwen3AotError("top_logprobs needs logprobs=true.")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise Qwen3AotError("give max_tokens or max_completion_tokens, not both.")
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """SamplingParams' logprobs: None, or the alternatives per token (top_logprobs, 0 if unset)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -210,25 +226,44 @@ class Response:
 
 
 class TokenText:
-    """Each token's text, for logprobs (OpenAI gives a string per token)."""
+    """Each token's text and bytes, for logprobs (OpenAI gives a string per token). A token that
+    is part of a UTF-8 character has no text of its own: its string is OpenAI's "bytes:\\xNN..."
+    and its chat `bytes` are its own, not those of U+FFFD."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self._decode = tokenizer.decode
+        self._bytes = tokenizer.token_bytes
 
-    def completion_logprobs(self, token_ids: list[int], logprobs: list[float], offset: int = 0) -> dict:
-        """The completions endpoint's layout: parallel lists, top_logprobs holding the chosen token
-        alone (logprobs=0), text_offset counted from `offset` (where the text of a stream's
-        earlier chunks ended) over the tokens' own texts."""
-        tokens = [self._decode([t]) for t in token_ids]
+    def token(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self._bytes(token_id)
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+    def completion_logprobs(self, token_ids: list[int], logprobs: list[float],
+                            top: list[dict[int, float]] | None = None, offset: int = 0) -> dict:
+        """The completions endpoint's layout: parallel lists, top_logprobs holding the N most
+        likely tokens and the chosen one (the chosen alone with logprobs=0), text_offset counted
+        from `offset` (where the text of a stream's earlier chunks ended) over the tokens' texts."""
+        tokens = [self.token(t)[0] for t in token_ids]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": list(logprobs),
-                "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+        if top is None:
+            top_lps = [None if lp is None else {t: lp} for t, lp in zip(tokens, logprobs)]
+        else:
+            top_lps = [None if alts is None else {self.token(i)[0]: lp for i, lp in alts.items()} for alts in top]
+        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top_lps, "text_offset": offsets}
 
-    def chat_logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict:
-        """The chat endpoint's layout: one entry per token with its UTF-8 bytes."""
-        return {"content": [{"token": (t := self._decode([i])), "logprob": lp, "bytes": list(t.encode()),
-                             "top_logprobs": []} for i, lp in zip(token_ids, logprobs)]}
-
+    def chat_logprobs(self, token_ids: list[int], logprobs: list[float],
+                      top: list[dict[int, float]] | None = None, n: int = 0) -> dict:
+        """The chat endpoint's layout: one entry per token with its UTF-8 bytes and its `n` most
+        likely alternatives (top_logprobs)."""
+        content = []
+        for k, (i, lp) in enumerate(zip(token_ids, logprobs)):
+            text, raw = self.token(i)
+            alts = [] if top is None else sorted(((a, v) for a, v in top[k].items()), key=lambda x: -x[1])[:n]
+            content.append({"token": text, "logprob": lp, "bytes": raw,
+                            "top_logprobs": [dict(zip(("token", "bytes"), self.token(a)), logprob=v) for a, v in alts]})
+        return {"content": content}

@@ -24,7 +24,8 @@ from qwen3_aot.runtime.forward.kv_cache import KVCache
 from qwen3_aot.runtime.core.block_pool import BlockPool
 from qwen3_aot.runtime.core.cache_sizing import plan_num_blocks, within
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up, request_limits
-from qwen3_aot.runtime.core.sampler import Sampler
+from qwen3_aot.runtime.core.penalties import TokenHistory
+from qwen3_aot.runtime.core.sampler import Sampled, Sampler
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.runtime.core.scheduler import Batch, Scheduler
 from qwen3_aot.runtime.forward.tensor_parallel import META, TensorParallelForward, tensor_parallel_size
@@ -83,7 +84,8 @@ class EngineCore:
         cache_device = device if self.tensor_parallel is None else META
         # -- end of the tensor-parallel hook
         clock.lap("forward")
-        self.sampler = Sampler()
+        # the penalties' token counts, on the device that samples (the logits' device)
+        self.sampler = Sampler(TokenHistory(self.config["vocab_size"], device))
         max_num_seqs = within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
         max_tokens = within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
                              "--max-num-tokens")
@@ -136,6 +138,14 @@ class EngineCore:
             self.scheduler.remove(request.seq)
             self._requests.pop(request.seq.seq_id, None)
             request.finish_reason = "abort"
+            self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Give back what an ended request held in the sampler (its token-history slot). A step
+        still in flight may count one more token into that slot: `acquire` zeroes it after."""
+        if request.history_slot is not None:
+            self.sampler.history.release(request.history_slot)
+            request.history_slot = None
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
@@ -189,11 +199,32 @@ class EngineCore:
     def _launch(self, batch: Batch) -> StepInFlight | None:
         """The scheduled batch's forward, and a sample for each sequence whose tokens are now
         all in the cache (the others are mid-prompt; None if every one is)."""
-        logits, replayed = self._forward(batch)
+        logits, replayed, prompt_rows = self._forward(batch)
+        if prompt_rows is not None:
+            logits = self._take_prompt_logprobs(logits, prompt_rows)
         self._observe(batch, replayed, ahead=False)
         self.scheduler.computed(batch)
         done = [self._requests[seq.seq_id] for seq, _ in batch if seq.num_computed == len(seq.token_ids)]
         return self._sample(logits, done) if done else None
+
+    def _take_prompt_logprobs(self, logits: torch.Tensor, rows: "PromptRows") -> torch.Tensor:
+        """Record the prompt logprobs these logits hold (waits for the device: only steps with
+        such requests do) and return the rows to sample from."""
+        for seq, first, offset, count in rows.wanted:
+            r = self._requests[seq.seq_id]
+            lps = torch.log_softmax(logits[offset:offset + count].float(), -1)
+            targets = torch.tensor(seq.token_ids[first:first + count], device=lps.device)
+            chosen = lps.gather(1, targets[:, None])[:, 0].tolist()
+            n = r.params.prompt_logprobs
+            top = [([], [])] * count
+            if n:
+                values, ids = lps.topk(n, -1)
+                top = list(zip(ids.tolist(), values.tolist()))
+            r.prompt_logprobs += chosen
+            r.prompt_top_logprobs += [{**dict(zip(*t)), tok: lp}
+                                      for t, tok, lp in zip(top, seq.token_ids[first:first + count], chosen)]
+            seq.logits_from = first + count if first + count < seq.num_prompt_tokens else None
+        return logits.index_select(0, torch.tensor(rows.sample, device=logits.device))
 
     def _decode_ahead(self, previous: StepInFlight) -> StepInFlight | None:
         """The next decode step, queued before `previous`'s tokens are known, when it is sure to
@@ -229,67 +260,93 @@ class EngineCore:
             fn(record)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> StepInFlight:
-        ids, logprobs = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests])
-        return StepInFlight(requests, ids, logprobs)
+        slots = None
+        if any(r.params.uses_history for r in requests):
+            for r in requests:
+                if r.params.uses_history and r.history_slot is None:
+                    r.history_slot = self.sampler.history.acquire(r.seq.token_ids[:r.seq.num_prompt_tokens])
+            slots = [r.history_slot for r in requests]
+        sampled = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests], slots)
+        return StepInFlight(requests, sampled)
 
     def _receive(self, step: StepInFlight) -> list[Request]:
         """Wait for a step's tokens and give each to its request, unless it has ended since
         (on an earlier token, or aborted); returns the requests that took one."""
-        ids, logprobs = step.results()
+        ids, logprobs, top = step.results()
         took = []
         for i, r in enumerate(step.requests):
             if not r.finished:
                 self.scheduler.append(r.seq, ids[i])
                 self.generation_tokens += 1
-                if r.accept_token(ids[i], logprobs[i] if logprobs else None):
+                if r.accept_token(ids[i], logprobs[i] if logprobs else None, top[i] if top else None):
                     self.scheduler.remove(r.seq)
                     del self._requests[r.seq.seq_id]
+                    self._release(r)
                 took.append(r)
         return took
 
-    def _forward(self, batch: Batch) -> tuple[torch.Tensor, bool]:
-        """Logits of the last token of each sequence that reaches its end in this batch, and
-        whether a CUDA graph computed them."""
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, bool, "PromptRows | None"]:
+        """Logits of the last token of each sequence that reaches its end in this batch, whether
+        a CUDA graph computed them, and, when a sequence needs the logits of prompt positions
+        (prompt_logprobs), where those rows are (the scheduler keeps them few a step)."""
         seqs = [seq for seq, _ in batch]
         if (self.graphs is not None and len(batch) <= self.graphs.max_batch
                 and all(n == 1 and seq.num_computed + 1 == len(seq.token_ids) for seq, n in batch)):
             # a decode step (one token per sequence, its last): lists built directly, no per-token loop
             return self.graphs([s.token_ids[-1] for s in seqs], [s.num_computed for s in seqs],
-                               self.scheduler.block_tables(seqs)), True
+                               self.scheduler.block_tables(seqs)), True, None
         ids, pos, seq_ids, rows = [], [], [], []
+        prompt = PromptRows()
         for i, (seq, n) in enumerate(batch):
-            start = seq.num_computed
+            start, base = seq.num_computed, len(ids)
             ids += seq.token_ids[start:start + n]
             pos += range(start, start + n)
             seq_ids += [i] * n
+            if seq.logits_from is not None:  # position p's logits give prompt token p + 1's logprob
+                first, last = max(start, seq.logits_from - 1), min(start + n, seq.num_prompt_tokens - 1)
+                if last > first:
+                    prompt.wanted.append((seq, first + 1, len(rows), last - first))
+                    rows += range(base + first - start, base + last - start)
             if start + n == len(seq.token_ids):
+                prompt.sample.append(len(rows))
                 rows.append(len(ids) - 1)
         tables = torch.from_numpy(self.scheduler.block_tables(seqs))
         dev = self.device
         flat = FlatBatch(torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
                          torch.tensor(seq_ids, dtype=torch.int32, device=dev), tables.to(dev),
                          torch.tensor(rows or [len(ids) - 1], dtype=torch.int64, device=dev))  # the graph wants >= 1 row
-        return self.forward.run(flat, self.cache.k, self.cache.v), False
+        return self.forward.run(flat, self.cache.k, self.cache.v), False, prompt if prompt.wanted else None
+
+
+class PromptRows:
+    """Which logits rows of a step are prompt positions (prompt_logprobs): (sequence, index of
+    the first prompt token they score, first row, rows) each; and the rows to sample from."""
+
+    def __init__(self) -> None:
+        self.wanted: list[tuple[object, int, int, int]] = []
+        self.sample: list[int] = []
 
 
 class StepInFlight:
-    """A step queued on the device: the request of each sampled row, the ids (and logprobs)
-    on the device, and their copies on their way to pinned host memory."""
+    """A step queued on the device: the request of each sampled row, the ids (and logprobs,
+    top alternatives) on the device, and their copies on their way to pinned host memory."""
 
-    def __init__(self, requests: list[Request], ids: torch.Tensor, logprobs: torch.Tensor | None) -> None:
-        self.requests, self.ids = requests, ids
-        self._host = [_to_host(t) for t in (ids, logprobs) if t is not None]
+    def __init__(self, requests: list[Request], sampled: Sampled) -> None:
+        self.requests, self.ids = requests, sampled.ids
+        self._host = [None if t is None else _to_host(t)
+                      for t in (sampled.ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs)]
         self._ready = None
-        if ids.device.type == "cuda":
+        if sampled.ids.device.type == "cuda":
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def results(self) -> tuple[list[int], list[float] | None]:
-        """The ids and logprobs as lists, once the device has them (waits)."""
+    def results(self) -> tuple[list[int], list[float] | None, list[tuple[list[int], list[float]]] | None]:
+        """The ids, logprobs and (top ids, top logprobs) per row as lists, once the device has
+        them (waits)."""
         if self._ready is not None:
             self._ready.synchronize()
-        ids = self._host[0].tolist()
-        return ids, self._host[1].tolist() if len(self._host) > 1 else None
+        ids, logprobs, top_ids, top_lps = [None if t is None else t.tolist() for t in self._host]
+        return ids, logprobs, None if top_ids is None else list(zip(top_ids, top_lps))
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,15 @@ class Request:
     def __init__(self, seq: Sequence, params: SamplingParams, stop_ids: frozenset[int], text: Detokenizer,
                  generator: torch.Generator | None) -> None:
         self.seq, self.params, self.stop_ids, self.text, self.generator = seq, params, stop_ids, text, generator
-        self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.logprobs: list[float] | None = [] if params.logprobs is not None else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if params.logprobs else None
+        self.history_slot: int | None = None  # the sampler's TokenHistory slot, for the penalties
+        # prompt_logprobs: the first token has none; the engine core fills in the rest in chunks
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[dict[int, float] | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = [None], [None]
+            seq.logits_from = 1 if seq.num_prompt_tokens > 1 else None
         self.finish_reason: str | None = None
 
     @property
@@ -35,11 +43,16 @@ class Request:
         """Output tokens it may still take before max_tokens ends it."""
         return self.params.max_tokens - self.seq.num_output_tokens
 
-    def accept_token(self, token: int, logprob: float | None) -> bool:
-        """The sequence's newest token (already appended to it): its text, its logprob and the
-        stop checks. True when it ends the request (finish_reason is then set)."""
+    def accept_token(self, token: int, logprob: float | None,
+                     top: tuple[list[int], list[float]] | None = None) -> bool:
+        """The sequence's newest token (already appended to it): its text, its logprob (and the
+        batch's top alternatives, of which it keeps its own N) and the stop checks. True when it
+        ends the request (finish_reason is then set)."""
         if self.logprobs is not None:
             self.logprobs.append(logprob)
+        if self.top_logprobs is not None:
+            n = self.params.logprobs
+            self.top_logprobs.append({**dict(zip(top[0][:n], top[1][:n])), token: logprob})
         if token in self.stop_ids:  # eos or a stop token: kept in token_ids, not in the text
             reason = "stop"
         elif self.text.push(token):
@@ -57,7 +70,8 @@ class Request:
         out = self.seq.output_ids
         return Completion(text=self.text.text, token_ids=out, finish_reason=self.finish_reason,
                           prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs,
-                          cached_tokens=self.seq.num_cached_tokens or 0)
+                          top_logprobs=self.top_logprobs, prompt_logprobs=self.prompt_logprobs,
+                          prompt_top_logprobs=self.prompt_top_logprobs, cached_tokens=self.seq.num_cached_tokens or 0)
 
 
 def request_limits(max_model_len: int, cache_capacity: int) -> list[tuple[int, str]]:
@@ -81,9 +95,10 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
         raise Qwen3AotError("the prompt is empty; give at least one token.")
     if min(ids) < 0 or max(ids) >= vocab_size:
         raise Qwen3AotError(f"token ids must be in [0, {vocab_size}), got {min(ids)}..{max(ids)}.")
-    outside = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
-    if outside:
-        raise Qwen3AotError(f"stop_token_ids {outside} are outside the vocabulary [0, {vocab_size}).")
+    for field, ids_given in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+        outside = [t for t in ids_given if not 0 <= t < vocab_size]
+        if outside:
+            raise Qwen3AotError(f"{field} token ids {outside} are outside the vocabulary [0, {vocab_size}).")
     total = len(ids) + params.max_tokens
     for most, what in limits:
         if total > most:
@@ -96,8 +111,9 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     # prompt logprobs need every prompt position's logits: such a request computes its whole prompt
-    reads_cache = getattr(params, "prompt_logprobs", None) is None
-    return Request(Sequence(seq_id, ids, params.cache_salt, reads_cache), params, stop_ids, Detokenizer(tokenizer, params.stop), generator)
+    reads_cache = params.prompt_logprobs is None
+    return Request(Sequence(seq_id, ids, params.cache_salt, reads_cache), params, stop_ids,
+                   Detokenizer(tokenizer, params.stop), generator)
 
 
 def prompt_ids(prompt: object, tokenizer: Tokenizer) -> list[int]:

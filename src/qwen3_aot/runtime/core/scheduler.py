@@ -31,6 +31,11 @@ from qwen3_aot.runtime.core.block_pool import BlockPool
 from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK
 
 
+# The most prompt positions a step computes logits for, for requests with prompt_logprobs:
+# [512, 151936] fp32 is 311 MB, where a 2,048-token prompt at once would be 1.2 GB.
+PROMPT_LOGPROB_ROWS = 512
+
+
 class Sequence:
     """A request's tokens and its place in the cache. `num_computed` tokens have their K/V
     in the blocks of `block_table`; the rest are fed to the next forward. `cache_salt` joins
@@ -49,6 +54,9 @@ class Sequence:
         self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it first joined
         self.block_keys: list[int] = []  # the keys of its first full blocks (BlockPool.keys)
         self.num_registered = 0          # its first blocks that are findable (or were offered)
+        # prompt positions whose logits its request still needs (prompt_logprobs), from this
+        # one on; None: none. Each step computes the logits of at most PROMPT_LOGPROB_ROWS of them.
+        self.logits_from: int | None = None
 
     @property
     def output_ids(self) -> list[int]:
@@ -129,11 +137,18 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch: Batch = []
         budget = self.max_num_batched_tokens
+        logit_rows = PROMPT_LOGPROB_ROWS  # the extra logits rows a step may compute for prompt logprobs
         preemptions = self.num_preemptions
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if seq.logits_from is not None and seq.num_computed < seq.num_prompt_tokens:
+                n = min(n, logit_rows)
+                logit_rows -= n
+                if n == 0:
+                    i += 1
+                    continue
             if not self._make_room(seq, n):
                 break
             self._register_full_blocks(seq, seq.num_computed + n)
@@ -147,6 +162,11 @@ class Scheduler:
             cached = self._cached_prefix(seq)
             start = len(cached) * self.pool.block_size
             n = min(len(seq.token_ids) - start, budget)
+            if seq.logits_from is not None:
+                n = min(n, logit_rows)
+                if n == 0:
+                    break
+                logit_rows -= n
             if self.pool.blocks_for(start + n) - len(cached) + self.pool.cost(cached) > self.pool.num_free:
                 break
             self.pool.take(cached)

@@ -19,6 +19,7 @@ import torch
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.onnx.onnx_forward import OnnxForward
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up
+from qwen3_aot.runtime.core.penalties import TokenHistory
 from qwen3_aot.runtime.core.sampler import Sampler
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.runtime.text.tokenizer import Tokenizer
@@ -37,7 +38,7 @@ class OnnxEngine:
         self.config = manifest["model_config"]
         self.max_model_len = self.forward.max_positions
         self.tokenizer = Tokenizer.from_dir(artifact)
-        self.sampler = Sampler()
+        self.sampler = Sampler(TokenHistory(self.config["vocab_size"], torch.device("cpu")))  # logits on the host
         self._ids = itertools.count()
 
     def generate(self, prompts: Prompt | list[Prompt],
@@ -66,6 +67,9 @@ class OnnxEngine:
         finally:
             if not r.finished:
                 r.finish_reason = "abort"
+            if r.history_slot is not None:
+                self.sampler.history.release(r.history_slot)
+                r.history_slot = None
 
     def _run(self, requests: list[Request]) -> Iterator[None]:
         """Prefill the batch, then a token for every unfinished request per step; yields after each."""
@@ -73,10 +77,20 @@ class OnnxEngine:
         while True:
             rows = [i for i, r in enumerate(requests) if not r.finished]
             live = [requests[i] for i in rows]
-            ids, logprobs = self.sampler(logits[rows], [r.params for r in live], [r.generator for r in live])
+            for r in live:
+                if r.params.uses_history and r.history_slot is None:
+                    r.history_slot = self.sampler.history.acquire(r.seq.token_ids)
+            out = self.sampler.sample(logits[rows], [r.params for r in live], [r.generator for r in live],
+                                      [r.history_slot for r in live])
+            ids = out.ids.tolist()
+            logprobs = None if out.logprobs is None else out.logprobs.tolist()
+            top = None if out.top_ids is None else list(zip(out.top_ids.tolist(), out.top_logprobs.tolist()))
             for i, (r, token) in enumerate(zip(live, ids)):
                 r.seq.token_ids.append(token)
-                r.accept_token(token, logprobs[i] if logprobs else None)
+                if r.accept_token(token, logprobs[i] if logprobs else None, top[i] if top else None) \
+                        and r.history_slot is not None:
+                    self.sampler.history.release(r.history_slot)
+                    r.history_slot = None
             yield
             if all(r.finished for r in requests):
                 return
@@ -88,6 +102,9 @@ class OnnxEngine:
                                        "max_position_embeddings, or --max-model-len); shorten one of them, or rebuild "
                                        "with a larger --max-model-len (past the model's own context with YaRN: "
                                        "--rope-scaling, README's Long context)")]
+        if params is not None and getattr(params, "prompt_logprobs", None) is not None:
+            raise Qwen3AotError("prompt_logprobs need the pt2 engine; an ONNX artifact's engine does not compute "
+                                "them. Leave prompt_logprobs out, or export with --format pt2.")
         # logits come back to the host: seeded generators live there
         return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"], limits,
                             torch.device("cpu"))

@@ -101,6 +101,30 @@ class Engine:
         it through a worker thread, since tokenizing a long prompt takes a while."""
         return self._loop.make_request(prompt, sampling)
 
+    # ---- the checkpoint's sampling defaults ----
+
+    @functools.cached_property
+    def generation_defaults(self) -> dict[str, Any]:
+        """What the artifact's generation_config.json sets (runtime/core/generation_defaults.py):
+        defaults of temperature, top_k, top_p, min_p, repetition_penalty, and "max_tokens" (its
+        max_new_tokens, a cap). The server applies them unless started with
+        --generation-config none; in-process, `default_sampling_params` does."""
+        from qwen3_aot.runtime.core.generation_defaults import generation_defaults
+
+        return generation_defaults(self._artifact)
+
+    def default_sampling_params(self, **fields: Any) -> SamplingParams:
+        """SamplingParams(**fields) with the checkpoint's defaults for the fields not given
+        (vLLM's LLM.get_default_sampling_params): `engine.generate(prompt,
+        engine.default_sampling_params(max_tokens=200, seed=1))` samples as the checkpoint's
+        authors recommend. max_tokens (given or 64) is capped by the file's max_new_tokens."""
+        defaults = self.generation_defaults
+        params = SamplingParams(**fields).with_defaults(defaults)
+        cap = defaults.get("max_tokens")
+        if cap is not None and params.max_tokens > cap:
+            params = params.replace(max_tokens=cap)
+        return params
+
     def check(self, prompt: Prompt, sampling: SamplingParams | None = None) -> None:
         """The checks a submission gets (our error if bad), without submitting anything; to
         check and then stream without tokenizing twice, use `make_request`."""
@@ -131,6 +155,10 @@ class Engine:
         prompt = self.apply_chat_template(messages, **template_kwargs)
         completion = await self.generate_async(prompt, sampling)
         return _separated(completion, prompt) if separate_reasoning else completion
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat_template is not None
 
     @functools.cached_property
     def _chat_template(self):

@@ -175,10 +175,11 @@ class EngineLoop:
                 continue
             out = r.seq.token_ids[r.seq.num_prompt_tokens + sub.published:]  # the new ones only: O(1) a step
             logprobs = None if r.logprobs is None else r.logprobs[sub.published:]
+            top = None if r.top_logprobs is None else r.top_logprobs[sub.published:]
             sub.published += len(out)
             if r.finished:
                 del self._live[r.seq.seq_id]
-            self._put(sub, Output(r.text.release(final=r.finished), out, logprobs,
+            self._put(sub, Output(r.text.release(final=r.finished), out, logprobs, top,
                                   r.completion() if r.finished else None))
 
     def _abort(self, sub: Submission) -> None:

@@ -22,6 +22,7 @@ class Output:
     text: str = ""
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
     completion: Completion | None = None  # set on the request's last Output
     error: BaseException | None = None    # the loop failed: no more Outputs come
 

@@ -29,7 +29,7 @@ from qwen3_aot.runtime.core.sampling_params import Completion
 
 
 class _StreamBase:
-    """token_ids / logprobs: the output so far, updated before each piece is handed out;
+    """token_ids / logprobs / top_logprobs: the output so far, updated before each piece is handed out;
     completion: set once the request has ended (finished, stopped or aborted)."""
 
     def __init__(self, loop: Loop, request: Request, final_only: bool = False) -> None:
@@ -37,9 +37,14 @@ class _StreamBase:
         self._sub: Submission | None = None
         self._request = request
         self.token_ids: list[int] = []
-        self.logprobs: list[float] | None = [] if request.params.logprobs else None
+        self.logprobs: list[float] | None = [] if request.params.logprobs is not None else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if request.params.logprobs else None
         self.completion: Completion | None = None
         self._closed = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._request.seq.num_prompt_tokens
 
     def _submit(self, put) -> None:
         self._sub = Submission(self._request, put, self._final_only)
@@ -53,6 +58,8 @@ class _StreamBase:
         self.token_ids += out.token_ids
         if self.logprobs is not None and out.logprobs:
             self.logprobs += out.logprobs
+        if self.top_logprobs is not None and out.top_logprobs:
+            self.top_logprobs += out.top_logprobs
         if out.completion is not None:
             self.completion = out.completion
         return out.text

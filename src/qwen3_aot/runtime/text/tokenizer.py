@@ -3,6 +3,8 @@ generation_config.json); a request's output text is text/detokenizer.py."""
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 
@@ -65,6 +67,35 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True) if self._tok is not None else ""
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes, which may be part of a UTF-8 character (decode would give
+        U+FFFD for them): a byte-level BPE token's characters mapped back to the bytes they
+        stand for (GPT-2's table); a special token's text; b"" without a tokenizer."""
+        if self._tok is None:
+            return b""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        table = _unicode_to_byte()
+        if all(ch in table for ch in piece) and type(self._tok.decoder).__name__ == "ByteLevel":
+            return bytes(table[ch] for ch in piece)
+        return self._tok.decode([token_id], skip_special_tokens=False).encode()
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode, which byte-level BPE vocabularies are written in:
+    printable bytes stand for themselves, the others for chars from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 # How many times fewer UTF-8 bytes a normalizer can leave of a text. Unicode normalization and
 # lowercasing map at most 3 bytes to 1 (Hangul jamo compose 9 bytes into 3; fullwidth letters
