@@ -22,6 +22,7 @@ from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
 from qwen3_aot.runtime.forward.flat_batch import FlatBatch, Forward
 from qwen3_aot.runtime.forward.kv_cache import KVCache
 from qwen3_aot.runtime.core.cache_sizing import plan_num_blocks, within
+from qwen3_aot.runtime.core.grammar import Grammars, mask_logits
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up, request_limits
 from qwen3_aot.runtime.core.sampler import Sampler
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
@@ -81,6 +82,8 @@ class EngineCore:
         # -- end of the tensor-parallel hook
         clock.lap("forward")
         self.sampler = Sampler()
+        self.grammars = Grammars(self.tokenizer, self.config["vocab_size"])  # built on first use
+        self.masked_steps = 0  # steps whose sampling applied a grammar mask (structured outputs)
         max_num_seqs = within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
         max_tokens = within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
                              "--max-num-tokens")
@@ -113,7 +116,7 @@ class EngineCore:
         """Check a prompt and its parameters (our error, nothing changed if bad) and make its
         request. Touches no state but an id counter: any thread may call it."""
         return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"],
-                            request_limits(self.max_model_len, self.cache.capacity), self.device)
+                            request_limits(self.max_model_len, self.cache.capacity), self.device, self.grammars)
 
     def add(self, request: Request) -> None:
         """Queue a request made by `make_request`; `step` advances it."""
@@ -199,6 +202,9 @@ class EngineCore:
         computed in vain."""
         if not self.overlap or self.graphs is None:
             return None
+        if any(r.grammar is not None and r.grammar.phase != "done" for r in previous.requests if not r.finished):
+            # structured outputs: a constrained row's mask needs the token in flight, taken on the host
+            return None
         rows = [i for i, r in enumerate(previous.requests) if not r.finished and r.tokens_left > 1]
         if not rows or len(rows) > self.graphs.max_batch:
             return None
@@ -225,7 +231,17 @@ class EngineCore:
             fn(record)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> StepInFlight:
+        # -- structured outputs (runtime/core/grammar.py): constrained rows masked before temperature;
+        # logprobs stay those of the model's own distribution, so they are taken before the mask
+        raw = None
+        if any(r.grammar is not None for r in requests):
+            raw = logits.clone() if any(r.params.logprobs for r in requests) else None
+            if mask_logits(logits, [r.grammar for r in requests]):
+                self.masked_steps += 1
+        # -- end of structured outputs
         ids, logprobs = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        if raw is not None:
+            logprobs = torch.log_softmax(raw, -1).gather(1, ids[:, None])[:, 0]
         return StepInFlight(requests, ids, logprobs)
 
     def _receive(self, step: StepInFlight) -> list[Request]:

@@ -8,6 +8,7 @@ import numbers
 from typing import Any, Literal
 
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.core.structured_output import StructuredOutput
 
 # Below this temperature a row is sampled greedily: softmax(logits / t) overflows to one-hot
 # (or NaN) long before t reaches 0, and vLLM draws the same line.
@@ -25,6 +26,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False          # the log-probability of each chosen token
+    # -- structured outputs: what the output must match (runtime/core/grammar.py)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # ints checked as such: a float max_tokens would never be reached, and the engine counts on it
@@ -43,6 +46,8 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
             raise Qwen3AotError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}.")
         self._set("stop_token_ids", tuple(int(t) for t in ids))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise Qwen3AotError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}.")
         for flag in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise Qwen3AotError(f"{flag} must be true or false, got {getattr(self, flag)!r}.")
@@ -82,3 +87,4 @@ class Completion:
     output_tokens: int
     logprobs: list[float] | None = None
     reasoning: str | None = None  # Qwen3's thinking, when asked to keep it apart from `text` (chat)
+    tool_calls: list | None = None  # chat with tools: the calls parsed from the output (text/tool_calls.py ToolCall)
