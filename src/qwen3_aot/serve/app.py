@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.text.reasoning import ReasoningSplitter, opens_reasoning, split_reasoning
+from qwen3_aot.runtime.text.reasoning import ReasoningSplitter, may_think, opens_reasoning, split_reasoning
 from qwen3_aot.runtime.core.sampling_params import Completion
 from qwen3_aot.runtime.service.engine import Engine
-from qwen3_aot.serve import protocol
+from qwen3_aot.serve import protocol, tools as structured
 from qwen3_aot.serve.generation import ClientGone, Event, Generation
 from qwen3_aot.serve.metrics import CONTENT_TYPE, Metrics
 from qwen3_aot.serve.protocol import ChatRequest, CompletionRequest, Prompt, Response as Meta
@@ -84,7 +84,9 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         body.check()
         _check_model(st, body.model)
         prompts = body.prompts()
-        jobs = [(p, body.sampling(_max_tokens(st, body.max_tokens, p), body.logprobs is not None, j))
+        constraint = structured.requested_constraint(body, reasoning=False)  # a raw prompt: constrained from its start
+        jobs = [(p, structured.constrained(body.sampling(_max_tokens(st, body.max_tokens, p), body.logprobs is not None,
+                                                         j), constraint))
                 for p in prompts for j in range(body.n)]
         meta = protocol.Response.new("cmpl", st.model, "text_completion")
         gen = _start(st, jobs, request)
@@ -100,23 +102,27 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
     async def chat(body: ChatRequest, request: Request) -> Response:
         body.check()
         _check_model(st, body.model)
+        tools = structured.ChatTools.of(body.tools, body.tool_choice)
+        kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tools.tools} if tools.tools else {})}
         text = engine.apply_chat_template(body.template_messages(), add_generation_prompt=body.add_generation_prompt,
-                                          **(body.chat_template_kwargs or {}))
+                                          **kwargs)
         ids = engine.tokenizer.encode(text)
-        jobs = [(ids, body.sampling(_max_tokens(st, body.max_new_tokens, ids), body.logprobs, j))
-                for j in range(body.n)]
+        constraint = structured.requested_constraint(body, may_think(text)) or tools.constraint(may_think(text))
+        jobs = [(ids, structured.constrained(body.sampling(_max_tokens(st, body.max_new_tokens, ids), body.logprobs, j),
+                                             constraint)) for j in range(body.n)]
         meta = protocol.Response.new("chatcmpl", st.model, "chat.completion")
         thinking = opens_reasoning(text)  # the template opened a think block: the output starts inside it
         gen = _start(st, jobs, request)
         if body.stream:
             meta.object = "chat.completion.chunk"
-            return _sse(_stream_chat(st, gen, meta, body, thinking), st, gen, meta, request)
+            return _sse(_stream_chat(st, gen, meta, body, thinking, tools.parse), st, gen, meta, request)
         done = await _collect(st, gen, meta, request)
         choices = []
         for i, c in enumerate(done):
             reasoning, content = split_reasoning(c.text, in_reasoning=thinking)
-            choices.append({"index": i, "finish_reason": c.finish_reason,
-                            "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
+            fields, finish = structured.message(content, c, tools.parse)
+            choices.append({"index": i, "finish_reason": finish,
+                            "message": {"role": "assistant", **fields, "reasoning_content": reasoning},
                             "logprobs": st.text.chat_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None
                             else None})
         return JSONResponse(meta.body(choices, usage=_usage(done, 1)))
@@ -230,12 +236,13 @@ class _Pending:
 
 
 async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatRequest,
-                       thinking: bool) -> AsyncIterator[dict]:
+                       thinking: bool, parse_tools: bool) -> AsyncIterator[dict]:
     extra = {"usage": None} if body.include_usage else {}
     for i in range(body.n):
         yield meta.body([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}], **extra)
     splitters = [ReasoningSplitter(in_reasoning=thinking) for _ in range(body.n)]
+    calls = [structured.StreamedCalls(parse_tools) for _ in range(body.n)]
     pending = _Pending(body.n)
     async for e in gen.events():
         pending.add(e)
@@ -243,12 +250,21 @@ async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatReques
         if e.completion is not None:
             tail = splitters[e.index].finish()
             reasoning, content = reasoning + tail[0], content + tail[1]
-        if not (reasoning or content or e.completion):
+        answer = calls[e.index].push(content, last=e.completion is not None)  # tool calls parsed out
+        if not (reasoning or answer or e.completion):
             continue
         logprobs = st.text.chat_logprobs(*pending.pop(e.index)) if e.logprobs is not None else None
-        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-        yield meta.body([{"index": e.index, "delta": delta, "logprobs": logprobs, "finish_reason": _finish(e)}],
-                        **extra)
+        deltas = answer or [{}]
+        if reasoning:  # with the answer's first text in one chunk, as before tool calls were parsed
+            deltas = [{"reasoning_content": reasoning, **deltas[0]}] + deltas[1:] if "content" in deltas[0] or \
+                not deltas[0] else [{"reasoning_content": reasoning}] + deltas
+        finish = _finish(e)
+        if finish is not None and calls[e.index].made_calls:
+            finish = "tool_calls"
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            yield meta.body([{"index": e.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
+                              "finish_reason": finish if last else None}], **extra)
     if body.include_usage:
         yield meta.body([], usage=_usage(gen.completions, 1))
 

@@ -2,7 +2,7 @@
 
 Requests are pydantic models with OpenAI's field names (plus vLLM's extra sampling fields
 top_k, ignore_eos, stop_token_ids), validated strictly: "0.5" is not a temperature. A field
-we accept but cannot honour (logit_bias, penalties, echo, tools, ...) is refused with a message
+we accept but cannot honour (logit_bias, penalties, echo, ...) is refused with a message
 rather than ignored; values are checked by SamplingParams, so a bad one gets the engine's own
 message. Responses are plain dicts in OpenAI's JSON layout.
 """
@@ -49,6 +49,12 @@ class _Sampling(_Request):
     top_k: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # structured outputs (serve/tools.py): vLLM's structured_outputs and its older guided_* fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -121,10 +127,6 @@ class ChatRequest(_Sampling):
 
     def check(self) -> None:
         self._refuse_unsupported()
-        if self.tools:
-            raise Qwen3AotError("tools (function calling) are not supported by this server; leave them out.")
-        if self.response_format not in (None, {"type": "text"}):
-            raise Qwen3AotError("response_format other than {\"type\": \"text\"} is not supported by this server.")
         if self.top_logprobs not in (None, 0):
             raise Qwen3AotError(f"top_logprobs={self.top_logprobs} asks for the top alternatives of each token, "
                                 "which this server does not compute; use logprobs=true alone.")
