@@ -55,3 +55,19 @@ def tiny_engine(tiny_artifact):
 
     with runtime.load(tiny_artifact) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def qwen_server(qwen_artifact, tmp_path_factory) -> Iterator[Server]:
+    """The real-tokenizer artifact served as "qwen" (chat, structured outputs, tools)."""
+    with running(qwen_artifact, tmp_path_factory.mktemp("serve") / "qwen.log", "--served-model-name", "qwen") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def qwen_engine(qwen_artifact):
+    """The same artifact in-process: what the server's answers must equal."""
+    from qwen3_aot import runtime
+
+    with runtime.load(qwen_artifact) as engine:
+        yield engine

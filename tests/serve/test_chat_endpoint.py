@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import openai
 import pytest
-from serving import running
 
 from qwen3_aot.runtime import SamplingParams
 from qwen3_aot.runtime.text.reasoning import split_reasoning
@@ -14,20 +13,6 @@ from qwen3_aot.runtime.text.reasoning import split_reasoning
 MESSAGES = [{"role": "system", "content": "You answer briefly."},
             {"role": "user", "content": "Translate 猫 and 🐈 to French, then write `def f(): pass`."}]
 pytestmark = pytest.mark.xdist_group("qwen_artifact")  # one pytest-xdist worker builds the real-tokenizer artifact
-
-
-@pytest.fixture(scope="module")
-def qwen_server(qwen_artifact, tmp_path_factory):
-    with running(qwen_artifact, tmp_path_factory.mktemp("serve") / "qwen.log", "--served-model-name", "qwen") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def qwen_engine(qwen_artifact):
-    from qwen3_aot import runtime
-
-    with runtime.load(qwen_artifact) as engine:
-        yield engine
 
 
 def chat(server, **kw):
@@ -63,7 +48,7 @@ def test_chat_logprobs_are_the_engines(qwen_server, qwen_engine):
 @pytest.mark.parametrize("body, says", [
     ({"messages": [{"content": "hi"}]}, "role"),
     ({"messages": []}, "messages"),
-    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": MESSAGES, "tools": [{"type": "retrieval"}]}, "only function tools"),
     ({"messages": MESSAGES, "top_logprobs": 3, "logprobs": True}, "top_logprobs"),
     ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
 ], ids=["no role", "no messages", "tools", "top_logprobs", "max_tokens=0"])
