@@ -167,6 +167,10 @@ class GrammarState:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        self.filled(bitmask, row)
+
+    def filled(self, bitmask: torch.Tensor, row: int) -> None:
+        """Once the matcher has filled its row: what the phase adds to it."""
         if self.phase == "think":  # the model may open a think block instead
             bitmask[row, self._open // 32] |= _bit(self._open % 32)
 
@@ -193,17 +197,26 @@ def _bit(i: int) -> int:
     return (1 << i) - (1 << 32) if i == 31 else 1 << i
 
 
+_batch: Any = None  # xgrammar's BatchGrammarMatcher (a thread pool), made on first use
+
+
 def mask_logits(logits: torch.Tensor, states: list[GrammarState | None]) -> list[int]:
     """Set to -inf, in place, each constrained row's logits outside what its grammar allows
     next; returns the rows masked (none: nothing was done)."""
     rows = [i for i, s in enumerate(states) if s is not None and s.masks_next]
     if not rows:
         return rows
+    global _batch
     xgr = _xgrammar()
     vocab = logits.shape[-1]
     bitmask = xgr.allocate_token_bitmask(len(states), vocab)  # all allowed, -1 in every word
+    if len(rows) == 1:
+        states[rows[0]].matcher.fill_next_token_bitmask(bitmask, rows[0])
+    else:  # xgrammar's C++ threads fill the rows at once
+        _batch = _batch or xgr.BatchGrammarMatcher()
+        _batch.batch_fill_next_token_bitmask([states[i].matcher for i in rows], bitmask, rows)
     for i in rows:
-        states[i].fill(bitmask, i)
+        states[i].filled(bitmask, i)
     if logits.device.type == "cuda":
         bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=rows)
