@@ -173,3 +173,25 @@ def test_16_threads_mixing_constrained_and_free_with_preemption_equal_each_alone
     for (_, s), c in zip(jobs, alone):
         if s.structured is not None and s.structured.json:
             jsonschema.validate(json.loads(c.text), small)
+
+
+def test_engine_chat_with_tools_returns_the_calls(engine):
+    add = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                            "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+           "required": ["a", "b"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": add}},
+             {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}]
+    messages = [{"role": "user", "content": "2 + 3?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+        c = engine.chat(messages, SamplingParams(max_tokens=40, seed=2), tools=tools, tool_choice=choice,
+                        enable_thinking=False)
+        assert c.tool_calls, c.text
+        for call in c.tool_calls:
+            assert call.name in ("add", "noop") and (choice == "required" or call.name == "add")
+            jsonschema.validate(json.loads(call.arguments), add if call.name == "add" else {"type": "object"})
+        assert "<tool_call>" not in c.text or c.finish_reason == "length"  # only an unfinished block stays text
+    free = engine.chat(messages, SamplingParams(max_tokens=8, seed=2), tools=tools, tool_choice="none",
+                       enable_thinking=False)
+    assert free.tool_calls is None
+    with pytest.raises(Qwen3AotError, match="not among the tools"):
+        engine.chat(messages, tools=tools, tool_choice={"type": "function", "function": {"name": "mul"}})

@@ -19,6 +19,7 @@ import torch
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.onnx.onnx_forward import OnnxForward
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up
+from qwen3_aot.runtime.core.grammar import Grammars, mask_logits
 from qwen3_aot.runtime.core.sampler import Sampler
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.runtime.text.tokenizer import Tokenizer
@@ -38,6 +39,7 @@ class OnnxEngine:
         self.max_model_len = self.forward.max_positions
         self.tokenizer = Tokenizer.from_dir(artifact)
         self.sampler = Sampler()
+        self.grammars = Grammars(self.tokenizer, self.config["vocab_size"])  # structured outputs, built on first use
         self._ids = itertools.count()
 
     def generate(self, prompts: Prompt | list[Prompt],
@@ -73,7 +75,13 @@ class OnnxEngine:
         while True:
             rows = [i for i, r in enumerate(requests) if not r.finished]
             live = [requests[i] for i in rows]
-            ids, logprobs = self.sampler(logits[rows], [r.params for r in live], [r.generator for r in live])
+            rows_logits = logits[rows]
+            raw = rows_logits.clone() if any(r.grammar is not None and r.params.logprobs for r in live) else None
+            if any(r.grammar is not None for r in live):  # structured outputs: logprobs stay the model's own
+                mask_logits(rows_logits, [r.grammar for r in live])
+            ids, logprobs = self.sampler(rows_logits, [r.params for r in live], [r.generator for r in live])
+            if raw is not None:
+                logprobs = torch.log_softmax(raw, -1).gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
             for i, (r, token) in enumerate(zip(live, ids)):
                 r.seq.token_ids.append(token)
                 r.accept_token(token, logprobs[i] if logprobs else None)
@@ -88,4 +96,4 @@ class OnnxEngine:
                                        "of them")]
         # logits come back to the host: seeded generators live there
         return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"], limits,
-                            torch.device("cpu"))
+                            torch.device("cpu"), self.grammars)
