@@ -65,7 +65,7 @@ def test_json_object_and_vllms_fields_on_both_endpoints(qwen_server):
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "weather"}}],
                          ids=["required", "named"])
 def test_forced_calls_are_valid_calls_streamed_or_not(qwen_server, choice):
-    r = create(qwen_server, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=64, n=3, seed=5,
+    r = create(qwen_server, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=96, n=3, seed=5,
                extra_body=NO_THINKING)
     for ch in r.choices:
         calls = ch.message.tool_calls
@@ -74,9 +74,9 @@ def test_forced_calls_are_valid_calls_streamed_or_not(qwen_server, choice):
             assert call.type == "function" and call.id.startswith("call_")
             assert choice == "required" or call.function.name == "weather"
             jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-    whole = create(qwen_server, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=64, temperature=0,
+    whole = create(qwen_server, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=96, temperature=0,
                    extra_body=NO_THINKING).choices[0]
-    chunks = list(create(qwen_server, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=64, temperature=0,
+    chunks = list(create(qwen_server, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=96, temperature=0,
                          stream=True, extra_body=NO_THINKING))
     calls: dict[int, dict] = {}
     for chunk in chunks:

@@ -183,7 +183,7 @@ def test_engine_chat_with_tools_returns_the_calls(engine):
              {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}]
     messages = [{"role": "user", "content": "2 + 3?"}]
     for choice in ("required", {"type": "function", "function": {"name": "add"}}):
-        c = engine.chat(messages, SamplingParams(max_tokens=40, seed=2), tools=tools, tool_choice=choice,
+        c = engine.chat(messages, SamplingParams(max_tokens=96, seed=2), tools=tools, tool_choice=choice,
                         enable_thinking=False)
         assert c.tool_calls, c.text
         for call in c.tool_calls:
