@@ -115,6 +115,7 @@ def test_a_two_turn_tool_loop_renders_as_transformers_does(qwen_server, qwen_eng
     ({"tools": [{"type": "code_interpreter"}]}, "only function tools"),
     ({"guided_regex": "a(", "max_tokens": 4}, "the regex cannot be used"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "give one constraint"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "not both"),
 ])
 def test_bad_constraints_and_tools_get_400_with_our_message(qwen_server, extra, says):
     status, reply = qwen_server.post("/v1/chat/completions", {"messages": ASK, "max_tokens": 4, **extra})

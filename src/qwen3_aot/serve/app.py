@@ -107,7 +107,7 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         text = engine.apply_chat_template(body.template_messages(), add_generation_prompt=body.add_generation_prompt,
                                           **kwargs)
         ids = engine.tokenizer.encode(text)
-        constraint = structured.requested_constraint(body, may_think(text)) or tools.constraint(may_think(text))
+        constraint = structured.chat_constraint(body, tools, may_think(text))
         jobs = [(ids, structured.constrained(body.sampling(_max_tokens(st, body.max_new_tokens, ids), body.logprobs, j),
                                              constraint)) for j in range(body.n)]
         meta = protocol.Response.new("chatcmpl", st.model, "chat.completion")

@@ -88,6 +88,15 @@ class ChatTools:
         return None if self.forced is None else tool_call_constraint(self.tools, self.forced, reasoning)
 
 
+def chat_constraint(body: Any, tools: ChatTools, reasoning: bool) -> StructuredOutput | None:
+    """A chat request's one constraint: the one it asks for, or its forced call's."""
+    asked = requested_constraint(body, reasoning)
+    if asked is not None and tools.forced is not None:
+        raise Qwen3AotError("tool_choice \"required\" or a named function constrains the answer to calls; give it or "
+                            "a response format (response_format, structured_outputs, guided_*), not both.")
+    return asked or tools.constraint(reasoning)
+
+
 def constrained(params: SamplingParams, constraint: StructuredOutput | None) -> SamplingParams:
     return params if constraint is None else dataclasses.replace(params, structured=constraint)
 
