@@ -87,10 +87,11 @@ def prefill_requests(engine: runtime.EngineCore, requests: list[runtime.Request]
 
 
 def load_ours(artifact: Path, plan: Plan, **options) -> runtime.EngineCore:
-    """The engine core on `artifact`, its batch and KV cache sized for the plan's largest batch and prompt."""
+    """The engine core on `artifact`, its batch and KV cache sized for the plan's largest batch and prompt.
+    Without prefix caching: each timing repeats its prompts, which the cache would serve."""
     return runtime.load_core(artifact, verify_files=False, max_num_seqs=max(plan.batches),
                              kv_cache_tokens=max(plan.batches) * (plan.prompt_len + plan.new_tokens + 16)
-                             + max(plan.prefill), **options)
+                             + max(plan.prefill), prefix_caching=False, **options)
 
 
 def measure(make: Callable[[], System], plan: Plan, vocab: int) -> tuple[System, dict]:

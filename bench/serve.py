@@ -49,11 +49,15 @@ HEALTH_TIMEOUT_S = 300  # the server's start: torch's import, the load, CUDA-gra
 VARIANTS = {  # (bench/server_process.py's options, serve's)
     "default": ([], []), "h11": (["--without", "uvloop,httptools"], []), "si": (["--switch-interval", "0.0005"], []),
     "thread": ([], ["--engine-in-process"])}
+# The workload is sent again at each concurrency: prefix caching would serve the later runs'
+# prompts from the first's blocks, so every engine here runs without it (as the in-process one);
+# bench/multiturn_prefix_bench.py measures caching.
+NO_CACHE = {"prefix_caching": False}
 PY_SPY_SECONDS = 6
 
 
 def in_process(artifact: Path, prompts: list, params: list) -> float:
-    with runtime.load(artifact, verify_files=False) as engine:
+    with runtime.load(artifact, verify_files=False, **NO_CACHE) as engine:
         engine.generate([list(range(1, 17))], runtime.SamplingParams(max_tokens=4))  # warm-up
         t = time.perf_counter()
         tokens = sum(c.output_tokens for c in engine.generate(prompts, params))
@@ -66,11 +70,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: Path, port: int, log: Path, variant: str, probe: Path) -> subprocess.Popen:
+def start_server(artifact: Path, port: int, log: Path, variant: str, probe: Path,
+                 serve_args: tuple[str, ...] = ("--no-prefix-caching",)) -> subprocess.Popen:
     probe.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "server_process.py"), "--probe", str(probe),
                              *VARIANTS[variant][0], "--", "serve", str(artifact), "--port", str(port),
-                             "--served-model-name", "bench", "--max-queue", "100000", *VARIANTS[variant][1]],
+                             "--served-model-name", "bench", "--max-queue", "100000", *VARIANTS[variant][1],
+                             *serve_args],
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -235,10 +241,10 @@ def main() -> None:
     r["in_process_tok_s"] = in_process(artifact, prompts, params)
     bench_support.free_memory()
     if a.threads:
-        with runtime.load(artifact, verify_files=False) as engine:
+        with runtime.load(artifact, verify_files=False, **NO_CACHE) as engine:
             r["workload_threads"] = workloads.run_workload_threads(engine, plan, vocab, a.threads)
         bench_support.free_memory()
-        core = runtime.load_core(artifact, verify_files=False)
+        core = runtime.load_core(artifact, verify_files=False, **NO_CACHE)
         r["workload_lanes"] = workloads.run_workload_lanes(core, plan, vocab, a.threads)
         del core
         bench_support.free_memory()

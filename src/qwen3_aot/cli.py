@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from qwen3_aot import __version__
+from qwen3_aot.config import YARN_EXAMPLE
 from qwen3_aot.errors import Qwen3AotError
 
 
@@ -14,10 +16,16 @@ def _export(a: argparse.Namespace) -> None:
 
     limits = GraphLimits(block_size=a.block_size, max_num_tokens=a.max_num_tokens, max_num_seqs=a.max_num_seqs,
                          max_model_len=a.max_model_len)
+    rope_scaling = None
+    if a.rope_scaling is not None:
+        try:
+            rope_scaling = json.loads(a.rope_scaling)
+        except json.JSONDecodeError as e:
+            raise Qwen3AotError(f"--rope-scaling is not valid JSON ({e}); write it as '{YARN_EXAMPLE}'.") from e
     export(a.checkpoint, a.output, device=a.device, dtype=a.dtype, force=a.force, limits=limits,
                     formats=tuple(f.strip() for f in a.format.split(",")), check=not a.no_verify,
                     weights=a.weights, tensor_parallel=a.tensor_parallel,
-                    small_batch_graph=a.small_batch_graph)
+                    small_batch_graph=a.small_batch_graph, rope_scaling=rope_scaling)
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -52,9 +60,11 @@ def _serve(a: argparse.Namespace) -> None:
         raise Qwen3AotError(f"`qwen3-aot serve` needs the serve extra ({e.name} is not installed): "
                             "pip install 'qwen3-aot[serve]'") from e
     options = {k: v for k, v in (("max_num_seqs", a.max_num_seqs), ("num_blocks", a.num_blocks)) if v is not None}
+    if a.no_prefix_caching:
+        options["prefix_caching"] = False
     run(a.artifact, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
-        max_queue=a.max_queue, grace_s=a.grace_period, device=a.device, engine_process=not a.engine_in_process,
-        **options)
+        max_queue=a.max_queue, max_request_bytes=a.max_request_bytes, grace_s=a.grace_period, device=a.device,
+        engine_process=not a.engine_in_process, **options)
 
 
 DEFAULT = "(default: %(default)s)"  # argparse fills in the option's default
@@ -98,8 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most tokens in one step, prompts and decodes together " + DEFAULT)
     ex.add_argument("--max-num-seqs", type=int, default=1024, help="most sequences in one step " + DEFAULT)
     ex.add_argument("--max-model-len", type=int, default=0,
-                    help="longest sequence, prompt and output, in tokens; 0: the model's max_position_embeddings "
-                         + DEFAULT)
+                    help="longest sequence, prompt and output, in tokens; 0: the model's context, its "
+                         "max_position_embeddings or, with rope scaling, the stretched length (YaRN: "
+                         "original_max_position_embeddings x factor) " + DEFAULT)
+    ex.add_argument("--rope-scaling", default=None, metavar="JSON",
+                    help="RoPE scaling replacing config.json's, in its rope_scaling form, e.g. for Qwen3's "
+                         f"documented 131,072 tokens '{YARN_EXAMPLE}' (yarn with transformers' fields, or linear); "
+                         "recorded in the manifest's model_config (default: the checkpoint's)")
     ex.add_argument("--small-batch-graph", action=argparse.BooleanOptionalAction, default=None,
                     help="on CUDA, also compile the forward's small-batch form, which the engine replays for the "
                          "decode batches it runs faster (a second compile); default: for models of hidden size "
@@ -146,8 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-num-seqs", type=int, default=None,
                     help="most sequences in one batch (default: the engine's)")
     se.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by the engine)")
+    se.add_argument("--no-prefix-caching", action="store_true",
+                    help="compute every prompt whole (default: full blocks of KV already computed for a shared "
+                         "prefix are reused)")
     se.add_argument("--max-queue", type=int, default=1024,
-                    help="most requests running or waiting at once; more get HTTP 429 " + DEFAULT)
+                    help="most requests (a prompt times n) running or waiting at once; more get HTTP 429, and "
+                         "one request asking for more than this alone gets 400 " + DEFAULT)
+    se.add_argument("--max-request-bytes", type=int, default=None, metavar="BYTES",
+                    help="largest request body; a larger one gets HTTP 413 before it is read whole (default: 64 "
+                         "bytes per token of the artifact's context, at least 4 MiB). Whatever the body, a text "
+                         "prompt longer in UTF-8 than the context could hold gets 400 without being tokenized, "
+                         "and n (128), prompts per request (2048), chat messages (one per token of the "
+                         "context), stop strings (16, 1024 characters each) are bounded")
     se.add_argument("--grace-period", type=float, default=10.0,
                     help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are "
                          "aborted " + DEFAULT)

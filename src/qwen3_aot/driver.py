@@ -56,9 +56,10 @@ class FlatBatchDriver:
     def check_lengths(self, lengths: list[int]) -> None:
         if not lengths or min(lengths) < 1:
             raise Qwen3AotError("every sequence needs at least one token.")
-        if max(lengths) > self.config.max_position_embeddings:
-            raise Qwen3AotError(f"a sequence of {max(lengths)} tokens exceeds max_position_embeddings "
-                                f"({self.config.max_position_embeddings}).")
+        if max(lengths) > self.config.context_length:
+            raise Qwen3AotError(f"a sequence of {max(lengths)} tokens exceeds the model's context "
+                                f"({self.config.context_length} tokens: max_position_embeddings, or the length its "
+                                "rope scaling stretches it to); shorten it.")
 
     @torch.inference_mode()
     def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:

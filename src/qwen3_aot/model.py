@@ -42,6 +42,12 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def rope_table(cfg: Qwen3Config, max_positions: int, device: torch.device | str) -> torch.Tensor:
+    """The model's fp32 cos/sin table (custom_ops/qkv_rope.rope_cos_sin): the one function every
+    graph (the paged one, the small-batch one, ONNX's) and the float64 reference take it from."""
+    return rope_cos_sin(cfg.head_dim, cfg.rope_theta, max_positions, device, cfg.rope_scaling)
+
+
 class DecoderLayer(nn.Module):
     """One layer's weights, named as weights.to_model_state names them."""
 
@@ -75,8 +81,16 @@ class Qwen3ForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(cfg.vocab_size, cfg.hidden_size, **p)
         cos_sin_device = "cpu" if str(device) == "meta" else device
-        self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
-                                                     cos_sin_device), persistent=False)
+        # one row per position: the model's whole context here; the build cuts it to the
+        # artifact's max_model_len (`set_positions`)
+        self.register_buffer("cos_sin", rope_table(cfg, cfg.context_length, cos_sin_device), persistent=False)
+
+    def set_positions(self, max_positions: int, config: Qwen3Config | None = None) -> None:
+        """Make the RoPE table cover positions 0 .. max_positions - 1 (the artifact's
+        max_model_len: a 131,072-row table of head_dim 128 is 64 MB), of `config`'s RoPE (a new
+        rope scaling given at export) or this model's."""
+        self.config = config or self.config
+        self.cos_sin = rope_table(self.config, max_positions, self.cos_sin.device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,

@@ -30,10 +30,11 @@ def artifact_copy(runtime_artifact, tmp_path):
     return shutil.copytree(runtime_artifact, tmp_path / "copy")
 
 
-def test_importing_the_runtime_imports_neither_transformers_nor_triton():
+def test_importing_the_runtime_imports_neither_transformers_nor_triton_nor_serve_nor_onnx():
     code = ("import sys; import qwen3_aot.runtime; from qwen3_aot.runtime import Engine, SamplingParams, load;"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'triton') or m.startswith("
-            "('qwen3_aot.model', 'qwen3_aot.custom_ops', 'qwen3_aot.build', 'torch._inductor', 'torch._dynamo'))))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'triton', 'onnx', "
+            "'onnxruntime', 'fastapi', 'uvicorn') or m.startswith(('qwen3_aot.model', 'qwen3_aot.custom_ops', "
+            "'qwen3_aot.build', 'qwen3_aot.serve', 'qwen3_aot.runtime.onnx', 'torch._inductor', 'torch._dynamo'))))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"

@@ -61,3 +61,25 @@ def test_bad_chat_requests_get_400_then_a_good_one_is_served(qwen_server, body, 
 def test_the_openai_client_sees_a_bad_chat_request_as_BadRequestError(qwen_server):
     with pytest.raises(openai.BadRequestError):
         chat(qwen_server, max_tokens=2, temperature=-1)
+
+
+def test_the_second_identical_chat_finds_its_prompt_in_the_prefix_cache(qwen_server):
+    messages = [{"role": "system", "content": "You count sheep, one line each."},
+                {"role": "user", "content": "Count the sheep of the prefix-cache test, from one."}]
+
+    def ask(**kw):
+        return qwen_server.client().chat.completions.create(model="qwen", messages=messages, max_tokens=4,
+                                                            temperature=0, **kw)
+
+    first = ask()
+    second = ask()
+    streamed = list(ask(stream=True, stream_options={"include_usage": True}))[-1]
+    prompt = first.usage.prompt_tokens
+    full = (prompt - 1) // 16 * 16  # every full block but the last token's (16: the artifact's block size)
+    assert first.usage.prompt_tokens_details.cached_tokens < full
+    assert second.usage.prompt_tokens_details.cached_tokens == full > 0
+    assert streamed.usage.prompt_tokens_details.cached_tokens == full
+    assert second.choices[0].message.content == first.choices[0].message.content
+    m = qwen_server.metrics()
+    assert 0 < m["qwen3_aot_prefix_cache_hits_total"] <= m["qwen3_aot_prefix_cache_queries_total"]
+    assert f"(cached {full})" in qwen_server.log_text()

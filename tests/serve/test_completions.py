@@ -171,3 +171,16 @@ def test_one_log_line_per_request(tiny_server):
     r = complete(tiny_server, prompt=PROMPT, max_tokens=3)
     lines = [x for x in tiny_server.log_text().splitlines() if r.id in x]
     assert len(lines) == 1 and "tokens in" in lines[0] and "out 3" in lines[0] and "first token" in lines[0]
+
+
+
+def test_serve_no_prefix_caching_reaches_the_engine(monkeypatch, tmp_path):
+    """The flag becomes load's prefix_caching=False (what that does: tests/runtime/core/test_prefix_caching.py)."""
+    import qwen3_aot.serve
+    from qwen3_aot import cli
+
+    seen = []
+    monkeypatch.setattr(qwen3_aot.serve, "run", lambda artifact, **kw: seen.append(kw))
+    cli.main(["serve", str(tmp_path), "--no-prefix-caching"])
+    cli.main(["serve", str(tmp_path)])
+    assert seen[0]["prefix_caching"] is False and "prefix_caching" not in seen[1]

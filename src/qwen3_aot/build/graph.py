@@ -22,7 +22,7 @@ class GraphLimits:
     block_size: int = 16
     max_num_tokens: int = 8192   # tokens in one step (prefill chunk + decodes)
     max_num_seqs: int = 1024     # sequences in one step
-    max_model_len: int = 0       # 0: the model's max_position_embeddings
+    max_model_len: int = 0       # 0: the model's context (Qwen3Config.context_length)
     max_num_blocks: int = 1 << 22
 
     def __post_init__(self) -> None:
@@ -35,12 +35,18 @@ class GraphLimits:
             if not isinstance(value, int) or value < low:
                 flag = "--" + name.replace("_", "-")
                 raise Qwen3AotError(f"{flag} {value!r} is not allowed: it must be an integer of at least {low}"
-                                    + (" (0: the model's max_position_embeddings)." if name == "max_model_len" else "."))
+                                    + (" (0: the model's context length)." if name == "max_model_len" else "."))
 
     def resolved(self, model_max_len: int) -> "GraphLimits":
+        """These limits with max_model_len settled: 0 becomes `model_max_len`, the model's context
+        (Qwen3Config.context_length: max_position_embeddings, or what its rope scaling stretches it to)."""
         n = self.max_model_len or model_max_len
         if n > model_max_len:
-            raise Qwen3AotError(f"max_model_len {n} exceeds the model's max_position_embeddings {model_max_len}")
+            raise Qwen3AotError(f"--max-model-len {n} exceeds the model's context of {model_max_len} tokens (its "
+                                "max_position_embeddings, or the length its rope scaling stretches it to). Use at most "
+                                f"{model_max_len}, or stretch the context with YaRN, e.g. --rope-scaling "
+                                "'{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": "
+                                "32768}' for Qwen3's documented 131,072 tokens.")
         if n <= self.block_size:
             raise Qwen3AotError(f"max_model_len {n} must exceed the block size {self.block_size} (the graph is "
                                 "traced with sequences of two blocks); lower --block-size.")

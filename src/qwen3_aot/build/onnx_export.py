@@ -112,7 +112,7 @@ def export_onnx(model: Qwen3ForCausalLM, out_dir: Path, log: Callable[[str], Non
                           "new token t attends to valid slots <= past + t",
         "logits": "[batch, len(logits_indices), vocab] fp32 at the new-token columns logits_indices",
         "vocab_size": cfg.vocab_size,
-        "max_positions": cfg.max_position_embeddings,
+        "max_positions": int(model.cos_sin.shape[0]),  # the RoPE table's rows: the artifact's max_model_len
     }
 
 

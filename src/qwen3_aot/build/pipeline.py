@@ -177,7 +177,7 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
                     dtype: str | None = None, force: bool = False, limits: GraphLimits = GraphLimits(),
                     formats: tuple[str, ...] = ("pt2",), check: bool = True, weights: str = "copy",
                     tensor_parallel: int | None = None, small_batch_graph: bool | None = None,
-                    log: Callable[[str], None] = _log) -> Path:
+                    rope_scaling: dict | None = None, log: Callable[[str], None] = _log) -> Path:
     """Build an artifact from a Hugging Face Qwen3 checkpoint directory; returns its path.
 
     formats: "pt2" (the AOTInductor package, paged KV cache) and/or "onnx" (onnxruntime,
@@ -191,7 +191,11 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
     small_batch_graph: on CUDA, also compile the forward's small-batch form (model_small.pt2,
     `model.small_batch_layers`, the same weights), which the runtime replays for the decode
     batches it runs faster (runtime/forward/decode_graphs.py); it adds its compile to the build.
-    None: for models of hidden size under SMALL_BATCH_BELOW_HIDDEN."""
+    None: for models of hidden size under SMALL_BATCH_BELOW_HIDDEN.
+    rope_scaling: replaces the checkpoint's RoPE scaling (config.json's rope_scaling form, e.g.
+    YaRN {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, Qwen3's
+    documented 131,072 tokens); None keeps the checkpoint's. Its resolved fields are recorded in
+    the manifest's model_config, and limits.max_model_len 0 then means the stretched context."""
     checkpoint, output = Path(checkpoint), Path(output)
     device = resolve_device(device)
     formats = tuple(dict.fromkeys(formats))
@@ -207,6 +211,8 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
         if weights != "copy" or formats != ("pt2",):
             raise Qwen3AotError("--tensor-parallel writes each rank's shard of the weights for the pt2 graph: use it "
                                 "with --format pt2 and --weights copy (the defaults).")
+    if rope_scaling is not None:  # refused before anything is loaded or written
+        Qwen3Config.from_checkpoint(checkpoint).with_rope_scaling(rope_scaling)
     if output.exists() and not force:
         raise Qwen3AotError(f"{output} already exists; pass --force to replace it.")
     t_start = time.perf_counter()
@@ -221,7 +227,7 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
             small = wants_small_batch_graph(small_batch_graph, Qwen3Config.from_checkpoint(checkpoint), device,
                                             tensor_parallel, formats)
             written = _build(checkpoint, tmp, device, dtype, limits, formats, check, shards, tensor_parallel, small,
-                             log)
+                             rope_scaling, log)
             _replace(tmp, output)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -234,14 +240,19 @@ def export(checkpoint: str | Path, output: str | Path, device: str | None = None
 
 def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: GraphLimits,
            formats: tuple[str, ...], check: bool, shards: list[str] | None, tensor_parallel: int | None,
-           small_batch: bool, log: Callable[[str], None]) -> dict:
+           small_batch: bool, rope_scaling: dict | None, log: Callable[[str], None]) -> dict:
     """Every file of the artifact into `tmp`, checked; returns the manifest written.
     shards: the checkpoint files to hard-link as the weights (`linkable_files`), or None to copy them.
     tensor_parallel: the number of ranks of a tensor-parallel artifact, or None.
-    small_batch: compile the small-batch graph too."""
+    small_batch: compile the small-batch graph too.
+    rope_scaling: the RoPE scaling replacing the checkpoint's, or None."""
     with stage("load", log):
         model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
-        limits = limits.resolved(model.config.max_position_embeddings)
+        cfg = model.config if rope_scaling is None else model.config.with_rope_scaling(rope_scaling)
+        limits = limits.resolved(cfg.context_length)
+        # the RoPE table of exactly the positions the artifact takes: it is a graph constant,
+        # saved with the weights (64 MB at 131,072 positions and head_dim 128)
+        model.set_positions(limits.max_model_len, cfg)
     graphs: dict = {}
     options: dict = {}
     if "pt2" in formats and tensor_parallel is not None:

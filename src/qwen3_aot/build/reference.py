@@ -19,9 +19,9 @@ import types
 import torch
 
 from qwen3_aot.custom_ops.paged_attention import paged_attention_reference
-from qwen3_aot.custom_ops.qkv_rope import qkv_rope_reference, rope_cos_sin
+from qwen3_aot.custom_ops.qkv_rope import qkv_rope_reference
 from qwen3_aot.custom_ops.rms_norm import add_rms_norm_reference, rms_norm_reference
-from qwen3_aot.model import Qwen3ForCausalLM, decoder_layers, final_logits
+from qwen3_aot.model import Qwen3ForCausalLM, decoder_layers, final_logits, rope_table
 
 REFERENCE_DTYPE = torch.float64
 
@@ -33,9 +33,9 @@ class Float64Forward:
     def __init__(self, model: Qwen3ForCausalLM) -> None:
         cfg = model.config
         self.model = model
-        # float64 angles: the fp32 table is part of what the graphs round
-        self.cos_sin = rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
-                                    model.device).to(REFERENCE_DTYPE)
+        # the model's own fp32 table, upcast: transformers' float64 model builds its table in
+        # fp32 too (fp32 angles), so this is the function the reference computes
+        self.cos_sin = rope_table(cfg, model.cos_sin.shape[0], model.device).to(REFERENCE_DTYPE)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,

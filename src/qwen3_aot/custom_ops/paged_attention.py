@@ -44,6 +44,11 @@ AOTInductor and Triton do not launch:
   spanning several sequences takes them in turn, skipping the split kernel's.
   A decode in a tile costs a whole run over its context for one row of the
   tile: that is why a large batch's decodes go to the split kernel.
+
+Every offset into the cache is computed in int64 (the block id is cast as it is loaded, and
+positions are int64): the graph takes up to 2**22 blocks, 2**36 elements a layer at Qwen3's
+8 KV heads of 128 dims and 16-token blocks, past 2**31 and past what an H200 holds
+(tests/custom_ops/test_index_bounds.py reads the offsets the kernels compute at those sizes).
 """
 
 from __future__ import annotations
@@ -71,12 +76,10 @@ def _cache_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, seq_ptr, bt_ptr, 
 
 SPLIT_TOKENS = 256     # batches up to this many tokens take the split (decode) kernels, larger ones the tiles
 SPLIT_PROGRAMS = 512   # (token, kv head, split) programs the split kernels aim for
-# Launch parameters (any value is correct; measured on an H200 with bench/attention_bench.py
-# --sweep, where 128 keys beat 64 everywhere: batch 1 at 32k 64% of bandwidth against 57%,
-# prefill 1 x 8k 0.94x SDPA's time against 1.20x; a third stage gained under 3%): keys per
-# inner step for 16-bit K/V and head_dim <= 128, fewer for wider heads and for fp32 so that
-# a tile keeps its bytes (128 fp32 keys of head_dim 128 failed there, 64 passed), and
-# pipeline stages of the K/V loads.
+# Launch parameters (any value is correct; chosen by bench/attention_bench.py --sweep, whose
+# figures are in BENCHMARKS.md "Paged attention"): keys per inner step for 16-bit K/V and
+# head_dim <= 128, fewer for wider heads and for fp32 so that a tile keeps its bytes (its
+# shared memory), and pipeline stages of the K/V loads.
 KEYS_PER_STEP = 128
 SPLIT_STAGES = 2
 TILE_STAGES = 2

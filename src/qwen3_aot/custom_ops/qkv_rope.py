@@ -33,6 +33,9 @@ heads alike (v is copied out so that no output aliases another).
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -199,9 +202,75 @@ def _(qkv, q_norm_weight, k_norm_weight, cos_sin, positions, seq_ids, block_tabl
     return qkv.new_empty(qkv.shape[0], num_q_heads, q_norm_weight.shape[0])
 
 
-def rope_cos_sin(head_dim: int, theta: float, max_positions: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The [max_positions, head_dim] fp32 table, computed as transformers computes it (fp32
-    inverse frequencies, fp32 products), so that fp32 runs match it bit for bit."""
+def rope_cos_sin(head_dim: int, theta: float, max_positions: int, device: torch.device | str = "cpu",
+                 scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """The [max_positions, head_dim] fp32 table of `cos_sin`: row p = [A cos(p f_i), A sin(p f_i)]
+    for the D/2 = head_dim/2 inverse frequencies f_i, i = 0 .. D/2 - 1, computed as transformers
+    computes them (fp32 frequencies, fp32 products p * f_i, cos and sin in fp32, then times A),
+    so that fp32 runs match it bit for bit. `scaling` is Qwen3Config.rope_scaling: every field
+    resolved from config.json (or --rope-scaling) by qwen3_aot.config.rope_scaling_fields.
+
+    Plain RoPE (scaling None; A = 1):   f_i = theta^(-2i/D)       (theta: config.json rope_theta)
+    linear (positions divided by s):    f_i = theta^(-2i/D) / s   (s: the field factor), A = 1
+
+    YaRN (arXiv 2309.00071; transformers' _compute_yarn_parameters, which Qwen3 documents for
+    131,072 tokens with s = 4, L = 32,768):
+      s  = factor; L = original_max_position_embeddings (the context trained to)
+      extrapolation  e_i = theta^(-2i/D)       (the trained frequencies, kept where they turn
+                                                many times within L)
+      interpolation  n_i = theta^(-2i/D) / s   (positions compressed by s, for frequencies that
+                                                turn less than once within L)
+      the index i at which f_i turns r times within L (L e_i = 2 pi r, solved for i):
+          d(r) = D ln(L / (2 pi r)) / (2 ln theta)
+      low = d(beta_fast), high = d(beta_slow)  (beta_fast 32, beta_slow 1 unless given), rounded
+          down and up (floor, ceil) when truncate (true unless given), then clamped:
+          low = max(low, 0), high = min(high, D - 1)  (D - 1, not D/2 - 1: as transformers)
+      ramp_i = clamp((i - low) / (high - low), 0, 1)  over i = 0 .. D/2 - 1  (high += 0.001
+          when low == high), computed in fp32
+      f_i = n_i ramp_i + e_i (1 - ramp_i)      (written as transformers writes it: with
+                                                x_i = 1 - ramp_i, f_i = n_i (1 - x_i) + e_i x_i)
+      A = attention_factor: as given, else 0.1 ln(s) + 1 (the paper's eq. 21; 1.1386 for s = 4),
+          or with mscale and mscale_all_dim both set (m, m'), (0.1 m ln s + 1) / (0.1 m' ln s + 1).
+      A multiplies cos and sin alike, i.e. both q and k: every attention score q.k gets A^2 =
+      1 / t of the paper's softmax temperature t, with no other change to the graph.
+
+    Positions are exact in fp32 below 2^24, and the angles p f_i carry fp32's relative error
+    (at p = 131,071 up to ~0.008 rad for the fastest frequency), as in transformers, whose
+    float64 model also builds its table in fp32: tests hold both to the same table.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    attention_factor = 1.0
+    if scaling is not None and scaling["rope_type"] == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling is not None and scaling["rope_type"] == "yarn":
+        inv_freq, attention_factor = _yarn_inv_freq(head_dim, theta, scaling)
+    elif scaling is not None:
+        raise ValueError(f"rope scaling {scaling['rope_type']!r}: qwen3_aot.config refuses it before it gets here")
     freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    cos, sin = freqs.cos(), freqs.sin()
+    if attention_factor != 1.0:  # fp32 times the Python float, as transformers' `emb.cos() * attention_scaling`
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return torch.cat([cos, sin], dim=-1).to(device)
+
+
+def _yarn_inv_freq(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN's blended inverse frequencies and attention factor (see rope_cos_sin), each step in
+    transformers' order and dtypes."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_share = 1 - ramp
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim)  # theta^(2i/D)
+    interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation = 1.0 / pos_freqs
+    inv_freq = interpolation * (1 - extrapolation_share) + extrapolation * extrapolation_share
+    return inv_freq, scaling["attention_factor"]

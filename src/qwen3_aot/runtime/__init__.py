@@ -1,12 +1,13 @@
 """What services import: loading an artifact and generating with it, without model code,
 transformers or a JIT compile. `import qwen3_aot.runtime` imports torch, safetensors and
 tokenizers only; a CPU artifact's forward also needs our custom ops, imported when it loads,
-and an ONNX artifact onnxruntime."""
+and an ONNX artifact the ONNX engine (runtime/onnx/) and onnxruntime, imported when one loads."""
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,11 +19,13 @@ from qwen3_aot.runtime.service.engine import Engine
 from qwen3_aot.runtime.service.engine_process import ProcessLoop
 from qwen3_aot.runtime.service.loop import EngineLoop
 from qwen3_aot.runtime.service.messages import EngineStats
-from qwen3_aot.runtime.onnx.onnx_engine import OnnxEngine
 from qwen3_aot.runtime.core.request import Request
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.runtime.service.streams import AsyncStream, Stream
 from qwen3_aot.runtime.forward.tensor_parallel import TensorParallelForward, tensor_parallel_size
+
+if TYPE_CHECKING:
+    from qwen3_aot.runtime.onnx.onnx_engine import OnnxEngine
 
 __all__ = ["AsyncStream", "CompiledForward", "Completion", "Engine", "EngineCore", "EngineStats", "OnnxEngine",
            "Qwen3AotError", "Request", "SamplingParams", "StepRecord", "Stream", "TensorParallelForward", "load",
@@ -35,7 +38,20 @@ def _keyword_options(cls: type) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-ENGINE_OPTIONS = {"pt2": _keyword_options(EngineCore), "onnx": _keyword_options(OnnxEngine)}
+def __getattr__(name: str) -> type:
+    if name == "OnnxEngine":  # the ONNX engine only for those who use it
+        from qwen3_aot.runtime.onnx.onnx_engine import OnnxEngine
+
+        return OnnxEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _engine_options(format: str) -> set[str]:
+    if format == "pt2":
+        return _keyword_options(EngineCore)
+    from qwen3_aot.runtime.onnx.onnx_engine import OnnxEngine
+
+    return _keyword_options(OnnxEngine)
 
 
 def load(path: str | Path, device: str | torch.device | None = None, *, verify_files: bool = True,
@@ -51,8 +67,8 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
     (runtime/service/engine_process.py), so that callers busy in Python (a server's event loop) never
     hold the GIL the loop needs between steps; the Engine's API is the same.
     `options` are the engine's: for pt2 EngineCore's (num_blocks, kv_cache_tokens,
-    gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap); for
-    onnx OnnxEngine's (max_batch_size)."""
+    gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, cuda_graphs, overlap,
+    prefix_caching); for onnx OnnxEngine's (max_batch_size)."""
     path, man = _read(path, verify_files)
     graphs = {"pt2": "forward", "onnx": "onnx"}
     if format is None:
@@ -68,6 +84,8 @@ def load(path: str | Path, device: str | torch.device | None = None, *, verify_f
     if format == "onnx":
         if engine_process:
             raise Qwen3AotError("engine_process is for the pt2 Engine; an onnx engine runs in the caller's thread.")
+        from qwen3_aot.runtime.onnx.onnx_engine import OnnxEngine
+
         return OnnxEngine(path, man, device, **options)
     dev = _compiled_device(path, man, device)
     if engine_process:
@@ -85,10 +103,11 @@ def load_core(path: str | Path, device: str | torch.device | None = None, *, ver
 
 
 def _check_options(options: dict, format: str) -> None:
-    unknown = set(options) - ENGINE_OPTIONS[format]
+    allowed = _engine_options(format)
+    unknown = set(options) - allowed
     if unknown:
         raise Qwen3AotError(f"{sorted(unknown)}: not options of the {format} engine, which takes "
-                            f"{sorted(ENGINE_OPTIONS[format])}.")
+                            f"{sorted(allowed)}.")
 
 
 def load_forward(path: str | Path, device: str | torch.device | None = None,

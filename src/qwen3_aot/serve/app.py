@@ -2,20 +2,31 @@
 and /metrics, over one engine shared by every request.
 
 Errors come back in OpenAI's JSON: our Qwen3AotError and pydantic's validation errors as 400
-(not FastAPI's 422: vLLM does the same), a wrong key 401, an unknown model 404, a full queue
-429 at once. Every request, streamed or not, runs through a Generation, so a client that goes
-away aborts its engine requests. One log line per request, at info level, when it ends.
+(not FastAPI's 422: vLLM does the same), a wrong key 401, an unknown model 404, a body over
+--max-request-bytes 413, a full queue 429 at once. Every request, streamed or not, runs
+through a Generation, so a client that goes away aborts its engine requests. One log line per
+request, at info level, when it ends.
+
+A request's way in: its limits are checked on the event loop (serve/limits.py: cheap checks of
+sizes and counts), its place in the queue is taken, then its prompts are rendered, tokenized
+and made into engine requests once, in a worker thread (`_prepare`): tokenizing a long prompt
+takes a while, and on the event loop it would hold up every other request. Bodies over
+BIG_BODY_BYTES get two threads of their own, so that giant prompts neither take every worker
+from ordinary requests nor hold more than two tokenizations' memory at once, and the memory
+they leave freed is handed back to the system once they are answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,16 +34,32 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.text.reasoning import ReasoningSplitter, may_think, opens_reasoning, split_reasoning
+from qwen3_aot.runtime.core.request import Request as EngineRequest
 from qwen3_aot.runtime.core.sampling_params import Completion
 from qwen3_aot.runtime.service.engine import Engine
+from qwen3_aot.runtime.text.reasoning import (
+    ReasoningSplitter,
+    may_think,
+    opens_reasoning,
+    split_reasoning,
+)
 from qwen3_aot.serve import protocol, tools as structured
 from qwen3_aot.serve.generation import ClientGone, Event, Generation
+from qwen3_aot.serve.limits import (
+    BodyLimit,
+    Limits,
+    prompt_fills_context,
+    release_freed_memory,
+)
 from qwen3_aot.serve.metrics import CONTENT_TYPE, Metrics
-from qwen3_aot.serve.protocol import ChatRequest, CompletionRequest, Prompt, Response as Meta
+from qwen3_aot.serve.protocol import ChatRequest, CompletionRequest, Prompt
+from qwen3_aot.serve.protocol import Response as Meta
 
 log = logging.getLogger("qwen3_aot.serve")
 DONE = "data: [DONE]\n\n"
+BIG_BODY_BYTES = 64 << 10  # a body this large (or of unknown size) is prepared in the big requests' threads
+BIG_WORKERS = 2
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -46,17 +73,24 @@ class _State:
     engine: Engine
     model: str
     api_key: str | None
-    max_queue: int
+    limits: Limits
     metrics: Metrics
     text: protocol.TokenText
-    in_flight: int = 0  # engine requests admitted and not yet ended
+    in_flight: int = 0  # engine requests admitted (from before their prompts are tokenized) and not yet ended
+    big: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(BIG_WORKERS, "qwen3-aot-big-request"))
 
 
-def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 1024) -> FastAPI:
+def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_queue: int = 1024,
+              max_request_bytes: int | None = None) -> FastAPI:
     """The app over a loaded engine, serving it as `model_name`. `max_queue`: the most engine
-    requests (a prompt times n) running or waiting at once; more get 429."""
+    requests (a prompt times n) running or waiting at once; more get 429, a request of more
+    than that alone 400. `max_request_bytes`: a larger body gets 413 (default:
+    limits.default_max_request_bytes of the engine's context)."""
     app = FastAPI(title="qwen3-aot", docs_url=None, redoc_url=None)
-    st = _State(engine, model_name, api_key, max_queue, Metrics(engine), protocol.TokenText(engine.tokenizer))
+    limits = Limits.for_engine(engine, max_queue, max_request_bytes)
+    st = _State(engine, model_name, api_key, limits, Metrics(engine), protocol.TokenText(engine.tokenizer))
+    app.add_middleware(BodyLimit, limit=limits.max_request_bytes, big=BIG_BODY_BYTES,
+                       after_big=lambda: st.big.submit(release_freed_memory))
     _add_error_handlers(app, st)
 
     async def authorized(request: Request) -> None:
@@ -84,10 +118,9 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         body.check()
         _check_model(st, body.model)
         prompts = body.prompts()
-        constraint = structured.requested_constraint(body, reasoning=False)  # a raw prompt: constrained from its start
-        jobs = [(p, structured.constrained(body.sampling(_max_tokens(st, body.max_tokens, p), body.logprobs is not None,
-                                                         j), constraint))
-                for p in prompts for j in range(body.n)]
+        st.limits.check_sampling(body.n, body.stop)
+        st.limits.check_prompts(prompts)
+        jobs = await _prepare(st, request, len(prompts) * body.n, _completion_requests, st, body, prompts)
         meta = protocol.Response.new("cmpl", st.model, "text_completion")
         gen = _start(st, jobs, request)
         if body.stream:
@@ -102,16 +135,11 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
     async def chat(body: ChatRequest, request: Request) -> Response:
         body.check()
         _check_model(st, body.model)
+        st.limits.check_sampling(body.n, body.stop)
+        st.limits.check_messages(body.messages)
         tools = structured.ChatTools.of(body.tools, body.tool_choice)
-        kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tools.tools} if tools.tools else {})}
-        text = engine.apply_chat_template(body.template_messages(), add_generation_prompt=body.add_generation_prompt,
-                                          **kwargs)
-        ids = engine.tokenizer.encode(text)
-        constraint = structured.chat_constraint(body, tools, may_think(text))
-        jobs = [(ids, structured.constrained(body.sampling(_max_tokens(st, body.max_new_tokens, ids), body.logprobs, j),
-                                             constraint)) for j in range(body.n)]
+        jobs, thinking = await _prepare(st, request, body.n, _chat_requests, st, body, tools)
         meta = protocol.Response.new("chatcmpl", st.model, "chat.completion")
-        thinking = opens_reasoning(text)  # the template opened a think block: the output starts inside it
         gen = _start(st, jobs, request)
         if body.stream:
             meta.object = "chat.completion.chunk"
@@ -137,24 +165,62 @@ def _check_model(st: _State, model: str | None) -> None:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {st.model!r}.", "model")
 
 
-def _max_tokens(st: _State, asked: int | None, prompt: Prompt) -> int:
-    """What was asked, else the rest of the context (vLLM's default)."""
-    if asked is not None:
-        return asked
-    n = len(st.engine.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(prompt)
-    if n >= st.engine.max_model_len:
-        raise Qwen3AotError(f"the prompt ({n} tokens) fills the context ({st.engine.max_model_len} tokens); "
-                            "shorten it.")
-    return st.engine.max_model_len - n
-
-
-def _start(st: _State, jobs: list, request: Request) -> Generation:
-    if st.in_flight + len(jobs) > st.max_queue:
+async def _prepare(st: _State, request: Request, count: int, make: Callable[..., T], *args: Any) -> T:
+    """`make(*args)` in a worker thread, once `count` places in the queue are taken (400 if the
+    queue can never hold them, 429 if it cannot now); they are given back if it fails."""
+    st.limits.check_count(count)
+    if st.in_flight + count > st.limits.max_queue:
         raise ApiError(429, f"the server is full ({st.in_flight} requests running or waiting, its --max-queue is "
-                            f"{st.max_queue}); retry later.")
-    gen = Generation(st.engine, jobs, st.metrics, request.receive, on_done=lambda: _one_done(st))
-    st.in_flight += len(jobs)
-    return gen
+                            f"{st.limits.max_queue}); retry later.")
+    st.in_flight += count
+    size = request.headers.get("content-length", "")
+    executor = None if size.isdigit() and int(size) <= BIG_BODY_BYTES else st.big  # None: asyncio's default
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(make, *args))
+    except BaseException:
+        st.in_flight -= count
+        raise
+
+
+def _completion_requests(st: _State, body: CompletionRequest, prompts: list[Prompt]) -> list[EngineRequest]:
+    """Each prompt tokenized once and made into its n engine requests (a worker thread)."""
+    jobs = []
+    constraint = structured.requested_constraint(body, reasoning=False)  # a raw prompt: constrained from its start
+    for p in prompts:
+        ids = (st.engine.tokenizer.encode(p) if p else []) if isinstance(p, str) else p
+        max_tokens = _max_tokens(st, body.max_tokens, len(ids))
+        jobs += [st.engine.make_request(ids, structured.constrained(body.sampling(max_tokens, body.logprobs is not None,
+                                                                                  j), constraint))
+                 for j in range(body.n)]
+    return jobs
+
+
+def _chat_requests(st: _State, body: ChatRequest, tools: structured.ChatTools) -> tuple[list[EngineRequest], bool]:
+    """The messages rendered (with the tools), tokenized once and made into n engine requests,
+    their constraint compiled (a worker thread); and whether the template opened a think block
+    (the output then starts inside it)."""
+    kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tools.tools} if tools.tools else {})}
+    text = st.engine.apply_chat_template(body.template_messages(), add_generation_prompt=body.add_generation_prompt,
+                                         **kwargs)
+    st.limits.check_text(text)
+    ids = st.engine.tokenizer.encode(text)
+    max_tokens = _max_tokens(st, body.max_new_tokens, len(ids))
+    constraint = structured.chat_constraint(body, tools, may_think(text))
+    return [st.engine.make_request(ids, structured.constrained(body.sampling(max_tokens, body.logprobs, j), constraint))
+            for j in range(body.n)], opens_reasoning(text)
+
+
+def _max_tokens(st: _State, asked: int | None, prompt_tokens: int) -> int:
+    """What was asked, else the rest of the context (vLLM's default); a prompt that leaves no
+    room is refused here, before its ids are copied into requests."""
+    if prompt_tokens >= st.engine.max_model_len:
+        raise prompt_fills_context(prompt_tokens, st.engine.max_model_len)
+    return st.engine.max_model_len - prompt_tokens if asked is None else asked
+
+
+def _start(st: _State, jobs: list[EngineRequest], request: Request) -> Generation:
+    """The Generation of requests whose places _prepare took."""
+    return Generation(st.engine, jobs, st.metrics, request.receive, on_done=lambda: _one_done(st))
 
 
 def _one_done(st: _State) -> None:
@@ -162,8 +228,10 @@ def _one_done(st: _State) -> None:
 
 
 def _usage(done: list[Completion], n: int) -> dict:
-    """A prompt counts once however many choices it has (OpenAI's n)."""
-    return protocol.usage(sum(c.prompt_tokens for c in done[::n]), sum(c.output_tokens for c in done))
+    """A prompt counts once however many choices it has (OpenAI's n), and so do its cached tokens
+    (its first choice's: the others take the blocks it computed)."""
+    return protocol.usage(sum(c.prompt_tokens for c in done[::n]), sum(c.output_tokens for c in done),
+                          sum(c.cached_tokens for c in done[::n]))
 
 
 async def _collect(st: _State, gen: Generation, meta: Meta, request: Request) -> list[Completion]:
@@ -281,9 +349,10 @@ def _log_request(st: _State, request: Request, rid: str, outcome: int | str, gen
         return
     done = [c for c in gen.completions if c is not None]
     ttft = "-" if gen.first_token_s is None else f"{gen.first_token_s:.3f}s"
-    log.info("%s %s %s %s: %d requests, tokens in %d out %d, first token %s, total %.3fs", rid, request.method,
-             request.url.path, outcome, len(gen.completions), sum(c.prompt_tokens for c in done),
-             sum(c.output_tokens for c in done), ttft, time.perf_counter() - gen.arrival)
+    log.info("%s %s %s %s: %d requests, tokens in %d (cached %d) out %d, first token %s, total %.3fs", rid,
+             request.method, request.url.path, outcome, len(gen.completions), sum(c.prompt_tokens for c in done),
+             sum(c.cached_tokens for c in done), sum(c.output_tokens for c in done), ttft,
+             time.perf_counter() - gen.arrival)
 
 
 def _add_error_handlers(app: FastAPI, st: _State) -> None:

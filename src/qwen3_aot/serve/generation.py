@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
-from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
+from qwen3_aot.runtime.core.request import Request
+from qwen3_aot.runtime.core.sampling_params import Completion
 from qwen3_aot.runtime.service.engine import Engine
 from qwen3_aot.runtime.service.streams import AsyncStream
 from qwen3_aot.serve.metrics import Metrics
-from qwen3_aot.serve.protocol import Prompt
 
 _closing: set[asyncio.Future] = set()  # streams being closed in the background (asyncio keeps weak references)
 
@@ -38,13 +38,12 @@ class ClientGone(Exception):
 
 
 class Generation:
-    """Submits every (prompt, params) job at construction (all checked first: a bad one raises
-    Qwen3AotError and starts nothing), then hands out their events as they come."""
+    """Submits every job, a request made (checked and tokenized) by `engine.make_request`, at
+    construction, then hands out their events as they come. `on_done` is called once per job
+    as it ends."""
 
-    def __init__(self, engine: Engine, jobs: list[tuple[Prompt, SamplingParams]], metrics: Metrics,
+    def __init__(self, engine: Engine, jobs: list[Request], metrics: Metrics,
                  receive: Callable[[], Awaitable[dict]], on_done: Callable[[], None]) -> None:
-        for prompt, params in jobs:
-            engine.check(prompt, params)
         self.arrival = time.perf_counter()
         self.first_token_s: float | None = None
         self.completions: list[Completion | None] = [None] * len(jobs)
@@ -52,8 +51,8 @@ class Generation:
         self._queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         self._closed = [False] * len(jobs)
         self._tasks = []
-        for i, (p, s) in enumerate(jobs):
-            stream = engine.stream_async(p, s)
+        for i, job in enumerate(jobs):
+            stream = engine.stream_async(job)
             self._tasks.append(task := asyncio.create_task(self._produce(i, stream)))
             task.add_done_callback(lambda _, i=i, stream=stream: self._job_done(i, stream))
         self._watcher = asyncio.create_task(self._watch(receive))

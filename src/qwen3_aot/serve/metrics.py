@@ -1,16 +1,19 @@
 """/metrics: Prometheus text, in one registry per server (not prometheus_client's global one,
 so that two apps in one process do not collide). Names follow vLLM's with our prefix.
 
-The engine's own figures (running, waiting, blocks, preemptions, token counts) are read from
-`engine.stats()` at each scrape; latencies are observed by the server as pieces go out."""
+The engine's own figures (running, waiting, blocks, preemptions, token counts, prefix-cache
+queries and hits) are read from `engine.stats()` at each scrape; latencies are observed by the
+server as pieces go out."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from qwen3_aot.runtime.service.engine import Engine
 
 PREFIX = "qwen3_aot_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -23,7 +26,7 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator:
@@ -36,7 +39,12 @@ class _EngineCollector(Collector):
                                           1 - s.num_free_blocks / s.num_blocks if s.num_blocks else 0.0)}
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+        yield GaugeMetricFamily(PREFIX + "prefix_cache_blocks", "KV-cache blocks findable by their content.",
+                                value=s.num_cached_blocks)
         counters = {"num_preemptions": ("Sequences preempted (their blocks taken back) so far.", s.num_preemptions),
+                    "prefix_cache_queries": ("Tokens of joining sequences looked up in the prefix cache.",
+                                             s.prefix_cache_queries),
+                    "prefix_cache_hits": ("Of those, tokens found in the prefix cache.", s.prefix_cache_hits),
                     "prompt_tokens": ("Prompt tokens prefilled so far.", s.prompt_tokens),
                     "generation_tokens": ("Tokens generated so far.", s.generation_tokens)}
         for name, (doc, value) in counters.items():
@@ -44,7 +52,7 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "From a request's arrival to its first token.",

@@ -12,14 +12,29 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.core.sampling_params import SamplingParams
 
 Prompt = Union[str, list[int]]
+
+
+def _prompt_shape(value: Any) -> str:
+    first = value[0] if isinstance(value, list) and value else None
+    if isinstance(value, str):
+        return "text"
+    return "texts" if isinstance(first, str) else "id lists" if isinstance(first, list) else "ids"
+
+
+# The prompt's shape told by its first element, so that pydantic validates one member of the
+# union: tried in turn, each failing member lists an error per element first, which made a list
+# of a million ids cost a second of the event loop's time
+PromptField = Annotated[Union[Annotated[str, Tag("text")], Annotated[list[str], Tag("texts")],
+                              Annotated[list[int], Tag("ids")], Annotated[list[list[int]], Tag("id lists")]],
+                        Discriminator(_prompt_shape)]
 
 
 class _Request(BaseModel):
@@ -49,6 +64,7 @@ class _Sampling(_Request):
     top_k: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    cache_salt: str | None = None  # vLLM's: only requests of the same salt share prefix-cache blocks
     # structured outputs (serve/tools.py): vLLM's structured_outputs and its older guided_* fields
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -80,11 +96,11 @@ class _Sampling(_Request):
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=top_k, top_p=1.0 if self.top_p is None else self.top_p, seed=seed, stop=stop,
                               stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-                              logprobs=logprobs)
+                              logprobs=logprobs, cache_salt=self.cache_salt)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: PromptField
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
     echo: bool = False
@@ -166,14 +182,16 @@ def new_id(prefix: str) -> str:
 
 def error_body(message: str, status: int, param: str | None = None) -> dict:
     """OpenAI's error JSON; type and code as vLLM fills them (the error's class and status)."""
-    kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError",
-             500: "InternalServerError", 503: "ServiceUnavailableError"}
+    kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+             429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
     return {"error": {"message": message, "type": kinds.get(status, "Error"), "param": param, "code": status}}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; cached_tokens: prompt tokens whose KV the prefix cache gave."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 @dataclass

@@ -20,9 +20,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        served_model_name: str | None = None, max_queue: int = 1024, grace_s: float = 10.0,
-        device: str | None = None, engine_process: bool = True, **engine_options: Any) -> None:
-    """Serve `artifact` over HTTP until a signal stops it. `engine_options` go to runtime.load.
+        served_model_name: str | None = None, max_queue: int = 1024, max_request_bytes: int | None = None,
+        grace_s: float = 10.0, device: str | None = None, engine_process: bool = True,
+        **engine_options: Any) -> None:
+    """Serve `artifact` over HTTP until a signal stops it. `engine_options` go to runtime.load;
+    max_queue and max_request_bytes to build_app.
     engine_process: the engine in a process of its own (runtime/service/engine_process.py): the event
     loop serving hundreds of streams would otherwise hold the GIL the engine's loop needs."""
     from qwen3_aot import runtime
@@ -33,7 +35,7 @@ def run(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_
     with runtime.load(artifact, device=device, format="pt2", engine_process=engine_process,
                       **engine_options) as engine:
         app = build_app(engine, served_model_name or Path(artifact).resolve().name, api_key=api_key,
-                        max_queue=max_queue)
+                        max_queue=max_queue, max_request_bytes=max_request_bytes)
         # access_log off: the app logs one line per request itself, with its tokens and timings
         config = uvicorn.Config(app, host=host, port=port, access_log=False, timeout_graceful_shutdown=grace_s,
                                 log_level="info")

@@ -84,3 +84,46 @@ def test_stop_string_inside_multibyte_text(engine):
     c = engine.generate(prompt, dataclasses.replace(HOT, stop=(stop,)))[0]
     assert c.text == full[:full.index(stop)] and c.finish_reason == "stop"
     assert "".join(engine.stream(prompt, dataclasses.replace(HOT, stop=(stop,)))) == c.text
+
+
+THINK_TURNS = [  # (user, reasoning, answer): a conversation whose turns think first
+    ("Plan a three-day trip to Lyon for two people who like food and old streets.",
+     "They like food and old streets. Lyon: Vieux Lyon for the streets, the bouchons for food, Les Halles "
+     "Paul Bocuse for a market morning. Three days: old town, market and Croix-Rousse, then Fourviere.",
+     "Day 1: Vieux Lyon and a bouchon dinner. Day 2: Les Halles, then the Croix-Rousse traboules. "
+     "Day 3: Fourviere hill and the Roman theatres."),
+    ("Make day two cheaper.", "Les Halles is pricey; the Saint-Antoine open-air market is cheaper and by the river.",
+     "Day 2: the Saint-Antoine market for lunch, then the Croix-Rousse traboules on foot."),
+    ("What should we pack for November?", "November in Lyon: cool, 5-12 C, often rain.",
+     "Layers, a warm coat, an umbrella and shoes for wet cobbles."),
+    ("Thanks! One restaurant tip?", "A classic bouchon, booked ahead.", "Try Daniel et Denise, and book ahead."),
+]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}], ids=["thinking", "no thinking"])
+def test_multi_turn_chat_finds_the_history_up_to_the_previous_answer(engine, kwargs):
+    """Qwen3's template drops an earlier turn's <think> text (and renders no empty think block)
+    when it renders the history, so the next prompt leaves what the cache holds after the
+    previous turn's generation prompt: the cache gives every earlier full block of the prompt
+    and none of the previous answer (README, "Prefix caching"). Each turn's generation is
+    forced (fed as prompt), so that the cache holds what a turn that generated it would."""
+    bs, end = engine.block_size, engine.tokenizer.encode("<|im_end|>")
+    # a system prompt of its own: nothing another test left in the cache starts like it
+    system = f"You plan trips{' and think first' if not kwargs else ''}. Answer in a few lines."
+    convo, held, previous_prompt, rows = [{"role": "system", "content": system}], None, 0, []
+    one = SamplingParams(max_tokens=1, temperature=0)
+    for user, reasoning, answer in THINK_TURNS:
+        convo.append({"role": "user", "content": user})
+        ids = engine.tokenizer.encode(engine.apply_chat_template(convo, **kwargs))
+        cached = engine.generate(ids, one)[0].cached_tokens
+        if held is not None:
+            same = next((i for i, (x, y) in enumerate(zip(ids, held)) if x != y), min(len(ids), len(held)))
+            assert cached == min(same, len(ids) - 1) // bs * bs  # the definition: full blocks of the common prefix
+            assert same <= previous_prompt  # nothing of the previous turn's generation is found
+            rows.append((len(ids), cached, len(held) - previous_prompt))
+        reply = (f"<think>\n{reasoning}\n</think>\n\n" if not kwargs else "") + answer
+        generated = engine.tokenizer.encode(reply) + end
+        engine.generate(ids + generated, one)  # what generating the reply leaves in the cache
+        held, previous_prompt = ids + generated, len(ids)
+        convo.append({"role": "assistant", "content": reply})
+    print(f"\n{kwargs or 'thinking'}: (prompt tokens, cached, tokens the previous turn generated)", rows)

@@ -1,5 +1,6 @@
 """How Outputs travel from the loop thread to streams: merged for a reader that is behind,
-handed to an event loop in batches, never posted to a closed event loop."""
+handed to an event loop in batches, never posted to a closed event loop; and a request made
+(checked and tokenized) once, then streamed."""
 
 import asyncio
 import threading
@@ -8,6 +9,7 @@ import time
 import pytest
 
 from qwen3_aot import runtime
+from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.service.messages import Output
 from qwen3_aot.runtime.service.streams import _Mailbox
 from greedy_reference import GREEDY, prompts
@@ -92,3 +94,26 @@ def test_generate_callers_are_woken_once_per_request(engine, monkeypatch):
     taken.clear()
     assert asyncio.run(asyncio.wait_for(engine.generate_async(prompts()[1], GREEDY), DEADLINE_S)) == want[1]
     assert len(taken) == 1
+
+
+def test_a_request_made_once_is_tokenized_once_streams_once_and_equals_the_prompts(engine, monkeypatch):
+    want = engine.generate(prompts()[3], GREEDY)[0]
+    encoded = []
+    encode = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text: encoded.append(text) or encode(text))
+    made = [engine.make_request(prompts()[3], GREEDY) for _ in range(2)]
+    assert encoded == [prompts()[3]] * 2, "one encode per make_request"
+    assert engine.stream(made[0]).result() == want
+
+    async def read(request):
+        return await engine.stream_async(request).result()
+
+    assert asyncio.run(asyncio.wait_for(read(made[1]), DEADLINE_S)) == want
+    assert len(encoded) == 2, "streaming a made request tokenizes nothing"
+    for again in (lambda: engine.stream(made[0]), lambda: engine.stream_async(made[1])):
+        with pytest.raises(Qwen3AotError, match="streams once"):
+            again()
+    with pytest.raises(Qwen3AotError, match="its own SamplingParams"):
+        engine.stream(engine.make_request(prompts()[3]), GREEDY)
+    with pytest.raises(Qwen3AotError, match="empty"):
+        engine.make_request("", GREEDY)

@@ -3,6 +3,7 @@ eos ids from generation_config.json."""
 
 import json
 import shutil
+import unicodedata
 
 import pytest
 
@@ -90,6 +91,22 @@ def test_without_tokenizer_json_text_is_refused(tmp_path):
     assert not tok.has_text and tok.decode([5, 6]) == ""
     with pytest.raises(Qwen3AotError, match="token-id prompts only"):
         tok.encode("hello")
+    assert tok.max_bytes_per_token() is None
+
+
+@pytest.mark.parametrize("normalizer, factor", [
+    (None, 1),
+    ({"type": "NFC"}, 3),
+    ({"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}, 9),
+    ({"type": "Replace", "pattern": {"String": "ab"}, "content": ""}, None),
+], ids=["none", "NFC", "NFKC then lowercase", "replace deletes"])
+def test_bytes_per_token_allow_for_what_the_normalizer_can_shrink(tmp_path, normalizer, factor):
+    doc = json.loads((FIXTURE / "tokenizer.json").read_text())
+    assert doc.get("normalizer") is None  # the fixture's own: the base the others multiply
+    doc["normalizer"] = normalizer
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    base = Tokenizer.from_dir(FIXTURE).max_bytes_per_token()
+    assert Tokenizer.from_dir(tmp_path).max_bytes_per_token() == (None if factor is None else factor * base)
 
 
 # --- Qwen's real tokenizer (tests/runtime/conftest.py: qwen_checkpoint) ----------------------
@@ -115,6 +132,14 @@ def test_real_qwen_tokenizer_encodes_as_qwen3(qwen):
 @pytest.mark.parametrize("text", QWEN_TEXTS.values(), ids=QWEN_TEXTS.keys())
 def test_real_qwen_tokenizer_round_trips(qwen, text):
     assert qwen.decode(qwen.encode(text)) == text
+
+
+def test_real_qwen_bytes_per_token_bound_every_text_and_one_token_reaches_a_third_of_it(qwen):
+    per_token = qwen.max_bytes_per_token()
+    assert per_token % 3 == 0 and len(qwen.encode(" " * (per_token // 3))) == 1  # NFC: a factor of 3 on top
+    decomposed = unicodedata.normalize("NFD", QWEN_TEXTS["cjk"] * 20)  # NFC composes it back: fewer bytes
+    for text in (*QWEN_TEXTS.values(), decomposed, " " * 5000, "-" * 5000, "<|im_start|>" * 50):
+        assert len(text.encode()) <= per_token * len(qwen.encode(text))
 
 
 def test_real_qwen_decode_drops_special_tokens_only(qwen):

@@ -21,6 +21,7 @@ from qwen3_aot.runtime.forward.compiled import CompiledForward
 from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
 from qwen3_aot.runtime.forward.flat_batch import FlatBatch, Forward
 from qwen3_aot.runtime.forward.kv_cache import KVCache
+from qwen3_aot.runtime.core.block_pool import BlockPool
 from qwen3_aot.runtime.core.cache_sizing import plan_num_blocks, within
 from qwen3_aot.runtime.core.grammar import Grammars, mask_logits
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up, request_limits
@@ -59,12 +60,14 @@ class EngineCore:
     overlap: queue each step on the device before reading the tokens of the one before, so
         that the host's bookkeeping (tokens taken, stop checks, the next inputs) runs while the
         device computes instead of between its steps (see `step`).
+    prefix_caching: keep the KV of full blocks findable by their content, so that a later
+        request sharing a prefix computes only what follows it (runtime/core/block_pool.py).
     """
 
     def __init__(self, artifact: Path, manifest: dict, device: torch.device, *, num_blocks: int | None = None,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                 cuda_graphs: bool = True, overlap: bool = True) -> None:
+                 cuda_graphs: bool = True, overlap: bool = True, prefix_caching: bool = True) -> None:
         limits, self.config = manifest["limits"], manifest["model_config"]
         self.artifact, self.device, self.max_model_len = artifact, device, limits["max_model_len"]
         self.dtype, self.block_size = DTYPES[manifest["dtype"]], manifest["kv_cache"]["block_size"]
@@ -96,7 +99,8 @@ class EngineCore:
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, cache_device)
         clock.lap("kv_cache")  # on CUDA: sized by running the largest step, the graph's first call
         max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_tokens, max_blocks_per_seq)
+        self.blocks = BlockPool(num_blocks, self.block_size, caching=prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_tokens, max_blocks_per_seq)
         self.graphs = DecodeGraphs(self.forward, self.cache, max_num_seqs, max_blocks_per_seq, device) \
             if use_graphs else None
         clock.lap("graphs")
@@ -156,7 +160,7 @@ class EngineCore:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.cache.num_free
+        return self.blocks.num_free
 
     # ---- a step ----
 

@@ -62,12 +62,15 @@ class Request:
     def completion(self) -> Completion:
         out = self.seq.output_ids
         return Completion(text=self.text.text, token_ids=out, finish_reason=self.finish_reason,
-                          prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs)
+                          prompt_tokens=self.seq.num_prompt_tokens, output_tokens=len(out), logprobs=self.logprobs,
+                          cached_tokens=self.seq.num_cached_tokens or 0)
 
 
 def request_limits(max_model_len: int, cache_capacity: int) -> list[tuple[int, str]]:
     """The limits a prompt + max_tokens must stay within, with what sets each and how to raise it."""
-    return [(max_model_len, f"the artifact's max_model_len ({max_model_len}); shorten one of them"),
+    return [(max_model_len, f"the artifact's max_model_len ({max_model_len}); shorten one of them, or rebuild the "
+                            "artifact with a larger --max-model-len (past the model's own context with YaRN: "
+                            "--rope-scaling, README's Long context)"),
             (cache_capacity, f"the KV cache ({cache_capacity} tokens); shorten them or load with a larger cache "
                              "(num_blocks, kv_cache_tokens or gpu_memory_utilization)")]
 
@@ -106,7 +109,10 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
             _grammar.check(params.structured)
         else:
             grammar = grammars.state(params.structured, ids)
-    return Request(Sequence(seq_id, ids), params, stop_ids, Detokenizer(tokenizer, params.stop), generator, grammar)
+    # prompt logprobs need every prompt position's logits: such a request computes its whole prompt
+    reads_cache = getattr(params, "prompt_logprobs", None) is None
+    return Request(Sequence(seq_id, ids, params.cache_salt, reads_cache), params, stop_ids,
+                   Detokenizer(tokenizer, params.stop), generator, grammar)
 
 
 def prompt_ids(prompt: object, tokenizer: Tokenizer) -> list[int]:

@@ -26,6 +26,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False          # the log-probability of each chosen token
+    cache_salt: str | None = None   # joins the prefix cache's key: only requests of one salt share blocks
     # -- structured outputs: what the output must match (runtime/core/grammar.py)
     structured: StructuredOutput | None = None
 
@@ -46,6 +47,8 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
             raise Qwen3AotError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}.")
         self._set("stop_token_ids", tuple(int(t) for t in ids))
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise Qwen3AotError(f"cache_salt must be a non-empty string (or None), got {self.cache_salt!r}.")
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise Qwen3AotError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}.")
         for flag in ("ignore_eos", "logprobs"):
@@ -87,4 +90,7 @@ class Completion:
     output_tokens: int
     logprobs: list[float] | None = None
     reasoning: str | None = None  # Qwen3's thinking, when asked to keep it apart from `text` (chat)
+    # prompt tokens whose K/V came from the prefix cache: how the prompt was computed, not what
+    # came out, so two completions of the same output compare equal whatever the cache held
+    cached_tokens: int = dataclasses.field(default=0, compare=False)
     tool_calls: list | None = None  # chat with tools: the calls parsed from the output (text/tool_calls.py ToolCall)

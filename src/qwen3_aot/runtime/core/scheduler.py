@@ -8,6 +8,14 @@ running sequence needs a block and none is free, the newest running sequence is 
 its blocks are freed and it goes back to the front of the queue, to be recomputed later
 from its prompt and the tokens generated so far (nothing it generated is lost).
 
+Prefix caching (block_pool.py): a sequence joining takes the longest run of cached full
+blocks holding its first tokens (at most all but its last token's block, so that the step
+computes at least one token and yields its logits) and is fed only what follows them; it
+counts against the free blocks only for what it must allocate (and the cached blocks nobody
+held). The full blocks a step fills become findable as the step is scheduled, so a later
+sequence of the same step (another choice of one prompt) already takes them: the attention
+op writes every new token's K/V before it reads any (custom_ops/paged_attention.py).
+
 The scheduler alone changes a sequence: which of its tokens are computed, its blocks, its
 tokens (`append`) and its end (`remove`). The engine asks it what to run (`schedule`,
 `schedule_ahead`) and hands it what came back (`computed`, `append`).
@@ -19,20 +27,28 @@ from collections import deque
 
 import numpy as np
 
-from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK, KVCache
+from qwen3_aot.runtime.core.block_pool import BlockPool
+from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK
 
 
 class Sequence:
     """A request's tokens and its place in the cache. `num_computed` tokens have their K/V
-    in the blocks of `block_table`; the rest are fed to the next forward."""
+    in the blocks of `block_table`; the rest are fed to the next forward. `cache_salt` joins
+    its first block's key (only requests of the same salt share blocks); `reads_prefix_cache`
+    False: it computes its whole prompt (its blocks still become findable)."""
 
-    def __init__(self, seq_id: int, prompt: list[int]) -> None:
+    def __init__(self, seq_id: int, prompt: list[int], cache_salt: str | None = None,
+                 reads_prefix_cache: bool = True) -> None:
         self.seq_id = seq_id
         self.token_ids = list(prompt)
         self.num_prompt_tokens = len(prompt)
         self.num_computed = 0
         self.block_table: list[int] = []
         self.slot: int | None = None  # its row of Scheduler.tables while running
+        self.cache_salt, self.reads_prefix_cache = cache_salt, reads_prefix_cache
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it first joined
+        self.block_keys: list[int] = []  # the keys of its first full blocks (BlockPool.keys)
+        self.num_registered = 0          # its first blocks that are findable (or were offered)
 
     @property
     def output_ids(self) -> list[int]:
@@ -50,16 +66,19 @@ Batch = list[tuple[Sequence, int]]
 class Scheduler:
     """`tables` mirrors the block tables of the running sequences, one row (slot) each, kept
     up to date as blocks are handed out: a step gathers its rows in one numpy indexing
-    instead of converting nested lists (1.2 ms for 256 sequences on a CI-class CPU)."""
+    instead of converting nested lists, which costs milliseconds a step at hundreds of sequences."""
 
-    def __init__(self, cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
                  max_blocks_per_seq: int | None = None) -> None:
-        self.cache = cache
+        self.pool = pool
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        width = min(max_blocks_per_seq or cache.num_blocks, cache.num_blocks)
+        # vLLM's prefix_cache_queries / _hits: tokens of the sequences that joined (again, after a
+        # preemption, too) and of those, the ones found in the cache
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
+        width = min(max_blocks_per_seq or pool.num_blocks, pool.num_blocks)
         self.tables = np.full((max_num_seqs, width), RESERVED_BLOCK, dtype=np.int32)
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
 
@@ -71,6 +90,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """The sequence finished or was cancelled: forget it and free its blocks."""
+        self._register_full_blocks(seq, seq.num_computed)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -99,8 +119,8 @@ class Scheduler:
         position without preempting (None, nothing changed, otherwise)."""
         if self.waiting or len(live) != len(self.running) or any(a is not b for a, b in zip(live, self.running)):
             return None
-        need = sum(max(0, self.cache.blocks_for(s.num_computed + 1) - len(s.block_table)) for s in continuing)
-        if not continuing or need > self.cache.num_free:
+        need = sum(max(0, self.pool.blocks_for(s.num_computed + 1) - len(s.block_table)) for s in continuing)
+        if not continuing or need > self.pool.num_free:
             return None
         for seq in continuing:
             self._grow(seq, 1)
@@ -116,6 +136,7 @@ class Scheduler:
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             if not self._make_room(seq, n):
                 break
+            self._register_full_blocks(seq, seq.num_computed + n)
             batch.append((seq, n))
             budget -= n
             i += 1
@@ -123,15 +144,52 @@ class Scheduler:
         while (self.num_preemptions == preemptions and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            n = min(len(seq.token_ids), budget)
-            if not self._grow(seq, n):
+            cached = self._cached_prefix(seq)
+            start = len(cached) * self.pool.block_size
+            n = min(len(seq.token_ids) - start, budget)
+            if self.pool.blocks_for(start + n) - len(cached) + self.pool.cost(cached) > self.pool.num_free:
                 break
+            self.pool.take(cached)
+            seq.block_table, seq.num_computed, seq.num_registered = list(cached), start, len(cached)
+            self._grow(seq, n)
+            self._count_query(seq, start)
             self.running.append(self.waiting.popleft())
             seq.slot = self._free_slots.pop()
             self.tables[seq.slot, :len(seq.block_table)] = seq.block_table
+            self._register_full_blocks(seq, start + n)
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks holding the longest run of `seq`'s first full blocks, short of
+        the block of its last token."""
+        if not (self.pool.caching and seq.reads_prefix_cache):
+            return []
+        most = (len(seq.token_ids) - 1) // self.pool.block_size
+        keys = self.pool.keys(seq.token_ids, seq.cache_salt, seq.block_keys, most)
+        return self.pool.lookup(seq.token_ids, keys, seq.cache_salt, most)
+
+    def _count_query(self, seq: Sequence, cached_tokens: int) -> None:
+        if self.pool.caching and seq.reads_prefix_cache:
+            self.prefix_cache_queries += len(seq.token_ids)
+            self.prefix_cache_hits += cached_tokens
+        if seq.num_cached_tokens is None:  # the first time; a recomputation after a preemption is not the prompt's
+            seq.num_cached_tokens = min(cached_tokens, seq.num_prompt_tokens)
+
+    def _register_full_blocks(self, seq: Sequence, computed: int) -> None:
+        """Make `seq`'s full blocks findable once their tokens are known and computed (or in a
+        forward being scheduled now): the first `computed` tokens."""
+        bs = self.pool.block_size
+        full = min(computed, len(seq.token_ids), len(seq.block_table) * bs) // bs
+        if not self.pool.caching or full <= seq.num_registered:
+            return
+        keys = self.pool.keys(seq.token_ids, seq.cache_salt, seq.block_keys, full)
+        table, tokens = seq.block_table, seq.token_ids
+        for i in range(seq.num_registered, full):
+            self.pool.register(table[i], keys[i], tuple(tokens[i * bs:(i + 1) * bs]),
+                               table[i - 1] if i else None, seq.cache_salt)
+        seq.num_registered = full
 
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Blocks for `n` more tokens of `seq`, preempting the newest running sequences as
@@ -145,26 +203,27 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, n: int) -> bool:
         """Give `seq` the blocks for `n` more tokens; False (and nothing changed) when too few are free."""
-        need = self.cache.blocks_for(seq.num_computed + n) - len(seq.block_table)
-        if need > self.cache.num_free:
+        need = self.pool.blocks_for(seq.num_computed + n) - len(seq.block_table)
+        if need > self.pool.num_free:
             return False
         if need > 0:
-            new = self.cache.allocate(need)
+            new = self.pool.allocate(need)
             if seq.slot is not None:
                 self.tables[seq.slot, len(seq.block_table):len(seq.block_table) + need] = new
             seq.block_table += new
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self._register_full_blocks(seq, seq.num_computed)  # its recomputation may find them
         self.running.remove(seq)
         self._release(seq)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_registered = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
-        """Free a sequence's blocks and its slot."""
-        self.cache.free(seq.block_table)
+        """Drop a sequence's references to its blocks (deepest first) and free its slot."""
+        self.pool.release(seq.block_table)
         seq.block_table = []
         if seq.slot is not None:
             self.tables[seq.slot] = RESERVED_BLOCK

@@ -79,7 +79,7 @@ class DecodeGraphs:
                 # a graph that loses is dropped, its outputs with it; replays never overlap, so
                 # the graphs sharing the pool only ever reuse each other's dead intermediates
                 other = self._capture(small, self._batch(b), cache)
-                if _replay_seconds(other[0]) >= _replay_seconds(self.graphs[b]):
+                if min(replay_times(other[0])) >= min(replay_times(self.graphs[b])):
                     break  # it loses more as the batch grows
                 self.graphs[b], self.logits[b] = other
                 self.small_batch_sizes.append(b)
@@ -146,15 +146,16 @@ class DecodeGraphs:
         return self.logits[b][:n]
 
 
-def _replay_seconds(graph: torch.cuda.CUDAGraph, replays: int = 10) -> float:
-    """The fastest of a few replays, after one to warm up (padding inputs: the reserved block)."""
+def replay_times(graph: torch.cuda.CUDAGraph, replays: int = 10) -> list[float]:
+    """GPU seconds of each of `replays` replays, each alone on the GPU, after one to warm up
+    (a decode graph's padding inputs read and write only the reserved block)."""
     graph.replay()
-    best = float("inf")
+    times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e-3)
-    return best
+        times.append(start.elapsed_time(end) * 1e-3)
+    return times

@@ -1,9 +1,8 @@
-"""The paged KV cache: per-layer K and V tensors that the compiled graph writes in place,
-and the free list of their blocks."""
+"""The paged KV cache: per-layer K and V tensors that the compiled graph writes in place.
+Which sequence holds which block is core bookkeeping (runtime/core/block_pool.py)."""
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Callable
 
 import torch
@@ -35,7 +34,7 @@ class KVCache:
     """`num_blocks` blocks of `block_size` tokens, each layer's K and V
     [num_blocks, block_size, kv_heads, head_dim]. Whole, freshly allocated tensors:
     AOTInductor clones an input it cannot prove aligned, and a write would land in the clone.
-    Sequences own blocks through their block tables; block 0 is reserved (RESERVED_BLOCK)."""
+    Sequences hold blocks through their block tables; block 0 is reserved (RESERVED_BLOCK)."""
 
     def __init__(self, model_config: dict, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -44,26 +43,11 @@ class KVCache:
                                 "raise num_blocks / kv_cache_tokens (or gpu_memory_utilization).")
         self.k, self.v = cache_tensors(model_config, num_blocks, block_size, dtype, device)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = deque(b for b in range(num_blocks) if b != RESERVED_BLOCK)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
 
     @property
     def capacity(self) -> int:
         """The most tokens one sequence can hold: every block but the reserved one."""
         return (self.num_blocks - 1) * self.block_size
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def allocate(self, n: int) -> list[int]:
-        assert n <= len(self._free), "the scheduler checks num_free first"
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
 
 
 def cuda_cache_bytes(forward: Forward, model_config: dict, block_size: int, dtype: torch.dtype,

@@ -92,8 +92,10 @@ class OnnxEngine:
             logits, state = self.forward.extend(state, [[r.seq.token_ids[-1]] for r in requests])
 
     def _request(self, prompt: Prompt, params: SamplingParams | None) -> Request:
-        limits = [(self.max_model_len, f"the model's max_position_embeddings ({self.max_model_len}); shorten one "
-                                       "of them")]
+        limits = [(self.max_model_len, f"the positions the artifact was built for ({self.max_model_len}: the model's "
+                                       "max_position_embeddings, or --max-model-len); shorten one of them, or rebuild "
+                                       "with a larger --max-model-len (past the model's own context with YaRN: "
+                                       "--rope-scaling, README's Long context)")]
         # logits come back to the host: seeded generators live there
         return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"], limits,
                             torch.device("cpu"), self.grammars)

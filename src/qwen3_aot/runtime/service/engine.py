@@ -7,7 +7,10 @@ nothing else touches it; with `engine_process=True` that thread runs in a proces
 (runtime/service/engine_process.py), so that the callers' Python never holds the GIL it needs.
 Callers check and make their requests in their own thread (a bad one raises our error there,
 and nothing is queued), submit them through the loop's command queue, and read text from a
-Stream or AsyncStream (runtime/service/streams.py). `close()`, leaving a `with` block, dropping the
+Stream or AsyncStream (runtime/service/streams.py). A caller that wants the checking and
+tokenizing apart from the streaming (a server does it off its event loop) calls
+`make_request` and hands its Request to `stream` or `stream_async`: a prompt is then checked
+and tokenized once. `close()`, leaving a `with` block, dropping the
 engine or the interpreter's exit stops the loop and frees the cache.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import weakref
 from typing import Any
 
@@ -39,6 +43,10 @@ class Engine:
         self.cache_capacity = info.cache_capacity  # the most tokens one sequence can hold
         self._artifact = info.artifact
         self._loop = loop
+        # Requests of make_request that a stream has taken: a second stream of one would submit
+        # its sequence twice, which the loop cannot tell from two requests sharing their tokens
+        self._streamed: weakref.WeakSet[Request] = weakref.WeakSet()
+        self._streamed_lock = threading.Lock()
         # the finalizer holds the loop, not the engine: dropping the engine stops its loop
         self._stop = weakref.finalize(self, self._loop.stop, EXIT_TIMEOUT_S)
 
@@ -58,9 +66,10 @@ class Engine:
             for s in streams:
                 s.close()
 
-    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Stream:
+    def stream(self, prompt: Prompt | Request, sampling: SamplingParams | None = None) -> Stream:
         """Text pieces as they are generated; the prompt is checked now, submitted at the
-        first read; closing or dropping the stream early aborts it."""
+        first read; closing or dropping the stream early aborts it. `prompt` may be a Request
+        of `make_request` (then without `sampling`: its own are in it)."""
         return Stream(self._loop, self._request(prompt, sampling))
 
     def add_request(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Stream:
@@ -81,13 +90,22 @@ class Engine:
         finally:
             stream.close()
 
-    def stream_async(self, prompt: Prompt, sampling: SamplingParams | None = None) -> AsyncStream:
-        """As `stream`, an async iterator of text pieces (`await stream.aclose()` aborts)."""
+    def stream_async(self, prompt: Prompt | Request, sampling: SamplingParams | None = None) -> AsyncStream:
+        """As `stream`, an async iterator of text pieces (`await stream.aclose()` aborts); a
+        Request of `make_request` too."""
         return AsyncStream(self._loop, self._request(prompt, sampling))
 
+    def make_request(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Request:
+        """Check a prompt and its parameters and make its request, tokenizing a text prompt (our
+        error if bad); nothing is submitted until `stream(request)` or `stream_async(request)`
+        is read, and a request streams once. Runs in the caller's thread: an event loop calls
+        it through a worker thread, since tokenizing a long prompt takes a while."""
+        return self._loop.make_request(prompt, sampling)
+
     def check(self, prompt: Prompt, sampling: SamplingParams | None = None) -> None:
-        """The checks a submission gets (our error if bad), without submitting anything."""
-        self._request(prompt, sampling)
+        """The checks a submission gets (our error if bad), without submitting anything; to
+        check and then stream without tokenizing twice, use `make_request`."""
+        self._loop.make_request(prompt, sampling)
 
     # ---- chat ----
 
@@ -149,8 +167,8 @@ class Engine:
     # ---- state ----
 
     def stats(self) -> EngineStats:
-        """Running and waiting requests, KV-cache blocks, preemptions and token counts, as of
-        the loop's last step or command."""
+        """Running and waiting requests, KV-cache blocks, preemptions, token counts and the
+        prefix cache's queries, hits and blocks, as of the loop's last step or command."""
         return self._loop.stats
 
     @property
@@ -181,8 +199,18 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, prompt: Prompt, sampling: SamplingParams | None) -> Request:
-        return self._loop.make_request(prompt, sampling)
+    def _request(self, prompt: Prompt | Request, sampling: SamplingParams | None) -> Request:
+        """A prompt's new request, or a Request of make_request not streamed before."""
+        if not isinstance(prompt, Request):
+            return self._loop.make_request(prompt, sampling)
+        if sampling is not None:
+            raise Qwen3AotError("a Request carries its own SamplingParams (given to make_request); pass it alone.")
+        with self._streamed_lock:
+            if prompt in self._streamed:
+                raise Qwen3AotError("this Request was streamed already; a request streams once: make another "
+                                    "with make_request.")
+            self._streamed.add(prompt)
+        return prompt
 
 
 def _chat_completion(completion: Completion, prompt: str, separate_reasoning: bool, parse_tools: bool) -> Completion:

@@ -195,9 +195,10 @@ class EngineLoop:
 
     def _snapshot(self) -> None:
         core = self.core
-        sched, cache = core.scheduler, core.cache
-        self.stats = EngineStats(len(sched.running), len(sched.waiting), cache.num_blocks - 1, cache.num_free,
-                                 sched.num_preemptions, core.prompt_tokens, core.generation_tokens, self._steps)
+        sched, blocks = core.scheduler, core.blocks
+        self.stats = EngineStats(len(sched.running), len(sched.waiting), blocks.num_blocks - 1, blocks.num_free,
+                                 sched.num_preemptions, core.prompt_tokens, core.generation_tokens, self._steps,
+                                 sched.prefix_cache_queries, sched.prefix_cache_hits, blocks.num_cached)
 
     def _end(self, error: BaseException | None) -> None:
         """No more submissions; everything in flight or queued ends: aborted on stop, our

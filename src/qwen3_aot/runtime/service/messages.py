@@ -54,6 +54,9 @@ class EngineStats:
     prompt_tokens: int = 0       # of requests admitted since load
     generation_tokens: int = 0   # taken since load
     num_steps: int = 0
+    prefix_cache_queries: int = 0  # tokens of joining sequences looked up in the prefix cache since load (vLLM's name)
+    prefix_cache_hits: int = 0     # of those, the tokens found there
+    num_cached_blocks: int = 0     # blocks findable by their content now
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,23 @@ class Tokenizer:
         if self._tok is None:
             raise Qwen3AotError("this artifact has no tokenizer.json, so it takes token-id prompts only "
                                 "(a list of ints); rebuild it from a checkpoint with tokenizer.json for text.")
-        return self._tok.encode(text).ids
+        # encode_batch, not encode: tokenizers' encode holds the GIL for the whole text, which
+        # stalls every other thread of the process (a server's event loop among them) for as long
+        # as a long prompt takes; encode_batch releases it
+        return self._tok.encode_batch([text])[0].ids
+
+    def max_bytes_per_token(self) -> int | None:
+        """The most UTF-8 bytes of input text one token can stand for (special tokens included),
+        so that a text of more than n times this cannot fit n tokens; None when there is no
+        such bound (no tokenizer.json, or a normalizer that can delete text)."""
+        if self._tok is None:
+            return None
+        shrink = _normalizer_shrink(json.loads(self._tok.to_str()).get("normalizer"))
+        if shrink is None:
+            return None
+        size = self._tok.get_vocab_size(with_added_tokens=True)
+        texts = self._tok.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+        return shrink * max(len(t.encode()) for t in texts)
 
     @property
     def backend(self) -> _HFTokenizer | None:
@@ -58,3 +74,25 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True) if self._tok is not None else ""
+
+
+# How many times fewer UTF-8 bytes a normalizer can leave of a text. Unicode normalization and
+# lowercasing map at most 3 bytes to 1 (Hangul jamo compose 9 bytes into 3; fullwidth letters
+# and the Kelvin sign are 3 bytes, their ASCII forms 1); Prepend only adds. One that is not
+# here may delete text (Strip, Replace, BertNormalizer's cleaning): no bound.
+_NORMALIZER_SHRINK = {"NFC": 3, "NFKC": 3, "NFD": 3, "NFKD": 3, "Lowercase": 3, "Prepend": 1}
+
+
+def _normalizer_shrink(normalizer: dict | None) -> int | None:
+    """The factor of _NORMALIZER_SHRINK for tokenizer.json's normalizer (a Sequence multiplies)."""
+    if normalizer is None:
+        return 1
+    if normalizer.get("type") == "Sequence":
+        factor = 1
+        for part in normalizer.get("normalizers", []):
+            f = _normalizer_shrink(part)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    return _NORMALIZER_SHRINK.get(normalizer.get("type"))

@@ -1,0 +1,243 @@
+"""Prefix caching, on against off: multi-turn conversations through the server, and nano-vllm's
+workload (no shared prefixes) in-process.
+
+Builds the Qwen3-0.6B-shaped artifact of the engine benchmarks (workloads.build: seeded random
+weights; --tiny: a tiny model on the CPU, a smoke run). Then, for each of two `qwen3-aot serve`
+processes, prefix caching on and off (--no-prefix-caching), two multi-turn cases, each
+CONVERSATIONS conversations of TURNS turns, one streaming HTTP client per conversation, all at
+once, each sending its next turn when the last one's answer has ended:
+
+- "shared system": every conversation starts with the same SYSTEM-token system prompt, then its
+  own history: its users' messages (USER tokens each) and an answer (ANSWER tokens) per turn;
+- "own history": each conversation starts with SYSTEM tokens of its own (nothing shared
+  between conversations), then its history as above.
+
+Turn k's prompt is turn k-1's prompt, then turn k-1's answer, then the new user message. The
+answer in the history is a fixed stretch of token ids, not the tokens the model generated:
+the server's stream gives text, whose tokenisation need not give back the same ids. The cache
+therefore holds the previous prompt's full blocks but never the previous answer, which is
+also what Qwen3's template leaves of a thinking turn (README, "Prefix caching"); the figures
+are those of that case. Time to first token (from sending the request to the first streamed
+text) at p50 and p99 per turn, and output tokens/s over the whole case.
+
+Then nano-vllm's workload (workloads.workload: random prompts, nothing shared) through the
+core as bench/e2e_bench.py runs it, caching on and off: the cost of caching where it never
+hits. Prints GPU, torch, shapes, then a table; writes JSON with --json.
+
+    PYTHONPATH=src python bench/multiturn_prefix_bench.py --tokenizer /tmp/qwen-tokenizer.json --json prefix.json
+    PYTHONPATH=src python bench/multiturn_prefix_bench.py --tiny      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_support  # noqa: E402
+import serve  # noqa: E402  (bench/serve.py: the server's start, the client pool, percentiles)
+import workloads  # noqa: E402
+
+from qwen3_aot import runtime  # noqa: E402
+
+try:
+    import httpx
+except ImportError:  # the openai client of late 2026 brings httpx2, the same API
+    import httpx2 as httpx
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    conversations: int = 64
+    turns: int = 8
+    system: int = 2000   # tokens of the system prompt (shared or each conversation's own)
+    user: int = 64       # tokens of each user message
+    answer: int = 64     # tokens each turn generates (ignore_eos), and of each answer in the history
+
+
+TINY_SHAPE = Shape(conversations=4, turns=3, system=64, user=8, answer=8)
+CASES = ("shared system", "own history")
+GOAL_TTFT_RATIO = 5.0      # at the last turn, caching off over on (issue 31)
+GOAL_WORKLOAD_LOSS = 0.01  # nano-vllm's workload: caching on at most 1% slower
+
+
+def conversations(shape: Shape, case: str, vocab: int) -> list[list[list[int]]]:
+    """Each conversation's prompts, turn by turn (token ids below min(vocab, 10000), as nano-vllm's)."""
+    rng = random.Random(0)
+    top = min(vocab, 10000) - 1
+
+    def ids(n: int) -> list[int]:
+        return [rng.randint(0, top) for _ in range(n)]
+
+    shared = ids(shape.system)
+    out = []
+    for _ in range(shape.conversations):
+        prompt = list(shared) if case == "shared system" else ids(shape.system)
+        turns = []
+        for _ in range(shape.turns):
+            prompt = prompt + ids(shape.user)
+            turns.append(prompt)
+            prompt = prompt + ids(shape.answer)
+        out.append(turns)
+    return out
+
+
+async def _converse(port: int, convs: list[list[list[int]]], answer: int, start_at: float) -> list[list[dict]]:
+    """Every conversation of `convs` at once, turn after turn; per conversation, per turn: the
+    time to first text, output tokens, cached prompt tokens."""
+    limits = httpx.Limits(max_connections=len(convs), max_keepalive_connections=len(convs))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
+        async def one(prompt: list[int]) -> dict:
+            body = {"model": "bench", "prompt": prompt, "max_tokens": answer, "temperature": 0, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            t0, first, usage = time.perf_counter(), None, {}
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if first is None and event.get("choices") and event["choices"][0].get("text"):
+                        first = time.perf_counter() - t0
+                    usage = event.get("usage") or usage
+            return {"ttft": first, "tokens": usage.get("completion_tokens", 0),
+                    "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
+
+        async def conversation(turns: list[list[int]]) -> list[dict]:
+            return [await one(p) for p in turns]
+
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        return list(await asyncio.gather(*(conversation(t) for t in convs)))
+
+
+def _client_process(port: int, convs: list, answer: int, start_at: float) -> tuple[list[list[dict]], float]:
+    try:
+        return asyncio.run(_converse(port, convs, answer, start_at)), time.time()
+    except Exception as e:  # httpx's errors do not unpickle: the pool would only say a process broke
+        raise RuntimeError(f"a client failed: {type(e).__name__}: {e}") from None
+
+
+def run_case(port: int, convs: list, shape: Shape, pool: concurrent.futures.ProcessPoolExecutor,
+             processes: int) -> dict:
+    """The conversations spread over the client processes; per turn TTFT p50/p99 (ms) and the
+    cached share of the prompts, and output tok/s over the case."""
+    processes = max(1, min(processes, len(convs)))
+    shares = [convs[k::processes] for k in range(processes)]
+    start_at = time.time() + 0.5
+    parts = list(pool.map(_client_process, [port] * processes, shares, [shape.answer] * processes,
+                          [start_at] * processes))
+    seconds = max(end for _, end in parts) - start_at
+    results = [conv for rs, _ in parts for conv in rs]
+    turns = []
+    for k in range(shape.turns):
+        ttft = sorted(c[k]["ttft"] for c in results if c[k]["ttft"] is not None)
+        prompt = sum(len(conv[k]) for conv in convs)
+        turns.append({"turn": k + 1, "ttft_ms": {"p50": serve.percentile(ttft, 50) * 1e3,
+                                                 "p99": serve.percentile(ttft, 99) * 1e3},
+                      "cached_share": sum(c[k]["cached"] for c in results) / prompt})
+    tokens = sum(t["tokens"] for c in results for t in c)
+    assert tokens == shape.conversations * shape.turns * shape.answer, "ignore_eos: every turn runs to max_tokens"
+    return {"turns": turns, "tok_s": tokens / seconds, "seconds": seconds}
+
+
+def nano_vllm_workload(artifact: Path, plan: workloads.Plan, vocab: int) -> dict:
+    """nano-vllm's workload on the core, caching off then on (one core at a time: each sizes its
+    KV cache to the GPU). Each core first generates for other random prompts (torch's draws,
+    not the workload's), so that the measured run, on the cached core too, meets no prompt it
+    has seen; the tokens the cache served in it."""
+    n, lo, hi = plan.workload
+    warm_up = workloads.random_prompts(min(n, 64), hi, vocab, seed=1)
+    tok_s, hits = {}, 0
+    for name in ("off", "on"):
+        core = runtime.load_core(artifact, verify_files=False, prefix_caching=name == "on")
+        core.generate(warm_up, runtime.SamplingParams(max_tokens=lo, ignore_eos=True))
+        before = core.scheduler.prefix_cache_hits
+        tok_s[name] = workloads.run_workload(core, plan, vocab)["tok_s"]
+        hits += core.scheduler.prefix_cache_hits - before
+        del core
+        bench_support.free_memory()
+    return {"on_tok_s": tok_s["on"], "off_tok_s": tok_s["off"], "measured_hit_tokens": hits,
+            "loss": 1 - tok_s["on"] / tok_s["off"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_bench_prefix"))
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and shape on the CPU (a smoke run)")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="a tokenizer.json covering the model's vocabulary (Qwen's: tests/qwen_checkpoint.py makes "
+                         "one); needed for time to first text. --tiny takes the test fixture's")
+    ap.add_argument("--client-processes", type=int, default=4)
+    a = ap.parse_args()
+    shape = TINY_SHAPE if a.tiny else Shape()
+    plan = workloads.TINY_PLAN if a.tiny else workloads.Plan()
+    tokenizer = a.tokenizer or (workloads.REPO / "tests/fixtures/tiny-qwen3/tokenizer.json" if a.tiny else None)
+    if tokenizer is None:
+        ap.error("--tokenizer is needed (the server streams no text without one)")
+    device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    r: dict = {**bench_support.system_info(device), "dtype": dtype, "model": "tiny" if a.tiny else "Qwen3-0.6B shape",
+               "shape": dataclasses.asdict(shape), "workload_plan": plan.workload}
+    # one graph: the small-batch graph's export and compile would double the build, and both
+    # arms of every comparison here run the same graphs
+    _, artifact, r["build_s"] = workloads.build(plan, a.work, device, dtype, a.tiny, tokenizer,
+                                                ("--no-small-batch-graph",))
+    vocab = json.loads((artifact / "manifest.json").read_text())["model_config"]["vocab_size"]
+    r["workload"] = nano_vllm_workload(artifact, plan, vocab)
+    r["multiturn"] = {}
+    with serve.client_pool(a.client_processes) as pool:
+        for caching in ("on", "off"):
+            port = serve.free_port()
+            server = serve.start_server(artifact, port, a.work / f"server-caching-{caching}.log", "default",
+                                        a.work / f"probe-{caching}.jsonl",
+                                        () if caching == "on" else ("--no-prefix-caching",))
+            try:
+                serve.over_http(port, [list(range(1, 17))], [runtime.SamplingParams(max_tokens=4, ignore_eos=True)],
+                                1, pool, 1)  # warm-up
+                for case in CASES:
+                    r["multiturn"][f"{case}, caching {caching}"] = run_case(
+                        port, conversations(shape, case, vocab), shape, pool, a.client_processes)
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=1))
+    report(r, shape, a.tiny)
+
+
+def report(r: dict, shape: Shape, tiny: bool) -> None:
+    print(f"\n{r['gpu']}, torch {r['torch']}, {r['model']}, {r['dtype']}; {shape.conversations} conversations x "
+          f"{shape.turns} turns, system {shape.system} tokens, user {shape.user}, answer {shape.answer}")
+    w = r["workload"]
+    print(f"nano-vllm workload {r['workload_plan']}: caching on {w['on_tok_s']:.0f} tok/s, off {w['off_tok_s']:.0f} "
+          f"({w['loss']:+.1%} loss; {w['measured_hit_tokens']} tokens hit)")
+    print(f"{'case':>14s} {'turn':>4s} {'TTFT p50 on':>12s} {'p99 on':>8s} {'p50 off':>8s} {'p99 off':>8s} "
+          f"{'off/on p50':>10s} {'cached':>7s}  (ms)")
+    for case in CASES:
+        on, off = r["multiturn"][f"{case}, caching on"], r["multiturn"][f"{case}, caching off"]
+        for t_on, t_off in zip(on["turns"], off["turns"]):
+            ratio = t_off["ttft_ms"]["p50"] / max(t_on["ttft_ms"]["p50"], 1e-9)
+            print(f"{case:>14s} {t_on['turn']:>4d} {t_on['ttft_ms']['p50']:>12.1f} {t_on['ttft_ms']['p99']:>8.1f} "
+                  f"{t_off['ttft_ms']['p50']:>8.1f} {t_off['ttft_ms']['p99']:>8.1f} {ratio:>10.1f} "
+                  f"{t_on['cached_share']:>7.0%}")
+        print(f"{case:>14s} output tok/s: caching on {on['tok_s']:.0f}, off {off['tok_s']:.0f}")
+    if not tiny:
+        last = r["multiturn"]["shared system, caching on"]["turns"][-1]["ttft_ms"]["p50"]
+        ratio = r["multiturn"]["shared system, caching off"]["turns"][-1]["ttft_ms"]["p50"] / last
+        print(f"goal: turn {shape.turns} TTFT p50 >= {GOAL_TTFT_RATIO:.0f}x lower with caching: {ratio:.1f}x "
+              f"({'met' if ratio >= GOAL_TTFT_RATIO else 'NOT met'}); nano-vllm workload within "
+              f"{GOAL_WORKLOAD_LOSS:.0%}: {w['loss']:+.1%} ({'met' if w['loss'] <= GOAL_WORKLOAD_LOSS else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
