@@ -122,10 +122,13 @@ def configs(core: runtime.EngineCore, prompts: list, params: list[SamplingParams
     out = {}
     core.generate(prompts[:2], constrain(params[:2], 1, schema))  # compile the schema, warm every path
     for name, every in (("none", 0), ("half", 2), ("all", 1)):
-        before = core.masked_steps
-        r = run(core, prompts, constrain(params, every, schema))
-        r["masked_steps"] -= before
-        out[name] = r
+        runs = []
+        for _ in range(2):  # the faster of two: the first run of a configuration also warms what it uses
+            before = core.masked_steps
+            r = run(core, prompts, constrain(params, every, schema))
+            r["masked_steps"] -= before
+            runs.append(r)
+        out[name] = max(runs, key=lambda r: r["tok_s"])
     # the overlap rule: a step holding a constrained row is never queued ahead (every step of "all" holds one)
     assert out["all"]["steps_ahead"] == 0, out["all"]
     out["all_over_none"] = out["all"]["tok_s"] / out["none"]["tok_s"]
