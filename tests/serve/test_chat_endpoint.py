@@ -48,7 +48,7 @@ def test_chat_logprobs_are_the_engines(qwen_server, qwen_engine):
 @pytest.mark.parametrize("body, says", [
     ({"messages": [{"content": "hi"}]}, "role"),
     ({"messages": []}, "messages"),
-    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": MESSAGES, "tools": [{"type": "retrieval"}]}, "only function tools"),
     ({"messages": MESSAGES, "top_logprobs": 21, "logprobs": True}, "top_logprobs must be an int in [0, 20]"),
     ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
 ], ids=["no role", "no messages", "tools", "top_logprobs", "max_tokens=0"])

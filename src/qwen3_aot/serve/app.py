@@ -41,10 +41,11 @@ from qwen3_aot.runtime.core.generation_defaults import describe as describe_defa
 from qwen3_aot.runtime.service.engine import Engine
 from qwen3_aot.runtime.text.reasoning import (
     ReasoningSplitter,
+    may_think,
     opens_reasoning,
     split_reasoning,
 )
-from qwen3_aot.serve import protocol
+from qwen3_aot.serve import protocol, tools as structured
 from qwen3_aot.serve.generation import ClientGone, Event, Generation
 from qwen3_aot.serve.limits import (
     BodyLimit,
@@ -165,18 +166,20 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
                                 "checkpoint whose tokenizer_config.json has a chat_template.")
         st.limits.check_sampling(body.n, body.stop)
         st.limits.check_messages(body.messages)
-        jobs, thinking = await _prepare(st, request, body.n, _chat_requests, st, body)
+        tools = structured.ChatTools.of(body.tools, body.tool_choice)
+        jobs, thinking = await _prepare(st, request, body.n, _chat_requests, st, body, tools)
         meta = protocol.Response.new("chatcmpl", st.model, "chat.completion")
         gen = _start(st, jobs, request)
         if body.stream:
             meta.object = "chat.completion.chunk"
-            return _sse(_stream_chat(st, gen, meta, body, thinking), st, gen, meta, request)
+            return _sse(_stream_chat(st, gen, meta, body, thinking, tools.parse), st, gen, meta, request)
         done = await _collect(st, gen, meta, request)
         choices = []
         for i, c in enumerate(done):
             reasoning, content = split_reasoning(c.text, in_reasoning=thinking)
-            choices.append({"index": i, "finish_reason": c.finish_reason,
-                            "message": {"role": "assistant", "content": content, "reasoning_content": reasoning},
+            fields, finish = structured.message(content, c, tools.parse)
+            choices.append({"index": i, "finish_reason": finish,
+                            "message": {"role": "assistant", **fields, "reasoning_content": reasoning},
                             "logprobs": st.text.chat_logprobs(c.token_ids, c.logprobs, c.top_logprobs,
                                                               body.top_logprobs or 0)
                             if c.logprobs is not None else None})
@@ -234,24 +237,30 @@ async def _prepare(st: _State, request: Request, count: int, make: Callable[...,
 def _completion_requests(st: _State, body: CompletionRequest, prompts: list[Prompt]) -> list[EngineRequest]:
     """Each prompt tokenized once and made into its n engine requests (a worker thread)."""
     jobs = []
+    constraint = structured.requested_constraint(body, reasoning=False)  # a raw prompt: constrained from its start
     for p in prompts:
         ids = (st.engine.tokenizer.encode(p) if p else []) if isinstance(p, str) else p
         max_tokens = _max_tokens(st, 1 if body.scores_only else body.max_tokens, len(ids))
         prompt_logprobs = body.logprobs if body.echo else None  # echo: the prompt's tokens' logprobs too
-        jobs += [st.engine.make_request(ids, body.sampling(max_tokens, body.logprobs, j, st.defaults, prompt_logprobs))
+        jobs += [st.engine.make_request(ids, structured.constrained(
+                     body.sampling(max_tokens, body.logprobs, j, st.defaults, prompt_logprobs), constraint))
                  for j in range(body.n)]
     return jobs
 
 
-def _chat_requests(st: _State, body: ChatRequest) -> tuple[list[EngineRequest], bool]:
-    """The messages rendered, tokenized once and made into n engine requests (a worker thread);
-    and whether the template opened a think block (the output then starts inside it)."""
+def _chat_requests(st: _State, body: ChatRequest, tools: structured.ChatTools) -> tuple[list[EngineRequest], bool]:
+    """The messages rendered (with the tools), tokenized once and made into n engine requests,
+    their constraint compiled (a worker thread); and whether the template opened a think block
+    (the output then starts inside it)."""
+    kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tools.tools} if tools.tools else {})}
     text = st.engine.apply_chat_template(body.template_messages(), add_generation_prompt=body.add_generation_prompt,
-                                         **(body.chat_template_kwargs or {}))
+                                         **kwargs)
     st.limits.check_text(text)
     ids = st.engine.tokenizer.encode(text)
     max_tokens = _max_tokens(st, body.max_new_tokens, len(ids))
-    return [st.engine.make_request(ids, body.sampling(max_tokens, body.logprobs_asked, j, st.defaults))
+    constraint = structured.chat_constraint(body, tools, may_think(text))
+    return [st.engine.make_request(ids, structured.constrained(body.sampling(max_tokens, body.logprobs_asked, j,
+                                                                             st.defaults), constraint))
             for j in range(body.n)], opens_reasoning(text)
 
 
@@ -359,12 +368,13 @@ class _Pending:
 
 
 async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatRequest,
-                       thinking: bool) -> AsyncIterator[dict]:
+                       thinking: bool, parse_tools: bool) -> AsyncIterator[dict]:
     extra = {"usage": None} if body.include_usage else {}
     for i in range(body.n):
         yield meta.body([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}], **extra)
     splitters = [ReasoningSplitter(in_reasoning=thinking) for _ in range(body.n)]
+    calls = [structured.StreamedCalls(parse_tools) for _ in range(body.n)]
     pending = _Pending(body.n)
     async for e in gen.events():
         pending.add(e)
@@ -372,13 +382,22 @@ async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatReques
         if e.completion is not None:
             tail = splitters[e.index].finish()
             reasoning, content = reasoning + tail[0], content + tail[1]
-        if not (reasoning or content or e.completion):
+        answer = calls[e.index].push(content, last=e.completion is not None)  # tool calls parsed out
+        if not (reasoning or answer or e.completion):
             continue
         logprobs = st.text.chat_logprobs(*pending.pop(e.index), body.top_logprobs or 0) \
             if e.logprobs is not None else None
-        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-        yield meta.body([{"index": e.index, "delta": delta, "logprobs": logprobs, "finish_reason": _finish(e)}],
-                        **extra)
+        deltas = answer or [{}]
+        if reasoning:  # with the answer's first text in one chunk, as before tool calls were parsed
+            deltas = [{"reasoning_content": reasoning, **deltas[0]}] + deltas[1:] if "content" in deltas[0] or \
+                not deltas[0] else [{"reasoning_content": reasoning}] + deltas
+        finish = _finish(e)
+        if finish is not None and calls[e.index].made_calls:
+            finish = "tool_calls"
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            yield meta.body([{"index": e.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
+                              "finish_reason": finish if last else None}], **extra)
     if body.include_usage:
         yield meta.body([], usage=_usage(gen.completions, body.n))
 

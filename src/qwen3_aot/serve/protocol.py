@@ -2,7 +2,7 @@
 
 Requests are pydantic models with OpenAI's field names (plus vLLM's extra sampling fields
 top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids), validated strictly: "0.5" is not
-a temperature. A field we know but cannot honour (tools, suffix, ...) is refused with a
+a temperature. A field we know but cannot honour (suffix, ...) is refused with a
 message; a field we do not know is ignored and named in a warning log line (vLLM's behaviour);
 values are checked by SamplingParams, so a bad one gets the engine's own message. Sampling
 fields left out take the checkpoint's generation_config defaults (`--generation-config auto`),
@@ -69,6 +69,12 @@ class _Sampling(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = None  # vLLM's: only requests of the same salt share prefix-cache blocks
+    # structured outputs (serve/tools.py): vLLM's structured_outputs and its older guided_* fields
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -149,10 +155,6 @@ class ChatRequest(_Sampling):
 
     def check(self) -> None:
         self._refuse_unsupported()
-        if self.tools:
-            raise Qwen3AotError("tools (function calling) are not supported by this server; leave them out.")
-        if self.response_format not in (None, {"type": "text"}):
-            raise Qwen3AotError("response_format other than {\"type\": \"text\"} is not supported by this server.")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
             raise Qwen3AotError(f"top_logprobs must be an int in [0, {MAX_LOGPROBS}], got {self.top_logprobs}.")
         if self.top_logprobs is not None and not self.logprobs:

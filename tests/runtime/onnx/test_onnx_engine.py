@@ -127,3 +127,22 @@ def test_generate_command_runs_an_onnx_artifact(tiny_onnx_artifact, hf_greedy, c
     prompt = prompts()[4]
     assert cli(["generate", str(tiny_onnx_artifact), prompt, "--max-tokens", "12"]) == 0
     assert capsys.readouterr().out == prompt + decode(hf_greedy[4][:12]) + "\n"
+
+
+def test_structured_outputs_hold_on_the_onnx_engine(engine):
+    """The trained model writes its training text; a regex and a choice force something else,
+    and the logprobs stay those of the model's own distribution (greedy: the free run's first)."""
+    import re
+
+    pytest.importorskip("xgrammar")
+    from qwen3_aot.runtime.core.structured_output import StructuredOutput
+
+    prompt = prompts()[0]
+    free = engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=True))[0]
+    out = engine.generate([prompt] * 3, [SamplingParams(max_tokens=12, seed=i, logprobs=True,
+                                                        structured=StructuredOutput(regex=r"[0-9]{2}-[a-c]{2}"))
+                                         for i in range(3)])
+    assert all(c.finish_reason == "stop" and re.fullmatch(r"[0-9]{2}-[a-c]{2}", c.text) for c in out), out
+    pick = engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=True,
+                                                  structured=StructuredOutput(choice=[free.text, "zz"])))[0]
+    assert pick.text == free.text and pick.logprobs[0] == pytest.approx(free.logprobs[0], abs=1e-5)

@@ -185,7 +185,7 @@ BAD_REQUESTS = {
     "chat messages as prompts": lambda e: e.generate([{"role": "user", "content": "hi"}]),
     "None prompt": lambda e: e.generate(None),
     "int prompt": lambda e: e.generate(7),
-    "temperature None": lambda e: e.generate("x", SamplingParams(temperature=None)),
+    "temperature NaN": lambda e: e.generate("x", SamplingParams(temperature=float("nan"))),
     "temperature as text": lambda e: e.generate("x", SamplingParams(temperature="0.5")),
     "temperature inf": lambda e: e.generate("x", SamplingParams(temperature=float("inf"))),
     "stop_token_ids an int": lambda e: e.generate("x", SamplingParams(stop_token_ids=5)),

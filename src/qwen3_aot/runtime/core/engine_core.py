@@ -23,6 +23,7 @@ from qwen3_aot.runtime.forward.flat_batch import FlatBatch, Forward
 from qwen3_aot.runtime.forward.kv_cache import KVCache
 from qwen3_aot.runtime.core.block_pool import BlockPool
 from qwen3_aot.runtime.core.cache_sizing import plan_num_blocks, within
+from qwen3_aot.runtime.core.grammar import GrammarMask, Grammars
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up, request_limits
 from qwen3_aot.runtime.core.penalties import TokenHistory
 from qwen3_aot.runtime.core.sampler import Sampled, Sampler
@@ -86,6 +87,8 @@ class EngineCore:
         clock.lap("forward")
         # the penalties' token counts, on the device that samples (the logits' device)
         self.sampler = Sampler(TokenHistory(self.config["vocab_size"], device))
+        self.grammars = Grammars(self.tokenizer, self.config["vocab_size"])  # built on first use
+        self.masked_steps = 0  # steps whose sampling applied a grammar mask (structured outputs)
         max_num_seqs = within("max_num_seqs", max_num_seqs, 256, limits["max_num_seqs"], "--max-num-seqs")
         max_tokens = within("max_num_batched_tokens", max_num_batched_tokens, 8192, limits["max_num_tokens"],
                              "--max-num-tokens")
@@ -119,7 +122,7 @@ class EngineCore:
         """Check a prompt and its parameters (our error, nothing changed if bad) and make its
         request. Touches no state but an id counter: any thread may call it."""
         return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"],
-                            request_limits(self.max_model_len, self.cache.capacity), self.device)
+                            request_limits(self.max_model_len, self.cache.capacity), self.device, self.grammars)
 
     def add(self, request: Request) -> None:
         """Queue a request made by `make_request`; `step` advances it."""
@@ -234,6 +237,9 @@ class EngineCore:
         computed in vain."""
         if not self.overlap or self.graphs is None:
             return None
+        if any(r.grammar is not None and r.grammar.phase != "done" for r in previous.requests if not r.finished):
+            # structured outputs: a constrained row's mask needs the token in flight, taken on the host
+            return None
         rows = [i for i, r in enumerate(previous.requests) if not r.finished and r.tokens_left > 1]
         if not rows or len(rows) > self.graphs.max_batch:
             return None
@@ -266,7 +272,12 @@ class EngineCore:
                 if r.params.uses_history and r.history_slot is None:
                     r.history_slot = self.sampler.history.acquire(r.seq.token_ids[:r.seq.num_prompt_tokens])
             slots = [r.history_slot for r in requests]
-        sampled = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests], slots)
+        # structured outputs (runtime/core/grammar.py): the constrained rows' masks, the sampler's grammar stage
+        mask = GrammarMask([r.grammar for r in requests]) if any(r.grammar is not None for r in requests) else None
+        sampled = self.sampler.sample(logits, [r.params for r in requests], [r.generator for r in requests], slots,
+                                      mask)
+        if mask is not None and mask.masked:
+            self.masked_steps += 1
         return StepInFlight(requests, sampled)
 
     def _receive(self, step: StepInFlight) -> list[Request]:

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.core import grammar as _grammar
+from qwen3_aot.runtime.core.grammar import GrammarState, Grammars
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams, _is_int
 from qwen3_aot.runtime.core.scheduler import Sequence
 from qwen3_aot.runtime.text.tokenizer import Tokenizer
@@ -21,8 +23,9 @@ class Request:
     """One prompt's life in an engine: its sequence, parameters, text and logprobs."""
 
     def __init__(self, seq: Sequence, params: SamplingParams, stop_ids: frozenset[int], text: Detokenizer,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, grammar: GrammarState | None = None) -> None:
         self.seq, self.params, self.stop_ids, self.text, self.generator = seq, params, stop_ids, text, generator
+        self.grammar = grammar  # structured outputs: the matcher, advanced with each token taken
         self.logprobs: list[float] | None = [] if params.logprobs is not None else None
         self.top_logprobs: list[dict[int, float]] | None = [] if params.logprobs else None
         self.history_slot: int | None = None  # the sampler's TokenHistory slot, for the penalties
@@ -53,9 +56,12 @@ class Request:
         if self.top_logprobs is not None:
             n = self.params.logprobs
             self.top_logprobs.append({**dict(zip(top[0][:n], top[1][:n])), token: logprob})
+        grammar_ended = self.grammar is not None and self.grammar.accept(token)
         if token in self.stop_ids:  # eos or a stop token: kept in token_ids, not in the text
             reason = "stop"
         elif self.text.push(token):
+            reason = "stop"
+        elif grammar_ended:  # the output is complete (eos, unless ignored, ended it above)
             reason = "stop"
         elif self.tokens_left == 0:
             reason = "length"
@@ -84,9 +90,11 @@ def request_limits(max_model_len: int, cache_capacity: int) -> list[tuple[int, s
 
 
 def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tokenizer: Tokenizer, vocab_size: int,
-                 limits: list[tuple[int, str]], device: torch.device) -> Request:
+                 limits: list[tuple[int, str]], device: torch.device, grammars: Grammars | None = None) -> Request:
     """Check a prompt and its parameters (our error if bad) and make its request. `limits`:
-    (most tokens, what sets it and how to raise it) that prompt + max_tokens must stay within."""
+    (most tokens, what sets it and how to raise it) that prompt + max_tokens must stay within.
+    `grammars`: the engine's compiler of structured outputs; without one (an engine process's
+    parent, whose requests are never sampled) a constraint is only checked."""
     params = SamplingParams() if params is None else params
     if not isinstance(params, SamplingParams):
         raise Qwen3AotError(f"sampling must be a SamplingParams, got {type(params).__name__}.")
@@ -110,10 +118,16 @@ def make_request(seq_id: int, prompt: Prompt, params: SamplingParams | None, tok
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
+    grammar = None
+    if params.structured is not None:  # compiled here, in the caller's thread, never the loop's
+        if grammars is None:
+            _grammar.check(params.structured)
+        else:
+            grammar = grammars.state(params.structured, ids)
     # prompt logprobs need every prompt position's logits: such a request computes its whole prompt
     reads_cache = params.prompt_logprobs is None
     return Request(Sequence(seq_id, ids, params.cache_salt, reads_cache), params, stop_ids,
-                   Detokenizer(tokenizer, params.stop), generator)
+                   Detokenizer(tokenizer, params.stop), generator, grammar)
 
 
 def prompt_ids(prompt: object, tokenizer: Tokenizer) -> list[int]:

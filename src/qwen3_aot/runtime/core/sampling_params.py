@@ -8,6 +8,7 @@ import numbers
 from typing import Any, Literal
 
 from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime.core.structured_output import StructuredOutput
 
 # Below this temperature a row is sampled greedily: softmax(logits / t) overflows to one-hot
 # (or NaN) long before t reaches 0, and vLLM draws the same line.
@@ -70,6 +71,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     cache_salt: str | None = None   # joins the prefix cache's key: only requests of one salt share blocks
+    # -- structured outputs: what the output must match (runtime/core/grammar.py)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         unset = frozenset(name for name in DEFAULTABLE if getattr(self, name) is None)
@@ -109,6 +112,8 @@ class SamplingParams:
         self._set("stop_token_ids", tuple(int(t) for t in ids))
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             raise Qwen3AotError(f"cache_salt must be a non-empty string (or None), got {self.cache_salt!r}.")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise Qwen3AotError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}.")
         if not isinstance(self.ignore_eos, bool):
             raise Qwen3AotError(f"ignore_eos must be true or false, got {self.ignore_eos!r}.")
 
@@ -201,3 +206,4 @@ class Completion:
     # prompt tokens whose K/V came from the prefix cache: how the prompt was computed, not what
     # came out, so two completions of the same output compare equal whatever the cache held
     cached_tokens: int = dataclasses.field(default=0, compare=False)
+    tool_calls: list | None = None  # chat with tools: the calls parsed from the output (text/tool_calls.py ToolCall)

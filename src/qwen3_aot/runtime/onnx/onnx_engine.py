@@ -20,6 +20,7 @@ from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.onnx.onnx_forward import OnnxForward
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up
 from qwen3_aot.runtime.core.penalties import TokenHistory
+from qwen3_aot.runtime.core.grammar import GrammarMask, Grammars
 from qwen3_aot.runtime.core.sampler import Sampler
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.runtime.text.tokenizer import Tokenizer
@@ -39,6 +40,7 @@ class OnnxEngine:
         self.max_model_len = self.forward.max_positions
         self.tokenizer = Tokenizer.from_dir(artifact)
         self.sampler = Sampler(TokenHistory(self.config["vocab_size"], torch.device("cpu")))  # logits on the host
+        self.grammars = Grammars(self.tokenizer, self.config["vocab_size"])  # structured outputs, built on first use
         self._ids = itertools.count()
 
     def generate(self, prompts: Prompt | list[Prompt],
@@ -80,8 +82,9 @@ class OnnxEngine:
             for r in live:
                 if r.params.uses_history and r.history_slot is None:
                     r.history_slot = self.sampler.history.acquire(r.seq.token_ids)
+            mask = GrammarMask([r.grammar for r in live]) if any(r.grammar is not None for r in live) else None
             out = self.sampler.sample(logits[rows], [r.params for r in live], [r.generator for r in live],
-                                      [r.history_slot for r in live])
+                                      [r.history_slot for r in live], mask)
             ids = out.ids.tolist()
             logprobs = None if out.logprobs is None else out.logprobs.tolist()
             top = None if out.top_ids is None else list(zip(out.top_ids.tolist(), out.top_logprobs.tolist()))
@@ -107,4 +110,4 @@ class OnnxEngine:
                                 "them. Leave prompt_logprobs out, or export with --format pt2.")
         # logits come back to the host: seeded generators live there
         return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"], limits,
-                            torch.device("cpu"))
+                            torch.device("cpu"), self.grammars)

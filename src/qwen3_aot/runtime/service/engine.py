@@ -16,6 +16,7 @@ engine or the interpreter's exit stops the loop and frees the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import weakref
@@ -143,18 +144,43 @@ class Engine:
         return self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
     def chat(self, messages: list[dict[str, Any]], sampling: SamplingParams | None = None, *,
-             separate_reasoning: bool = False, **template_kwargs: Any) -> Completion:
+             separate_reasoning: bool = False, tools: list[dict] | None = None, tool_choice: Any = None,
+             **template_kwargs: Any) -> Completion:
         """generate() of the rendered chat prompt. separate_reasoning: Qwen3's thinking (the
-        text between <think> and </think>) goes to `reasoning`, the answer alone to `text`."""
-        prompt = self.apply_chat_template(messages, **template_kwargs)
-        completion = self.generate(prompt, sampling)[0]
-        return _separated(completion, prompt) if separate_reasoning else completion
+        text between <think> and </think>) goes to `reasoning`, the answer alone to `text`.
+        tools (OpenAI's function tools, rendered by the template) and tool_choice ("auto" by
+        default, "none", "required" or {"type": "function", "function": {"name": ...}}): the
+        answer's calls go to `tool_calls` and leave `text`; "required" and a named function
+        constrain the answer to calls. A `sampling.structured` constraint, like a forced call,
+        applies after the thinking when the model thinks (StructuredOutput.reasoning)."""
+        prompt, sampling, parse = self._chat_prompt(messages, sampling, tools, tool_choice, template_kwargs)
+        return _chat_completion(self.generate(prompt, sampling)[0], prompt, separate_reasoning, parse)
 
     async def chat_async(self, messages: list[dict[str, Any]], sampling: SamplingParams | None = None, *,
-                         separate_reasoning: bool = False, **template_kwargs: Any) -> Completion:
-        prompt = self.apply_chat_template(messages, **template_kwargs)
-        completion = await self.generate_async(prompt, sampling)
-        return _separated(completion, prompt) if separate_reasoning else completion
+                         separate_reasoning: bool = False, tools: list[dict] | None = None, tool_choice: Any = None,
+                         **template_kwargs: Any) -> Completion:
+        prompt, sampling, parse = self._chat_prompt(messages, sampling, tools, tool_choice, template_kwargs)
+        return _chat_completion(await self.generate_async(prompt, sampling), prompt, separate_reasoning, parse)
+
+    def _chat_prompt(self, messages: list[dict[str, Any]], sampling: SamplingParams | None, tools: Any,
+                     tool_choice: Any, template_kwargs: dict) -> tuple[str, SamplingParams | None, bool]:
+        """The prompt, the sampling with its constraint (a forced call's, or the caller's with
+        the thinking rule of this prompt), and whether the answer is parsed for calls."""
+        from qwen3_aot.runtime.text.reasoning import may_think
+        from qwen3_aot.runtime.text.tool_calls import checked_tools, tool_call_constraint
+
+        tools, choice = checked_tools(tools, tool_choice)
+        prompt = self.apply_chat_template(messages, **({"tools": tools} if tools else {}), **template_kwargs)
+        thinks = may_think(prompt)
+        params = sampling or SamplingParams()
+        if choice not in (None, "auto", "none"):
+            if params.structured is not None:
+                raise Qwen3AotError(f"tool_choice {choice!r} constrains the answer to calls; leave "
+                                    "sampling.structured out or use tool_choice 'auto'.")
+            params = params.replace(structured=tool_call_constraint(tools, choice, thinks))
+        elif params.structured is not None:
+            params = params.replace(structured=dataclasses.replace(params.structured, reasoning=thinks))
+        return prompt, params, choice not in (None, "none")
 
     @property
     def has_chat_template(self) -> bool:
@@ -215,9 +241,21 @@ class Engine:
         return prompt
 
 
-def _separated(completion: Completion, prompt: str) -> Completion:
+def _chat_completion(completion: Completion, prompt: str, separate_reasoning: bool, parse_tools: bool) -> Completion:
     from qwen3_aot.runtime.text.reasoning import opens_reasoning, split_reasoning
+    from qwen3_aot.runtime.text.tool_calls import parse_tool_calls
 
-    reasoning, content = split_reasoning(completion.text, in_reasoning=opens_reasoning(prompt))
-    completion.text, completion.reasoning = content, reasoning
+    if not (separate_reasoning or parse_tools):
+        return completion
+    reasoning, answer = split_reasoning(completion.text, in_reasoning=opens_reasoning(prompt))
+    thinking = completion.text[:len(completion.text) - len(answer)]  # the think block as written
+    if parse_tools:
+        content, calls = parse_tool_calls(answer)
+        if calls:
+            completion.tool_calls = calls
+            answer = content or ""
+    if separate_reasoning:
+        completion.text, completion.reasoning = answer, reasoning
+    else:  # the thinking stays in the text as written, the calls leave it
+        completion.text = thinking + answer
     return completion

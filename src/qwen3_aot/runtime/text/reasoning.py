@@ -100,3 +100,10 @@ def _tail_to_hold(text: str) -> int:
     partial = next((n for n in range(min(len(text), len(THINK_CLOSE) - 1), 0, -1)
                     if THINK_CLOSE.startswith(text[-n:])), 0)
     return len(text) - len(text[:len(text) - partial].rstrip("\n"))
+
+
+def may_think(prompt: str) -> bool:
+    """Whether the model may think before answering this chat prompt (Qwen3's template): the
+    prompt opens a think block, or its last turn has none closed (enable_thinking=False writes
+    an empty `<think>\\n\\n</think>` there; with thinking on the model writes the block itself)."""
+    return opens_reasoning(prompt) or THINK_CLOSE not in prompt[prompt.rfind("<|im_start|>"):]

@@ -64,6 +64,16 @@ class Tokenizer:
         texts = self._tok.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
         return shrink * max(len(t.encode()) for t in texts)
 
+    @property
+    def backend(self) -> _HFTokenizer | None:
+        """The `tokenizers` tokenizer (None without tokenizer.json), for what needs its vocabulary
+        (structured outputs build xgrammar's token table from it)."""
+        return self._tok
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token given by its text (an added token such as `</think>`), if it has one."""
+        return None if self._tok is None else self._tok.token_to_id(token)
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True) if self._tok is not None else ""
 
