@@ -12,7 +12,8 @@ from typing import Any
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.core.sampling_params import Completion, SamplingParams
 from qwen3_aot.runtime.core.structured_output import StructuredOutput
-from qwen3_aot.runtime.text.tool_calls import ToolCallStream, checked_tools, parse_tool_calls, tool_call_constraint
+from qwen3_aot.runtime.core.tool_grammar import tool_call_constraint
+from qwen3_aot.runtime.text.tool_calls import ToolCallStream, checked_tools, parse_tool_calls
 
 # vLLM's structured_outputs keys and the older guided_* fields, as StructuredOutput's kinds
 _VLLM_KEYS = {"json": "json", "json_object": "json_object", "regex": "regex", "choice": "choice", "grammar": "grammar"}

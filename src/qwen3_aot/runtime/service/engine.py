@@ -167,7 +167,8 @@ class Engine:
         """The prompt, the sampling with its constraint (a forced call's, or the caller's with
         the thinking rule of this prompt), and whether the answer is parsed for calls."""
         from qwen3_aot.runtime.text.reasoning import may_think
-        from qwen3_aot.runtime.text.tool_calls import checked_tools, tool_call_constraint
+        from qwen3_aot.runtime.core.tool_grammar import tool_call_constraint
+        from qwen3_aot.runtime.text.tool_calls import checked_tools
 
         tools, choice = checked_tools(tools, tool_choice)
         prompt = self.apply_chat_template(messages, **({"tools": tools} if tools else {}), **template_kwargs)

@@ -18,7 +18,6 @@ import uuid
 from typing import Any
 
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.runtime.core.structured_output import StructuredOutput
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -180,39 +179,6 @@ def checked_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, str 
         return tools, name
     raise Qwen3AotError(f"tool_choice must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
                         f"\"function\": {{\"name\": ...}}}}, got {_short(tool_choice)}.")
-
-
-def tool_call_constraint(tools: list[dict], choice: str, reasoning: bool = False) -> StructuredOutput:
-    """The grammar of Qwen3's answer when a call is required: one or more `<tool_call>` blocks
-    (choice "required"), or exactly one call of the named function, whose arguments match
-    that tool's parameters schema (compact JSON)."""
-    from qwen3_aot.runtime.core.grammar import _parsed, _xgrammar
-
-    xgr = _xgrammar()
-    calls = []
-    for tool in tools:
-        fn = tool["function"]
-        if choice != "required" and fn["name"] != choice:
-            continue
-        schema = fn.get("parameters") or {"type": "object", "additionalProperties": True}
-        args = _parsed("json", lambda: xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
-        head = xgr.Grammar.from_ebnf("root ::= " + json.dumps(
-            CALL_OPEN + '\n{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "arguments": ',
-            ensure_ascii=False))
-        calls.append(xgr.Grammar.concat(head, args, xgr.Grammar.from_ebnf('root ::= "}\\n' + CALL_CLOSE + '"')))
-    one = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
-    if choice != "required":
-        return StructuredOutput(grammar=str(one), reasoning=reasoning)
-    # rename the call's root so that the whole may repeat it
-    text = _renamed_root(str(one), "tool_call_block")
-    return StructuredOutput(grammar=text + '\nroot ::= tool_call_block ("\\n" tool_call_block)*\n',
-                            reasoning=reasoning)
-
-
-def _renamed_root(ebnf: str, name: str) -> str:
-    import re
-
-    return re.sub(r"(?<![\w.])root(?![\w])", name, ebnf)
 
 
 def _short(value: Any) -> str:
