@@ -182,3 +182,33 @@ def time_to_first_token(artifact: Path, options: dict) -> dict:
             "import_s": t["import"] - t["start"], "import_torch_s": t["torch"] - t["start"],
             "load_s": load, "load_parts_s": {**t["parts"], "checks and the rest": rest},
             "first_token_s": t["first_token"] - t["load"]}
+
+
+async def completion_events(client, body: dict):
+    """The events of one streamed /v1/completions request through an httpx.AsyncClient, as they
+    come: (seconds since it was sent, the parsed event)."""
+    t0 = time.perf_counter()
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield time.perf_counter() - t0, json.loads(line[6:])
+
+
+def start_up_figures(art: Path) -> dict:
+    """A new process to its first token (the second of two starts: the first fills the hash
+    cache if the build's was lost), the compiled forward's load in this process, and the bytes
+    of the weights it holds."""
+    from qwen3_aot import runtime
+
+    time_to_first_token(art, {})
+    figures = {"ttft": time_to_first_token(art, {})}
+    sync()
+    t = time.perf_counter()
+    forward = runtime.load_forward(art)
+    sync()
+    figures["load_forward_s"] = time.perf_counter() - t
+    figures["weight_bytes"] = forward.weight_bytes
+    del forward
+    free_memory()
+    return figures

@@ -53,8 +53,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_systems  # noqa: E402
 import workloads  # noqa: E402
-from bench_support import (copy_bandwidth, decode_floor_ms, free_memory, model_sizes, sync, system_info,  # noqa: E402
-                           time_to_first_token)
+from bench_support import (copy_bandwidth, decode_floor_ms, free_memory, model_sizes, system_info,  # noqa: E402
+                           start_up_figures)
 from bench_systems import Ours, load_ours, small_batch_comparison  # noqa: E402
 
 from qwen3_aot.config import Qwen3Config  # noqa: E402
@@ -188,22 +188,13 @@ def page_cache_read_s(files: list[Path]) -> float:
 def measure(art: Path, plan: workloads.Plan, device: torch.device) -> dict:
     """Load time against the page cache, a new process to first token, decode tok/s at each
     batch against the floor, peak GPU memory; the engine benchmarks' measures (bench_systems)."""
-    from qwen3_aot import runtime
 
     man = json.loads((art / "manifest.json").read_text())
     weight_files = [art / f for f in man["weights"]["files"]]
     r: dict = {"page_cache_read_s": page_cache_read_s(weight_files),
                "weight_file_GB": sum(f.stat().st_size for f in weight_files) / 1e9}
-    time_to_first_token(art, {})  # the first start fills the hash cache if the build's seed was lost
-    r["ttft"] = time_to_first_token(art, {})
-    sync()
-    t = time.perf_counter()
-    forward = runtime.load_forward(art)
-    sync()
-    r["load_forward_s"] = time.perf_counter() - t
-    weight_bytes = forward.weight_bytes
-    del forward
-    free_memory()
+    r.update(start_up_figures(art))
+    weight_bytes = r.pop("weight_bytes")
     r["copy_GBps"] = copy_bandwidth(device) / 1e9
     vocab = man["model_config"]["vocab_size"]
     system, ours = bench_systems.measure(lambda: Ours(load_ours(art, plan), "ours"), plan, vocab)

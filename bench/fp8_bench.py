@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import bench_systems  # noqa: E402
 import family_bench  # noqa: E402
 import workloads  # noqa: E402
-from bench_support import (copy_bandwidth, decode_floor_ms, free_memory, model_sizes, sync, system_info,  # noqa: E402
-                           time_to_first_token)
+from bench_support import (copy_bandwidth, decode_floor_ms, free_memory, model_sizes, system_info,  # noqa: E402
+                           start_up_figures)
 
 from qwen3_aot.custom_ops import fp8_linear as fp8  # noqa: E402
 from qwen3_aot.errors import Qwen3AotError  # noqa: E402
@@ -207,20 +207,11 @@ def build(ckpt: Path, art: Path, device: str, tiny: bool, fp8_weights: bool, fp8
 # ---- measuring ----
 
 def measure(art: Path, plan: workloads.Plan, device: torch.device) -> dict:
-    from qwen3_aot import runtime
 
     man = json.loads((art / "manifest.json").read_text())
     r: dict = {}
-    time_to_first_token(art, {})  # the first start fills the hash cache
-    r["ttft"] = time_to_first_token(art, {})
-    sync()
-    t = time.perf_counter()
-    forward = runtime.load_forward(art)
-    sync()
-    r["load_forward_s"] = time.perf_counter() - t
-    weight_bytes = forward.weight_bytes
-    del forward
-    free_memory()
+    r.update(start_up_figures(art))
+    weight_bytes = r.pop("weight_bytes")
     bandwidth = copy_bandwidth(device)
     vocab = man["model_config"]["vocab_size"]
     system, ours = bench_systems.measure(lambda: bench_systems.Ours(bench_systems.load_ours(art, plan), "ours"), plan,

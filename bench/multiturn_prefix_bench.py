@@ -99,16 +99,11 @@ async def _converse(port: int, convs: list[list[list[int]]], answer: int, start_
         async def one(prompt: list[int]) -> dict:
             body = {"model": "bench", "prompt": prompt, "max_tokens": answer, "temperature": 0, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
-            t0, first, usage = time.perf_counter(), None, {}
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if first is None and event.get("choices") and event["choices"][0].get("text"):
-                        first = time.perf_counter() - t0
-                    usage = event.get("usage") or usage
+            first, usage = None, {}
+            async for at, event in bench_support.completion_events(client, body):
+                if first is None and event.get("choices") and event["choices"][0].get("text"):
+                    first = at
+                usage = event.get("usage") or usage
             return {"ttft": first, "tokens": usage.get("completion_tokens", 0),
                     "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 

@@ -95,20 +95,13 @@ def start_server(artifact: Path, port: int, log: Path, variant: str, probe: Path
 async def one_request(client: httpx.AsyncClient, prompt: list[int], sp: runtime.SamplingParams) -> dict:
     body = {"model": "bench", "prompt": prompt, "max_tokens": sp.max_tokens, "temperature": sp.temperature,
             "ignore_eos": sp.ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    chunks, tokens = [], 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0].get("text"):
-                chunks.append(time.perf_counter())
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return {"ttft": chunks[0] - t0 if chunks else None, "itl": [b - a for a, b in zip(chunks, chunks[1:])],
-            "tokens": tokens}
+    times, tokens = [], 0
+    async for at, event in bench_support.completion_events(client, body):
+        if event.get("choices") and event["choices"][0].get("text"):
+            times.append(at)
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    return {"ttft": times[0] if times else None, "itl": [b - a for a, b in zip(times, times[1:])], "tokens": tokens}
 
 
 async def _clients(port: int, jobs: list, concurrency: int, start_at: float) -> tuple[list[dict], float]:

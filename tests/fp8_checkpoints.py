@@ -83,24 +83,26 @@ def write_bf16(path: Path) -> Path:
 def write_block_fp8(path: Path, shards: int = 2, **config_changes) -> Path:
     """The fixture as Qwen's block-FP8 checkpoint (bf16 elsewhere); config_changes edit its
     quantization_config."""
-    tensors = {}
-    for name, t in load_file(str(FIXTURE / "model.safetensors")).items():
-        if _is_projection(name):
-            tensors[name], tensors[name[:-len("weight")] + "weight_scale_inv"] = _block_fp8(t.bfloat16())
-        else:
-            tensors[name] = t.bfloat16()
+    tensors = _quantized_fixture("weight_scale_inv", _block_fp8)
     return _write(path, tensors, {**BLOCK_FP8_CONFIG, **config_changes}, shards)
 
 
 def write_compressed_tensors(path: Path) -> Path:
     """The fixture as a compressed-tensors FP8_DYNAMIC checkpoint (per-channel weight scales)."""
+    tensors = _quantized_fixture("weight_scale", _channel_fp8)
+    return _write(path, tensors, COMPRESSED_TENSORS_CONFIG, shards=1)
+
+
+def _quantized_fixture(scale_name: str, quantize) -> dict[str, torch.Tensor]:
+    """The fixture's tensors in bf16, each projection quantized by `quantize` into its FP8
+    weight and its scale tensor (named `scale_name` beside the weight)."""
     tensors = {}
     for name, t in load_file(str(FIXTURE / "model.safetensors")).items():
         if _is_projection(name):
-            tensors[name], tensors[name[:-len("weight")] + "weight_scale"] = _channel_fp8(t.bfloat16())
+            tensors[name], tensors[name[:-len("weight")] + scale_name] = quantize(t.bfloat16())
         else:
             tensors[name] = t.bfloat16()
-    return _write(path, tensors, COMPRESSED_TENSORS_CONFIG, shards=1)
+    return tensors
 
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:

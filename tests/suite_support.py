@@ -6,6 +6,8 @@ names from it reaches whichever conftest came last."""
 import fcntl
 import functools
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -75,3 +77,28 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
         if not (path / "manifest.json").is_file():
             build(path)
     return path
+
+
+THREADS_DEADLINE_S = 120  # for a whole concurrent run on a loaded 2-core CI machine
+
+
+def run_threads(target, n: int, deadline_s: float = THREADS_DEADLINE_S) -> list:
+    """`target(k)` in n threads at once; their results, or the first error; fails a hang."""
+    results, errors = [None] * n, []
+
+    def run(k):
+        try:
+            results[k] = target(k)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + deadline_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    if errors:
+        raise errors[0]
+    return results

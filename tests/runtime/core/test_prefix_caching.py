@@ -5,14 +5,13 @@ alone with caching off, and at the end no block is held."""
 
 import dataclasses
 import random
-import threading
 import time
 
 import pytest
 
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
-from suite_support import prompt_ids
+from suite_support import prompt_ids, run_threads
 
 BS = 16  # the fixture artifact's block size
 DEADLINE_S = 120
@@ -78,27 +77,6 @@ def test_a_salt_shares_only_with_its_own_salt(core_on, texts):
     assert core_on.generate(prompt, dataclasses.replace(GREEDY, cache_salt="tenant-b"))[0].cached_tokens == 0
     assert core_on.generate(prompt, GREEDY)[0].cached_tokens == 0
     assert core_on.generate(prompt, salted)[0].cached_tokens == 48
-
-
-def run_threads(target, n: int) -> list:
-    results, errors = [None] * n, []
-
-    def run(k):
-        try:
-            results[k] = target(k)
-        except BaseException as e:  # noqa: BLE001  (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "a caller hung"
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_32_threads_sharing_prefixes_over_a_small_cache(runtime_artifact, core_off, texts):

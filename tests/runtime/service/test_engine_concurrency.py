@@ -10,7 +10,6 @@ import random
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
@@ -19,6 +18,7 @@ from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
 from qwen3_aot.runtime.service.loop import EngineLoop
 from greedy_reference import GREEDY, prompts
+from suite_support import run_threads
 
 DEADLINE_S = 120  # for a whole concurrent run on a loaded 2-core CI machine
 PARAMS = [GREEDY, SamplingParams(max_tokens=24, temperature=1.5, top_p=0.9, seed=11),
@@ -43,28 +43,6 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
-
-
-def run_threads(target, n: int) -> list:
-    """`target(k)` in n threads at once; their results, or the first error; fails a hang."""
-    results, errors = [None] * n, []
-
-    def run(k):
-        try:
-            results[k] = target(k)
-        except BaseException as e:  # noqa: BLE001  (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), "a caller hung"
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_32_threads_mixing_generate_stream_and_abort_match_each_request_alone(engine, alone):
