@@ -15,9 +15,9 @@ python3 -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/xgramm
 export PYTHONPATH=src:$SITE TRITON_INTERPRET=0 QWEN3_AOT_RUNTIME_DEVICE=cuda QWEN3_AOT_WHEELS=$WHEELS
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 420 python3 -m pytest -q -n 0 -p no:cacheprovider tests/runtime > "$OUT/runtime_tests.txt" 2>&1
+timeout 330 python3 -m pytest -q -n 0 -p no:cacheprovider tests/runtime > "$OUT/runtime_tests.txt" 2>&1
 runtime_rc=$?
-timeout 120 python3 -m pytest -q -n 0 -p no:cacheprovider tests/custom_ops/test_fp8_linear.py \
+timeout 90 python3 -m pytest -q -n 0 -p no:cacheprovider tests/custom_ops/test_fp8_linear.py \
     tests/custom_ops/test_index_bounds.py > "$OUT/kernel_tests.txt" 2>&1
 kernel_rc=$?
 tail -15 "$OUT/runtime_tests.txt"; tail -5 "$OUT/kernel_tests.txt"
