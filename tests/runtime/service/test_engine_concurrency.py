@@ -245,7 +245,14 @@ def assert_a_failing_step_ends_every_caller(eng: runtime.Engine, params: Samplin
 def test_ctrl_c_and_interpreter_exit_never_hang(runtime_artifact):
     """Ctrl-C in a generate aborts its request; exiting with requests in flight exits."""
     script = textwrap.dedent(f"""
-        import os, signal, threading, time
+        import os, signal, sys, threading, time
+        # Ctrl-C as an interactive process gets it: a child inherits an ignored or blocked SIGINT
+        # from its parent (seen here: in a full pytest-xdist run the script's SIGINT was never
+        # delivered), and Python installs its KeyboardInterrupt handler only where SIGINT is default
+        print("inherited: SIGINT", signal.getsignal(signal.SIGINT), "blocked", signal.pthread_sigmask(
+            signal.SIG_BLOCK, []), file=sys.stderr)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from qwen3_aot import runtime
         eng = runtime.load({str(runtime_artifact)!r}, num_blocks=40)
         params = runtime.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
