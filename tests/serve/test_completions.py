@@ -112,7 +112,7 @@ def test_token_ids_and_lists_of_prompts_and_n(tiny_server, tiny_engine):
 
 def engine_message(engine, prompt, **params) -> str:
     try:
-        engine.check(prompt, SamplingParams(**params))
+        engine.make_request(prompt, SamplingParams(**params))
     except Qwen3AotError as e:
         return str(e)
     raise AssertionError(f"the engine takes {prompt!r} {params}")

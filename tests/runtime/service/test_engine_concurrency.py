@@ -172,7 +172,7 @@ BAD_REQUESTS = {
     "top_k -2": lambda e: e.generate("x", SamplingParams(top_k=-2)),
     "logprobs as text": lambda e: e.generate("x", SamplingParams(logprobs="yes")),
     "async, empty": lambda e: e.stream_async(""),
-    "check, bad ids": lambda e: e.check([1, -4]),
+    "make_request, bad ids": lambda e: e.make_request([1, -4]),
 }
 
 

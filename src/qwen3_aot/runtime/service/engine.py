@@ -126,11 +126,6 @@ class Engine:
             params = params.replace(max_tokens=cap)
         return params
 
-    def check(self, prompt: Prompt, sampling: SamplingParams | None = None) -> None:
-        """The checks a submission gets (our error if bad), without submitting anything; to
-        check and then stream without tokenizing twice, use `make_request`."""
-        self._loop.make_request(prompt, sampling)
-
     # ---- chat ----
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
