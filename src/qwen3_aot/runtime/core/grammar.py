@@ -38,7 +38,8 @@ log = logging.getLogger("qwen3_aot")
 CACHE_SIZE = 256  # compiled grammars kept, least recently used dropped first
 
 
-def _xgrammar() -> Any:
+def xgrammar_module() -> Any:
+    """xgrammar, imported on first use (our error naming the extra when it is missing)."""
     try:
         import xgrammar
     except ImportError:
@@ -50,9 +51,9 @@ def _xgrammar() -> Any:
 def check(structured: StructuredOutput) -> None:
     """Our error if the schema, pattern or grammar does not parse (no tokenizer needed: what an
     engine process's parent checks before the child compiles it)."""
-    xgr = _xgrammar()
+    xgr = xgrammar_module()
     kind, text = structured.key
-    _parsed(kind, lambda: {"json": lambda: xgr.Grammar.from_json_schema(text, any_whitespace=False),
+    parsed_grammar(kind, lambda: {"json": lambda: xgr.Grammar.from_json_schema(text, any_whitespace=False),
                            "json_object": lambda: xgr.Grammar.from_json_schema(_ANY_OBJECT, any_whitespace=False),
                            "regex": lambda: xgr.Grammar.from_regex(text),
                            "choice": lambda: xgr.Grammar.from_ebnf(_choice_ebnf(structured.choice)),
@@ -66,7 +67,8 @@ def _choice_ebnf(choices: tuple[str, ...]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
-def _parsed(kind: str, make: Callable[[], Any]) -> Any:
+def parsed_grammar(kind: str, make: Callable[[], Any]) -> Any:
+    """`make()`, an xgrammar grammar of `kind`; what it cannot parse becomes our error naming the kind."""
     what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
             "grammar": "grammar"}[kind]
     try:
@@ -95,7 +97,7 @@ class Grammars:
 
     def state(self, structured: StructuredOutput, prompt_ids: list[int]) -> GrammarState:
         """A fresh matcher for one request (compiling its grammar unless cached)."""
-        xgr = _xgrammar()
+        xgr = xgrammar_module()
         return GrammarState(xgr.GrammarMatcher(self.compile(structured)), structured, prompt_ids, self.think_ids)
 
     def compile(self, structured: StructuredOutput) -> Any:
@@ -106,7 +108,7 @@ class Grammars:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         kind, text = key
-        compiled = _parsed(kind, lambda: {
+        compiled = parsed_grammar(kind, lambda: {
             "json": lambda: compiler.compile_json_schema(text, any_whitespace=False),
             "json_object": lambda: compiler.compile_json_schema(_ANY_OBJECT, any_whitespace=False),
             "regex": lambda: compiler.compile_regex(text),
@@ -120,7 +122,7 @@ class Grammars:
 
     def _build(self) -> Any:
         """xgrammar's token table and compiler (under the lock, once)."""
-        xgr = _xgrammar()
+        xgr = xgrammar_module()
         backend = self._tokenizer.backend
         if backend is None:
             raise Qwen3AotError("structured outputs need the artifact's tokenizer.json, and this artifact has none; "
@@ -218,7 +220,7 @@ def mask_logits(logits: torch.Tensor, states: list[GrammarState | None]) -> list
     if not rows:
         return rows
     global _batch
-    xgr = _xgrammar()
+    xgr = xgrammar_module()
     vocab = logits.shape[-1]
     bitmask = xgr.allocate_token_bitmask(len(states), vocab)  # all allowed, -1 in every word
     if len(rows) == 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from qwen3_aot.runtime.core.grammar import _parsed, _xgrammar
+from qwen3_aot.runtime.core.grammar import parsed_grammar, xgrammar_module
 from qwen3_aot.runtime.core.structured_output import StructuredOutput
 from qwen3_aot.runtime.text.tool_calls import CALL_CLOSE, CALL_OPEN
 
@@ -15,14 +15,14 @@ def tool_call_constraint(tools: list[dict], choice: str, reasoning: bool = False
     """The grammar of Qwen3's answer when a call is required: one or more `<tool_call>` blocks
     (choice "required"), or exactly one call of the named function, whose arguments match
     that tool's parameters schema (compact JSON)."""
-    xgr = _xgrammar()
+    xgr = xgrammar_module()
     calls = []
     for tool in tools:
         fn = tool["function"]
         if choice != "required" and fn["name"] != choice:
             continue
         schema = fn.get("parameters") or {"type": "object", "additionalProperties": True}
-        args = _parsed("json", lambda: xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
+        args = parsed_grammar("json", lambda: xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
         head = xgr.Grammar.from_ebnf("root ::= " + json.dumps(
             CALL_OPEN + '\n{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "arguments": ',
             ensure_ascii=False))
