@@ -189,6 +189,7 @@ def main() -> None:
                                                 ("--no-small-batch-graph",))
     vocab = json.loads((artifact / "manifest.json").read_text())["model_config"]["vocab_size"]
     r["workload"] = nano_vllm_workload(artifact, plan, vocab)
+    print(f"[workload] {r['workload']}", flush=True)
     r["multiturn"] = {}
     with serve.client_pool(a.client_processes) as pool:
         for caching in ("on", "off"):
@@ -202,6 +203,7 @@ def main() -> None:
                 for case in CASES:
                     r["multiturn"][f"{case}, caching {caching}"] = run_case(
                         port, conversations(shape, case, vocab), shape, pool, a.client_processes)
+                    print(f"[{case}, caching {caching}] {r['multiturn'][f'{case}, caching {caching}']}", flush=True)
             finally:
                 server.terminate()
                 server.wait(timeout=60)
