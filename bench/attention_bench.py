@@ -147,6 +147,31 @@ def prefill_seconds(b: int, n: int, gen: torch.Generator, sdpa: bool = True) -> 
     return replayed_call_seconds(ours, nbytes), replayed_call_seconds(flash, nbytes) if sdpa else None
 
 
+CACHED_SHAPES = [  # (sequences, cached tokens each, new tokens each): a multi-turn step over a cached prefix
+    (64, 2000, 64), (64, 2448, 128), (8, 2000, 64), (1, 2000, 64), (1, 2000, 2048)]
+
+
+def cached_prefill(gen: torch.Generator) -> list[dict]:
+    """B sequences of N new tokens after P cached ones (a prefix-cache hit's step), against a
+    full prefill of as many tokens (4 sequences from position 0, the same shape as the engine's
+    chunks) and the attention's own work: query-key pairs computed over those of the full prefill."""
+    attention = torch.ops.qwen3_aot.paged_attention
+    rows = []
+    for b, prior, new in CACHED_SHAPES:
+        def call(prior=prior, new=new, b=b):
+            a = varlen_inputs([prior] * b, [new] * b, gen)
+            return lambda: attention(*a)
+        seconds = replayed_call_seconds(call, 2 * b * (prior + new) * HKV * D * DT.itemsize)
+        pairs = b * new * (prior + (new + 1) / 2)
+        rows.append(dict(batch=b, cached=prior, new=new, us=seconds * 1e6,
+                         pair_rate_G=pairs / seconds / 1e9))
+        print(rows[-1], flush=True)
+    full = prefill_seconds(1, 8192, gen, sdpa=False)[0]
+    rows.append(dict(batch=1, cached=0, new=8192, us=full * 1e6, pair_rate_G=8192 * 8193 / 2 / full / 1e9))
+    print(rows[-1], flush=True)
+    return rows
+
+
 def once(gen: torch.Generator) -> None:
     """One call of the op for each goal shape, for a profiler to catch: decode batch 1 at 32k and
     64 at 4k, prefill of 1 x 2k and 8k tokens (a first call compiles, so each runs twice)."""
@@ -163,10 +188,17 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true", help="only the goal shapes over the launch parameters")
     ap.add_argument("--once", action="store_true", help="only one call per goal shape, for a profiler")
+    ap.add_argument("--cached", action="store_true", help="only prefill over a cached prefix (prefix caching's steps)")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     if args.once:
         return once(gen)
+    if args.cached:
+        rows = cached_prefill(gen)
+        print(f"{'batch':>6}{'cached':>8}{'new':>6}{'us':>10}{'G pairs/s':>11}")
+        for r in rows:
+            print(f"{r['batch']:>6}{r['cached']:>8}{r['new']:>6}{r['us']:>10.1f}{r['pair_rate_G']:>11.0f}")
+        return None
     bw = copy_bandwidth()
     if args.sweep:
         return sweep(bw, gen)

@@ -25,8 +25,15 @@ Kernels (CUDA sm_89+, or CPU under TRITON_INTERPRET=1):
 - GEMM (act_quant), for many rows (prefill, large decode batches): one kernel quantizes the
   activations per (row, group of 128) as above, then a tiled GEMM takes FP8 x FP8 products on
   the tensor cores one group of 128 at a time, scaling each group's fp32 partial sums by the
-  row's activation scale times the column's weight scale. torch._scaled_mm's blockwise form
-  (cuBLAS, CUDA >= 12.9, sm_90 only) wants one scale per 128x128 weight block, not this layout.
+  row's activation scale times the column's weight scale. Hopper's FP8 tensor cores sum a
+  group's 128 products with about 14 significant bits, not fp32's 24 (DeepSeek-V3's report,
+  section 3.3.2; measured on an H200: fp32 outputs 1e-4 from float64 where the plain fp32
+  reference is 3e-7): under bf16's rounding of the output, but not fp32's. So fp32 inputs
+  take the group's products in fp16 (FP8 values are exact in it; the sums fp32), the
+  dtypes served take FP8 x FP8. One group at a time keeps that short sum: the fp32
+  accumulator takes each group's partial, as DeepSeek-V3 promotes every 128.
+  torch._scaled_mm's blockwise form (cuBLAS, CUDA >= 12.9, sm_90 only) wants one scale per
+  128x128 weight block, not this layout.
 """
 
 from __future__ import annotations
@@ -96,7 +103,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, KB):
 
 @triton.jit
 def _fp8_gemm_kernel(q_ptr, qs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, EXACT: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < N
@@ -110,6 +117,8 @@ def _fp8_gemm_kernel(q_ptr, qs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M: 
         b = tl.load(w_ptr + n64[None, :] * K + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         sa = tl.load(qs_ptr + m64 * KB + kb, mask=m_ok, other=0.0)
         sb = tl.load(ws_ptr + n64 * KB + kb, mask=n_ok, other=0.0)
+        if EXACT:  # e4m3 values are fp16 values: exact products, summed in fp32
+            a, b = a.to(tl.float16), b.to(tl.float16)
         acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
     tl.store(y_ptr + m64[:, None] * N + n64[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -149,7 +158,7 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     y = x.new_empty(m, n)
     wrap_triton(_fp8_gemm_kernel)[(triton.cdiv(m, GEMM_BLOCK_M), triton.cdiv(n, GEMM_BLOCK_N))](
         q, s, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N,
-        num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
+        EXACT=x.dtype == torch.float32, num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
     return y
 
 
