@@ -14,7 +14,8 @@
 #            concurrency 1, 16, 64, 256 against in-process (not part of all). The GPU machine
 #            lacks the serve extra: bring its wheels and dashscope's (Qwen's tokenizer, which
 #            tests/qwen_checkpoint.py converts) in a folder named by QWEN3_AOT_WHEELS: fastapi,
-#            starlette, pydantic, pydantic-core, annotated-types, typing-inspection, uvicorn, dashscope;
+#            starlette, pydantic, pydantic-core, annotated-types, typing-inspection, uvicorn, dashscope,
+#            and fastapi 0.165's new needs annotated-doc and opentelemetry-api (typing-extensions >= 4.16);
 #            uvloop and httptools for the "default" server variant to be uvicorn[standard]'s, and
 #            py-spy for SERVE_ARGS="--py-spy /tmp/serve-site/bin/py-spy".
 #   prefix:  prefix caching (issue 31): bench/multiturn_prefix_bench.py, multi-turn conversations
