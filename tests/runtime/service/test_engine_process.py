@@ -5,6 +5,7 @@ caller, never a hang; load errors in the child that come back as our error."""
 
 import asyncio
 import os
+import queue
 import textwrap
 import time
 
@@ -12,6 +13,7 @@ import pytest
 
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
+from qwen3_aot.runtime.service.engine_process import pending
 from greedy_reference import GREEDY, prompts
 from test_engine_concurrency import assert_a_failing_step_ends_every_caller, run_threads, wait_until
 
@@ -126,3 +128,14 @@ def test_a_failing_step_in_the_child_reaches_every_caller_as_our_error(runtime_a
 def test_the_childs_load_errors_are_ours(runtime_artifact):
     with pytest.raises(Qwen3AotError, match="at least 2 blocks"):
         runtime.load(runtime_artifact, engine_process=True, num_blocks=1)
+
+
+def test_the_commands_queued_at_once_go_to_the_child_as_one_message_ending_at_a_stop():
+    commands = queue.SimpleQueue()
+    burst = [("add", i, [1, 2, 3], GREEDY, False) for i in range(64)] + [("abort", 3), ("stop",)]
+    for c in [*burst, ("add", 99, [1], GREEDY, False)]:
+        commands.put(c)
+    assert pending(commands) == burst
+    assert commands.get_nowait()[1] == 99  # after a stop nothing is sent
+    commands.put(("abort", 5))
+    assert pending(commands) == [("abort", 5)]

@@ -7,8 +7,9 @@ runs its engine core in a process apart for this reason; so does `load(engine_pr
 (what `qwen3-aot serve` uses).
 
 The child process loads the core and runs an EngineLoop on it; its main thread applies the
-commands the parent sends (add, abort, stop) and the loop thread sends back, after each pass,
-one message with every Output the pass gave and the stats. In the parent, ProcessLoop checks
+commands the parent sends (add, abort, stop; whatever is queued goes as one message) and the
+loop thread sends back, after each pass, one message with every Output the pass gave and the
+stats. In the parent, ProcessLoop checks
 and makes requests as the loop does (its own tokenizer; the child makes each one again from
 its token ids); a sender thread writes the commands, so that no caller, and not the receiver
 thread, ever waits on a full pipe; the receiver thread hands each Output to its Submission's
@@ -140,12 +141,12 @@ class ProcessLoop:
 
     def _send_commands(self) -> None:
         while True:
-            command = self._commands.get()
+            commands = pending(self._commands)
             try:
-                self._conn.send(command)
+                self._conn.send(commands)
             except OSError:  # the child is gone: the receiver ends everything
                 return
-            if command[0] == "stop":
+            if commands[-1][0] == "stop":
                 return
 
     def _receive(self) -> None:
@@ -193,6 +194,21 @@ class ProcessLoop:
                 out = Output(error=self._ended)
             with contextlib.suppress(Exception):
                 sub.put(out)
+
+
+def pending(commands: queue.SimpleQueue) -> list[tuple]:
+    """The next command (waiting for one) and every command queued behind it, up to a stop: one
+    message for a burst. The sender thread competes for the GIL with a busy event loop, which
+    lets go of it once per switch interval (5 ms), and each send lets go of it again, so one
+    command a message can feed a burst to the child a few requests per interval, to be admitted
+    a few per step: what the H200 run of BENCHMARKS.md's "Prefix caching" (2026-12-07) showed."""
+    out = [commands.get()]
+    while out[-1][0] != "stop":
+        try:
+            out.append(commands.get_nowait())
+        except queue.Empty:
+            break
+    return out
 
 
 # ---- the child process ----
@@ -246,17 +262,20 @@ class _Child:
     def run(self) -> None:
         watcher = threading.Thread(target=self._tell_end, daemon=True)
         watcher.start()
-        while True:
+        stopped = False
+        while not stopped:
             try:
-                message = self.conn.recv()
+                commands = self.conn.recv()  # a list: the parent sends what it has queued at once
             except (EOFError, OSError):  # the parent is gone
                 break
-            if message[0] == "stop":
-                break
-            if message[0] == "add":
-                self._add(*message[1:])
-            elif message[0] == "abort" and message[1] in self.subs:
-                self.loop.abort(self.subs[message[1]])
+            for command in commands:
+                if command[0] == "stop":
+                    stopped = True
+                    break
+                if command[0] == "add":
+                    self._add(*command[1:])
+                elif command[0] == "abort" and command[1] in self.subs:
+                    self.loop.abort(self.subs[command[1]])
         self.loop.stop()
         watcher.join(30)
 
