@@ -102,7 +102,7 @@ def time_sampler(vocab: int, rows: int, device: torch.device, fields: dict, repe
     slots = None
     if params[0].uses_history:
         slots, outputs = workload_histories(history, rows, vocab)
-        history.count(torch.tensor(slots, device=device).repeat_interleave(torch.tensor(outputs, device=device)),
+        history.count([s for s, n in zip(slots, outputs) for _ in range(n)],
                       torch.randint(0, vocab, (sum(outputs),), device=device))
     sampler = Sampler(history)
     times = []
