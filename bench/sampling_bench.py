@@ -3,6 +3,7 @@ the sampler alone on one decode step's logits.
 
     PYTHONPATH=src python bench/sampling_bench.py --json $OUT/sampling.json     # GPU, about 5 minutes
     PYTHONPATH=src python bench/sampling_bench.py --tiny                        # CPU smoke run
+    PYTHONPATH=src python bench/sampling_bench.py --sampler-only --repeats 5    # the sampler alone, no model
 
 It builds the Qwen3-0.6B-shaped seeded random checkpoint (bench/workloads.py, as e2e_bench does)
 and measures, on one engine core with the default cache:
@@ -17,7 +18,10 @@ and measures, on one engine core with the default cache:
   them (the engine computes at most 512 prompt positions' logits a step).
 - the sampler alone on [256, vocab] fp32 logits (host-timed around a sync, median of 50): greedy,
   temperature, Qwen3's defaults (topk path), top_p alone (the sort path), and the defaults
-  with penalties: what each stage adds to a decode step.
+  with penalties: what each stage adds to a decode step (greedy + penalties against greedy:
+  the penalties' own cost, without the draw). The penalised rows' histories are
+  the workload's midway: prompts of 100..1024 ids below 10,000, outputs of 0..1024 ids.
+  --sampler-only runs just this part, on Qwen3's vocabulary (151,936) without building a model.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ SAMPLER_CASES = {
     "defaults + penalties": {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "presence_penalty": 1.5,
                              "repetition_penalty": 1.05},
     "min_p 0.05": {"temperature": 0.6, "min_p": 0.05},
+    "greedy + penalties": {"temperature": 0.0, "presence_penalty": 1.5, "repetition_penalty": 1.05},
 }
 
 
@@ -88,17 +93,17 @@ def prompt_logprobs_run(core: runtime.EngineCore, prompts: list[list[int]], aske
 
 
 def time_sampler(vocab: int, rows: int, device: torch.device, fields: dict, repeats: int) -> float:
-    """Median ms of one Sampler.sample over [rows, vocab] logits (the penalised rows with 200
-    prompt and 100 output tokens in their history)."""
+    """Median ms of one Sampler.sample over [rows, vocab] logits (the penalised rows with
+    histories as the workload has them midway: see the module's docstring)."""
     g = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(rows, vocab, generator=g, device=device) * 4
     params = [SamplingParams(**fields)] * rows
     history = TokenHistory(vocab, device)
     slots = None
     if params[0].uses_history:
-        slots = [history.acquire(torch.randint(0, vocab, (200,)).tolist()) for _ in range(rows)]
-        history.count(torch.tensor(slots, device=device).repeat_interleave(100),
-                      torch.randint(0, vocab, (rows * 100,), device=device))
+        slots, outputs = workload_histories(history, rows, vocab)
+        history.count([s for s, n in zip(slots, outputs) for _ in range(n)],
+                      torch.randint(0, vocab, (sum(outputs),), device=device))
     sampler = Sampler(history)
     times = []
     for _ in range(repeats + 3):
@@ -110,13 +115,28 @@ def time_sampler(vocab: int, rows: int, device: torch.device, fields: dict, repe
     return statistics.median(times[3:])
 
 
+def workload_histories(history: TokenHistory, rows: int, vocab: int) -> tuple[list[int], list[int]]:
+    """A slot per row with a prompt of 100..1024 ids below 10,000 (nano-vllm's), and how many
+    output tokens (0..1024) each row is to have counted."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(100, 1025, (rows,), generator=g).tolist()
+    slots = [history.acquire(torch.randint(0, min(10000, vocab), (n,), generator=g).tolist()) for n in lengths]
+    return slots, torch.randint(0, 1025, (rows,), generator=g).tolist()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_sampling"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--tiny", action="store_true", help="a tiny model and plan (a CPU smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sampler-only", action="store_true", help="only the sampler alone, on Qwen3's vocabulary")
+    ap.add_argument("--repeats", type=int, default=None, help="sampler timings' repeats (default 50, 5 with --tiny)")
+    ap.add_argument("--case", action="append", choices=SAMPLER_CASES, help="with --sampler-only: these cases only")
     a = ap.parse_args()
+    if a.sampler_only:
+        sampler_only(torch.device(a.device), a.repeats or 50, a.case or list(SAMPLER_CASES))
+        return
     plan = TINY_PLAN if a.tiny else Plan()
     device = torch.device(a.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -130,7 +150,7 @@ def main() -> None:
     rows = 8 if a.tiny else 256
     r["sampler_ms"] = {}
     for name, fields in SAMPLER_CASES.items():
-        r["sampler_ms"][name] = time_sampler(vocab, rows, device, fields, 5 if a.tiny else 50)
+        r["sampler_ms"][name] = time_sampler(vocab, rows, device, fields, a.repeats or (5 if a.tiny else 50))
         print(f"[sampler] {name}: {r['sampler_ms'][name]:.3f} ms ({rows} x {vocab})", flush=True)
     free_memory()
 
@@ -165,6 +185,15 @@ def main() -> None:
     print(f"\n{'sampler alone, ' + str(rows) + ' rows':<34}{'ms/step':>14}")
     for name, ms in r["sampler_ms"].items():
         print(f"{name:<34}{ms:>14.3f}")
+
+
+def sampler_only(device: torch.device, repeats: int, cases: list[str]) -> None:
+    """The sampler alone, each case printed as it ends, on [256, 151936] logits."""
+    rows, vocab = 256, 151936
+    print(f"[system] {system_info(device)['gpu']}, torch {torch.__version__}", flush=True)
+    for name in cases:
+        ms = time_sampler(vocab, rows, device, SAMPLER_CASES[name], repeats)
+        print(f"[sampler] {name}: {ms:.3f} ms ({rows} x {vocab})", flush=True)
 
 
 if __name__ == "__main__":

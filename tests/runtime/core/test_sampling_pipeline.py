@@ -42,7 +42,7 @@ def with_history(params: list[SamplingParams], prompts: list[list[int]], outputs
     slots = [history.acquire(pr) if p.uses_history else None for p, pr in zip(params, prompts)]
     for slot, out in zip(slots, outputs):
         if slot is not None and out:
-            history.count(torch.full((len(out),), slot, device=device), torch.tensor(out, device=device))
+            history.count([slot] * len(out), torch.tensor(out, device=device))
     return Sampler(history), slots
 
 
@@ -94,6 +94,47 @@ def test_the_history_counts_each_draw_on_the_device_for_the_next_step(device):
     assert [d[0] for d in drawn] == [0, 1, 2, 3, 4, 5]
     assert [d[1] for d in drawn] == [0] * 6
     assert sampler.history.output[slots[0], :6].tolist() == [1] * 6
+
+
+def assert_penalised_as_defined(sampler, slots, params, prompts, outputs, device, seed):
+    logits = torch.randn(len(params), VOCAB, generator=gen(seed)) * 3
+    got = sampler._penalised(logits.to(device), params, slots, None).cpu()
+    for i, p in enumerate(params):
+        want = ref.penalised(logits[i].numpy(), p, prompts[i], outputs[i])
+        np.testing.assert_allclose(got[i].double().numpy(), want, rtol=1e-6, atol=1e-5, err_msg=f"row {i}")
+
+
+PENALISED = SamplingParams(temperature=0, repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_histories_stay_exact_as_the_pool_grows_and_the_id_lists_widen(device):
+    """Nine slots (the pool starts with eight), the last one's output running past the seen-id
+    lists' first width (64): the other rows' lists keep their ids, and their places past their
+    length still repeat one of them (no id of theirs is 0, so a place left 0 would show)."""
+    rng = np.random.default_rng(3)
+    params = [PENALISED] * 9
+    prompts = [rng.integers(1, VOCAB, 3).tolist() for _ in range(9)]
+    outputs = [rng.integers(1, VOCAB, 2).tolist() for _ in range(8)] + [rng.integers(0, VOCAB, 150).tolist()]
+    sampler, slots = with_history(params, prompts, outputs, device)
+    assert sampler.history.seen.shape[1] > 64
+    assert_penalised_as_defined(sampler, slots, params, prompts, outputs, device, seed=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_slot_taken_again_forgets_the_request_that_held_it(device):
+    """A slot given back after a long history and taken by a short one (a repeated prompt id
+    among them), batched with a longer row so that the short row's whole list is read."""
+    history = TokenHistory(VOCAB, torch.device(device))
+    old = history.acquire(list(range(1, 30)))
+    history.count([old] * 5, torch.tensor([5, 7, 7, 32, 33], device=device))  # counts the new one must not see
+    history.release(old)
+    slots = [history.acquire([5, 5, 6]), history.acquire(list(range(0, 40, 2)))]
+    assert slots[0] == old
+    prompts, outputs = [[5, 5, 6], list(range(0, 40, 2))], [[7, 7], [1, 3, 3, 9, 9, 9, 11, 13, 2, 0]]
+    for slot, out in zip(slots, outputs):
+        history.count([slot] * len(out), torch.tensor(out, device=device))
+    assert_penalised_as_defined(Sampler(history), slots, [PENALISED] * 2, prompts, outputs, device, seed=4)
 
 
 def wilson_hilferty_chi2(df: int, z: float = 3.719) -> float:

@@ -19,8 +19,7 @@ import torch
 
 from qwen3_aot.runtime.core.device_lists import on_device
 from qwen3_aot.runtime.core.filters import TOPK_PATH_MAX_K, min_p_mask, top_k_top_p
-from qwen3_aot.runtime.core.penalties import (TokenHistory, apply_logit_bias, apply_presence_frequency,
-                                              apply_repetition_penalty)
+from qwen3_aot.runtime.core.penalties import TokenHistory, apply_logit_bias, apply_penalties
 from qwen3_aot.runtime.core.sampling_params import SamplingParams
 
 __all__ = ["Constraint", "Sampled", "Sampler", "top_k_top_p"]
@@ -87,8 +86,7 @@ class Sampler:
         out = Sampled(ids, None if logprobs is None else logprobs.gather(1, ids[:, None])[:, 0], top_ids, top_logprobs)
         if slots is not None and any(s is not None for s in slots):
             rows = [i for i, s in enumerate(slots) if s is not None]
-            self.history.count(on_device([slots[i] for i in rows], torch.int64, dev),
-                               ids[on_device(rows, torch.int64, dev)])
+            self.history.count([slots[i] for i in rows], ids[on_device(rows, torch.int64, dev)])
         return out
 
     def _penalised(self, logits: torch.Tensor, params: list[SamplingParams], slots: list[int | None] | None,
@@ -99,24 +97,30 @@ class Sampler:
         history = any(p.uses_history for p in params)
         if not (bias or history or constraint is not None):
             return logits
-        dev = logits.device
         x = logits.clone()
         if bias:
             apply_logit_bias(x, [p.logit_bias for p in params])
         if history:
             if slots is None or any(s is None for s, p in zip(slots, params) if p.uses_history):
                 raise RuntimeError("a row with a penalty needs its TokenHistory slot (EngineCore._sample gives one)")
-            index = on_device([0 if s is None else s for s in slots], torch.int64, dev)
-            counts = self.history.output.index_select(0, index)
-            if any(p.repetition_penalty != 1.0 for p in params):
-                seen = self.history.prompt.index_select(0, index) | (counts > 0)
-                apply_repetition_penalty(x, seen, on_device([p.repetition_penalty for p in params], torch.float32, dev))
-            if any(p.presence_penalty or p.frequency_penalty for p in params):
-                apply_presence_frequency(x, counts, on_device([p.presence_penalty for p in params], torch.float32, dev),
-                                         on_device([p.frequency_penalty for p in params], torch.float32, dev))
+            self._penalise(x, params, slots)
         if constraint is not None:
             constraint.apply(x)
         return x
+
+    def _penalise(self, x: torch.Tensor, params: list[SamplingParams], slots: list[int | None]) -> None:
+        """The penalties, in place, on the columns each penalised row has seen (its history)."""
+        dev = x.device
+        rows = [i for i, p in enumerate(params) if p.uses_history]
+        rp = [params[i] for i in rows]
+        repetition = presence = frequency = None
+        if any(p.repetition_penalty != 1.0 for p in rp):
+            repetition = on_device([p.repetition_penalty for p in rp], torch.float32, dev)
+        if any(p.presence_penalty or p.frequency_penalty for p in rp):
+            presence = on_device([p.presence_penalty for p in rp], torch.float32, dev)
+            frequency = on_device([p.frequency_penalty for p in rp], torch.float32, dev)
+        seen, counts = self.history.gather([slots[i] for i in rows], counts=presence is not None)
+        apply_penalties(x, on_device(rows, torch.int64, dev), seen, counts, repetition, presence, frequency)
 
     def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
               generators: list[torch.Generator | None]) -> torch.Tensor:
