@@ -29,6 +29,23 @@ from qwen_checkpoint import qwen_artifact, qwen_checkpoint, qwen_tokenizer_json 
 from suite_support import FIXTURE, HAS_CUDA, RUNTIME_DEVICE, built_once  # noqa: E402
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep --dist loadgroup's groups. A worker tells the controller an item's xdist_group by a
+    "@group" suffix on its nodeid, which pytest-xdist (3.8) writes to item._nodeid; pytest 9.2
+    reads the nodeid from item._id instead, so the suffix was lost and each group's tests were
+    spread over the workers, every worker building the group's module fixtures again
+    (pytest-dev/pytest-xdist#1386). Here the suffixed id goes where pytest reads it."""
+    if not config.getoption("loadgroup", default=False):  # set in xdist workers under --dist loadgroup
+        return
+    for item in items:
+        suffixed = vars(item).get("_nodeid")
+        if suffixed and suffixed != item.nodeid and hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(suffixed)
+
+
 @pytest.fixture(scope="session")
 def kernel_device() -> str:
     """Where the Triton kernels run: cuda, or cpu through the interpreter."""

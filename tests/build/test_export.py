@@ -231,6 +231,10 @@ def _perturb_compiled_weights(artifact, name, relative):
     save_file(w, artifact / "weights.safetensors")
 
 
+# the tests of a module-scoped artifact share one pytest-xdist worker, which builds it once
+ON_K_NORM_WORKER = pytest.mark.xdist_group("k_norm_bf16")
+
+
 @pytest.fixture(scope="module")
 def k_norm_checkpoint(tmp_path_factory):
     return write_random_checkpoint(tmp_path_factory.mktemp("kn") / "ckpt")
@@ -243,6 +247,7 @@ def k_norm_bf16(k_norm_checkpoint, tmp_path_factory):
                            dtype="bfloat16", log=lambda _m: None)
 
 
+@ON_K_NORM_WORKER
 @pytest.mark.parametrize("which, relative", [("fp32", 1e-4), ("bf16", 0.1)])
 def test_a_compiled_graph_worse_than_eager_is_refused(request, tmp_path, which, relative):
     """1e-4 relative noise on one fp32 matrix (logits off by 4e-5, eager 5e-7 from float64), and
@@ -257,6 +262,7 @@ def test_a_compiled_graph_worse_than_eager_is_refused(request, tmp_path, which, 
         verify(worse, model, lambda _m: None)
 
 
+@ON_K_NORM_WORKER
 def test_extreme_k_norm_builds_are_kept_and_force_replaces_atomically(k_norm_checkpoint, k_norm_bf16):
     """bf16 (built by the fixture) and fp16 builds of the extreme-k_norm checkpoint pass the
     check; the fp16 one replaces the bf16 one with --force, which stays loadable until then."""
@@ -307,9 +313,11 @@ def linked_artifact(sharded_checkpoint, tmp_path_factory):
                            weights="link", log=lambda _m: None)
 
 
+ON_LINKED_WORKER = pytest.mark.xdist_group("linked_artifact")  # as ON_K_NORM_WORKER
 LINKED = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
 
 
+@ON_LINKED_WORKER
 def test_a_linked_artifact_holds_the_checkpoints_files_and_no_copy(linked_artifact, sharded_checkpoint,
                                                                    tiny_artifact):
     for f in LINKED:  # the same inode: hard links, which survive the checkpoint moving or going
@@ -327,6 +335,7 @@ def test_a_linked_artifact_holds_the_checkpoints_files_and_no_copy(linked_artifa
         assert man["sizes"][f] == (sharded_checkpoint / f).stat().st_size
 
 
+@ON_LINKED_WORKER
 def test_a_linked_artifact_computes_what_the_copied_one_does(linked_artifact, tiny_artifact):
     """The graph gets the same constants, bit for bit (q/k/v and gate/up fused at load). The
     logits agree to fp32 rounding, not bitwise: on CPU a matmul's summation order depends on
@@ -369,6 +378,7 @@ def test_a_link_across_filesystems_is_refused(sharded_checkpoint):
         assert os.listdir(d) == []
 
 
+@ON_LINKED_WORKER
 @pytest.mark.parametrize("damage, needle", [
     (lambda p: (p / LINKED[1]).write_bytes((p / LINKED[1]).read_bytes()[:-100]), "the manifest says"),
     (lambda p: rewrite_with_checksums(p, LINKED[0], b"\x08" + b"\x00" * 7 + b"{garbage}"),
@@ -385,6 +395,7 @@ def test_a_damaged_linked_artifact_is_refused(linked_artifact, tmp_path, damage,
         load_forward(art)
 
 
+@ON_LINKED_WORKER
 def test_check_catches_a_damaged_byte_in_a_linked_file(linked_artifact, tmp_path, capsys):
     art = shutil.copytree(linked_artifact, tmp_path / "copy")
     assert cli(["check", str(art)]) == 0 and f"{LINKED[1]}: " in capsys.readouterr().out
