@@ -38,11 +38,13 @@ def pytest_collection_modifyitems(config, items):
     (pytest-dev/pytest-xdist#1386). Here the suffixed id goes where pytest reads it."""
     if not config.getoption("loadgroup", default=False):  # set in xdist workers under --dist loadgroup
         return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # a pytest without it: groups may spread (slower), the tests are the same
+        return
     for item in items:
         suffixed = vars(item).get("_nodeid")
         if suffixed and suffixed != item.nodeid and hasattr(item, "_id"):
-            from _pytest.nodeid import NodeId
-
             item._id = NodeId.parse(suffixed)
 
 
