@@ -3,16 +3,15 @@ transformers alone and continuously batched, chunked prefill, preemption, sampli
 seeds, stop strings, eos, cancellation and streaming of non-ASCII text. Batching is driven
 step by step on the EngineCore (`runtime.load_core`); what callers see, on the Engine."""
 
-import contextlib
 import dataclasses
 import json
 import shutil
-import weakref
 
 import pytest
 import torch
 
 import greedy_reference as reference
+from decode_graph_emulation import FakeGraph, emulated_decode_graphs
 from suite_support import FIXTURE, RUNTIME_DEVICE, rel_err, train_text
 from qwen3_aot import runtime
 from qwen3_aot.runtime import SamplingParams
@@ -186,68 +185,14 @@ def test_stream_returns_the_completion(engine):
     assert c.text == "".join(pieces) and c.output_tokens == 5 and c.finish_reason == "length"
 
 
-class FakeGraph:
-    """A CPU stand-in for torch.cuda.CUDAGraph with its semantics: capture records the call
-    on fixed buffers, replay reruns it on whatever they hold now, into the captured output.
-    It keeps only weak references to the buffers, as a real graph keeps only addresses:
-    replaying after one was freed fails."""
-
-    capturing = None
-    replays = 0
-
-    def __init__(self, keep_graph: bool = False) -> None:
-        self.instantiated = not keep_graph
-
-    def instantiate(self) -> None:
-        self.instantiated = True
-
-    def pool(self):
-        return None
-
-    def replay(self):
-        assert self.instantiated, "a graph kept for editing was replayed before instantiate()"
-        FakeGraph.replays += 1
-        bases = [ref() for ref in self.bases]
-        assert all(b is not None for b in bases), "a captured input buffer was freed"
-        args = [b.as_strided(*view) for b, view in zip(bases, self.views)] + list(self.caches)
-        self.out.copy_(self.forward(*args))
-
-
-@contextlib.contextmanager
-def fake_capture(graph, pool=None):
-    FakeGraph.capturing = graph
-    yield
-    FakeGraph.capturing = None
-
-
 @pytest.mark.skipif(RUNTIME_DEVICE != "cpu", reason="on a CUDA artifact the real graphs are tested")
 def test_decode_graph_inputs_and_padding_on_cpu(runtime_artifact, hf_greedy, monkeypatch):
     """DecodeGraphs' static buffers, padding to the captured sizes and the reserved block,
     with the graph emulated on CPU (real CUDA graphs need a GPU: scripts/gpu_check.sh)."""
-    from qwen3_aot.runtime.forward.decode_graphs import DecodeGraphs
     from qwen3_aot.runtime.forward.kv_cache import RESERVED_BLOCK
 
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
-    monkeypatch.setattr(torch.cuda, "device", lambda _d: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     eng = runtime.load_core(runtime_artifact, num_blocks=200, max_num_seqs=6)
-
-    class RecordingForward:
-        """The engine's forward, recording what a capture saw (a CPU artifact has no small-batch graph)."""
-        small_batch_graph, small_batch_max, dependent_kernels = None, 0, ()
-
-        def run(self, batch, k_caches, v_caches):
-            out = eng.forward.run(batch, k_caches, v_caches)
-            if FakeGraph.capturing is not None:
-                g, inputs = FakeGraph.capturing, batch.inputs()
-                # the static buffers the five inputs are views of, and where in them
-                g.bases = [weakref.ref(a._base if a._base is not None else a) for a in inputs]
-                g.views, g.caches = [(a.shape, a.stride(), a.storage_offset()) for a in inputs], (k_caches, v_caches)
-                g.forward, g.out = eng.forward, out
-            return out
-
-    graphs = DecodeGraphs(RecordingForward(), eng.cache, 6, 512 // eng.block_size, torch.device("cpu"))
+    graphs = emulated_decode_graphs(monkeypatch, eng, 6, 512 // eng.block_size)
     assert graphs.sizes == [1, 2, 4, 6]
     batch_sizes, ahead = [], []
     replay, from_device = graphs._replay, graphs.decode_from_device
