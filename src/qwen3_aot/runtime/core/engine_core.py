@@ -23,6 +23,7 @@ from qwen3_aot.runtime.forward.flat_batch import FlatBatch, Forward
 from qwen3_aot.runtime.forward.kv_cache import KVCache
 from qwen3_aot.runtime.core.block_pool import BlockPool
 from qwen3_aot.runtime.core.cache_sizing import plan_num_blocks, within
+from qwen3_aot.runtime.core.device_lists import on_device
 from qwen3_aot.runtime.core.grammar import GrammarMask, Grammars
 from qwen3_aot.runtime.core.request import Prompt, Request, make_request, pair_up, request_limits
 from qwen3_aot.runtime.core.penalties import TokenHistory
@@ -184,12 +185,18 @@ class EngineCore:
         input ids the in-flight step's samples, still on the device (`_decode_ahead`). The
         in-flight step's tokens are then read and taken while the device computes the next
         one; a request that ends on one of them had a row of that next step computed in vain.
+        A decode queued ahead with a constrained row (structured outputs) is sampled only once
+        those tokens are taken, since its grammar masks need them (vLLM's order): the device
+        computes its forward while the host takes the tokens and fills the masks.
         With overlap=False each step's tokens are taken before `step` returns."""
         previous, self._in_flight = self._in_flight, None
         took: list[Request] = []
         if previous is not None:
-            self._in_flight = self._decode_ahead(previous)
+            ahead = self._decode_ahead(previous)
             took += self._receive(previous)
+            # sampled here, before anything else is queued: its logits may be a CUDA graph's
+            # output buffer, which the next replay overwrites
+            self._in_flight = self._sample_held_back(ahead) if isinstance(ahead, HeldBack) else ahead
         if self._in_flight is None:
             batch = self.scheduler.schedule()
             if batch:
@@ -229,16 +236,14 @@ class EngineCore:
             seq.logits_from = first + count if first + count < seq.num_prompt_tokens else None
         return logits.index_select(0, torch.tensor(rows.sample, device=logits.device))
 
-    def _decode_ahead(self, previous: StepInFlight) -> StepInFlight | None:
+    def _decode_ahead(self, previous: StepInFlight) -> StepInFlight | HeldBack | None:
         """The next decode step, queued before `previous`'s tokens are known, when it is sure to
         be one (overlap on, CUDA graphs, and the scheduler's `schedule_ahead`). Its input ids
         are `previous`'s samples on the device. A request whose token in flight is its last by
         max_tokens gets no row; one that ends by eos or a stop string (not known yet) gets one
-        computed in vain."""
+        computed in vain. Sampled at once, unless a row is constrained: its mask needs the token
+        in flight, so the step comes back unsampled (`HeldBack`, sampled by `step`)."""
         if not self.overlap or self.graphs is None:
-            return None
-        if any(r.grammar is not None and r.grammar.phase != "done" for r in previous.requests if not r.finished):
-            # structured outputs: a constrained row's mask needs the token in flight, taken on the host
             return None
         rows = [i for i, r in enumerate(previous.requests) if not r.finished and r.tokens_left > 1]
         if not rows or len(rows) > self.graphs.max_batch:
@@ -253,7 +258,22 @@ class EngineCore:
         for fn in self.observers:
             fn(StepRecord(decodes=len(seqs), prefills=0, chunked=0, tokens=len(seqs), replayed=True, ahead=True))
         self.scheduler.computed(batch)
-        return self._sample(logits, [previous.requests[i] for i in rows])
+        requests = [previous.requests[i] for i in rows]
+        if any(r.grammar is not None and r.grammar.phase != "done" for r in requests):
+            return HeldBack(logits, requests)
+        return self._sample(logits, requests)
+
+    def _sample_held_back(self, held: HeldBack) -> StepInFlight | None:
+        """Sample a decode queued ahead, its requests' matchers now past the tokens just taken.
+        The rows of requests that ended on them are dropped: their matchers may have terminated
+        (xgrammar refuses to fill a terminated matcher's mask) and their penalty slots are gone."""
+        live = [i for i, r in enumerate(held.requests) if not r.finished]
+        if not live:
+            return None
+        logits = held.logits
+        if len(live) < len(held.requests):
+            logits = logits.index_select(0, on_device(live, torch.int64, logits.device))
+        return self._sample(logits, [held.requests[i] for i in live])
 
     def _observe(self, batch: Batch, replayed: bool, ahead: bool) -> None:
         if not self.observers:
@@ -327,6 +347,14 @@ class EngineCore:
                          torch.tensor(seq_ids, dtype=torch.int32, device=dev), tables.to(dev),
                          torch.tensor(rows or [len(ids) - 1], dtype=torch.int64, device=dev))  # the graph wants >= 1 row
         return self.forward.run(flat, self.cache.k, self.cache.v), False, prompt if prompt.wanted else None
+
+
+@dataclasses.dataclass
+class HeldBack:
+    """A decode queued ahead whose sampling waits for the tokens of the step before (a
+    constrained row's mask needs them): its logits, one row per request."""
+    logits: torch.Tensor
+    requests: list[Request]
 
 
 class PromptRows:

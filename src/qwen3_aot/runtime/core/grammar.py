@@ -12,8 +12,11 @@ the request takes (`Request.accept_token`), so it survives a preemption: the tok
 taken stay taken. Each step, `mask_logits` fills the constrained rows' bitmask on the host from
 their matchers and applies it to their logits on the device (-inf outside the allowed set);
 a step without constrained rows does nothing here. The mask of a step needs the token of the
-step before, so a step holding a constrained row is never queued ahead of it (overlap; see
-`EngineCore._decode_ahead`).
+step before, so a step holding a constrained row that is queued ahead of that token (overlap)
+has only its forward queued ahead: it is sampled once the token is taken, with masks from the
+matchers it advanced (vLLM's order; `EngineCore.step`). A request that ended on that token
+has no row left to mask, so a terminated matcher, whose mask xgrammar refuses to fill, is
+never asked for one.
 """
 
 from __future__ import annotations
