@@ -12,7 +12,8 @@ array of at least 256 objects), so every configuration makes the same tokens.
     python bench/grammar_bench.py --dashscope-wheel wheels/dashscope-2.0.2-py3-none-any.whl --json out.json
     python bench/grammar_bench.py --tiny --dashscope-wheel ...   # CPU smoke run, a tiny model
 
-Also checks the overlap rule: no step holding a constrained row is queued ahead.
+Also checks the overlap rule: steps holding constrained rows are queued ahead as free ones are
+(only their sampling waits for the tokens in flight), where overlap happens (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -89,8 +90,7 @@ def constrain(params: list[SamplingParams], every: int, schema: dict) -> list[Sa
 
 
 def run(core: runtime.EngineCore, prompts: list, params: list[SamplingParams]) -> dict:
-    """Output tok/s; decode-only steps' time; steps queued ahead (overlap), and whether any
-    of those held a constrained row (the rule: never)."""
+    """Output tok/s; decode-only steps' time; steps queued ahead (overlap)."""
     records: list[runtime.StepRecord] = []
     core.observers.append(records.append)
     ahead = decode_s = 0.0
@@ -129,8 +129,10 @@ def configs(core: runtime.EngineCore, prompts: list, params: list[SamplingParams
             r["masked_steps"] -= before
             runs.append(r)
         out[name] = max(runs, key=lambda r: r["tok_s"])
-    # the overlap rule: a step holding a constrained row is never queued ahead (every step of "all" holds one)
-    assert out["all"]["steps_ahead"] == 0, out["all"]
+    # the overlap rule: a step holding a constrained row is queued ahead as a free one is (every
+    # step of "all" holds one; the JSON records both counts); only its sampling waits
+    if core.graphs is not None and core.overlap:
+        assert out["all"]["steps_ahead"] > 0, out["all"]
     out["all_over_none"] = out["all"]["tok_s"] / out["none"]["tok_s"]
     out["half_over_none"] = out["half"]["tok_s"] / out["none"]["tok_s"]
     return out
