@@ -52,7 +52,10 @@ def run(core: runtime.EngineCore) -> tuple[list, int]:
     requests = [core.add_request(p, s) for p, s in zip(prompts(10), mixed_params())]
     constrained = [r for r in requests if r.grammar is not None]
     ahead = []
-    watch = lambda rec: ahead.append(rec.ahead and any(not r.finished for r in constrained))  # noqa: E731
+
+    def watch(record: runtime.StepRecord) -> None:
+        ahead.append(record.ahead and any(not r.finished for r in constrained))
+
     core.observers.append(watch)
     try:
         while core.has_unfinished():
