@@ -7,13 +7,16 @@ import asyncio
 import os
 import queue
 import textwrap
+import threading
 import time
 
 import pytest
 
 from qwen3_aot import Qwen3AotError, runtime
 from qwen3_aot.runtime import SamplingParams
-from qwen3_aot.runtime.service.engine_process import pending
+from qwen3_aot.runtime.service.engine_process import _Child, pending
+from qwen3_aot.runtime.service.loop import EngineLoop
+from qwen3_aot.runtime.service.messages import Submission
 from greedy_reference import GREEDY, prompts
 from test_engine_concurrency import assert_a_failing_step_ends_every_caller, run_threads, wait_until
 
@@ -139,3 +142,65 @@ def test_the_commands_queued_at_once_go_to_the_child_as_one_message_ending_at_a_
     assert commands.get_nowait()[1] == 99  # after a stop nothing is sent
     commands.put(("abort", 5))
     assert pending(commands) == [("abort", 5)]
+
+
+def test_the_child_hands_a_messages_adds_to_its_loop_as_one_submission_in_the_parents_order():
+    """An idle loop woken by a message's first add would step with it alone and take the rest a
+    few per step (issue 31): the child makes every request of the message, then submits them
+    together; an abort waits for the adds before it, so it finds its request."""
+    calls = []
+
+    class Loop:  # records what the child asks of it; a request stands for its prompt's first id
+        failure = None
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+
+        def make_request(self, token_ids, params):
+            calls.append(("make", token_ids[0]))
+            return token_ids[0]
+
+        def submit(self, sub):
+            calls.append(("submit", sub.request))
+
+        def submit_all(self, subs):
+            calls.append(("submit_all", [sub.request for sub in subs]))
+
+        def abort(self, sub):
+            calls.append(("abort", sub.request))
+
+        def stop(self):
+            calls.append(("stop",))
+
+    class Conn:  # two messages: three adds, an abort of the second and one more add; then a stop
+        def __init__(self):
+            self.messages = [[("add", k, [k], GREEDY, False) for k in range(3)]
+                             + [("abort", 1), ("add", 3, [3], GREEDY, False)], [("stop",)]]
+
+        def recv(self):
+            return self.messages.pop(0)
+
+        def send(self, message):
+            pass
+
+    child = _Child.__new__(_Child)  # its loop and connection are the fakes above
+    child.conn, child.loop, child.subs, child.outbox = Conn(), Loop(), {}, []
+    child.send_lock, child.sent_stats = threading.Lock(), None
+    child.run()
+    assert calls == [("make", 0), ("make", 1), ("make", 2), ("submit_all", [0, 1, 2]), ("abort", 1),
+                     ("make", 3), ("submit_all", [3]), ("stop",)]
+
+
+def test_requests_submitted_together_join_one_step(runtime_artifact):
+    core = runtime.load_core(runtime_artifact)
+    records = []
+    core.observers.append(records.append)
+    loop = EngineLoop(lambda: core, core.device)
+    try:
+        done = queue.SimpleQueue()
+        subs = [Submission(loop.make_request(p, GREEDY), done.put, final_only=True) for p in prompts()[:8]]
+        loop.submit_all(subs)
+        for _ in subs:
+            assert done.get(timeout=60).completion is not None
+    finally:
+        loop.stop()
+    assert records[0].prefills == len(subs), records[:3]

@@ -268,26 +268,48 @@ class _Child:
                 commands = self.conn.recv()  # a list: the parent sends what it has queued at once
             except (EOFError, OSError):  # the parent is gone
                 break
+            # a message's adds reach the loop together (submit_all), so that a burst is admitted
+            # in one step; an abort or stop goes after the adds before it, in the parent's order
+            adds: list[tuple[int, Submission]] = []  # (the parent's sequence id, its submission)
             for command in commands:
+                if command[0] == "add":
+                    adds += self._make(*command[1:])
+                    continue
+                self._submit(adds)
+                adds = []
                 if command[0] == "stop":
                     stopped = True
                     break
-                if command[0] == "add":
-                    self._add(*command[1:])
-                elif command[0] == "abort" and command[1] in self.subs:
+                if command[0] == "abort" and command[1] in self.subs:
                     self.loop.abort(self.subs[command[1]])
+            self._submit(adds)
         self.loop.stop()
         watcher.join(30)
 
-    def _add(self, seq_id: int, token_ids: list[int], params: SamplingParams, final_only: bool) -> None:
+    def _make(self, seq_id: int, token_ids: list[int], params: SamplingParams,
+              final_only: bool) -> list[tuple[int, Submission]]:
+        """The request made again from its ids, with its Submission to the loop (none if the loop has ended)."""
         put = lambda out: self.post(seq_id, out)  # noqa: E731
         try:
             sub = Submission(self.loop.make_request(token_ids, params), put, final_only)
-            self.subs[seq_id] = sub
-            self.loop.submit(sub)
         except Qwen3AotError as e:  # the loop has ended: the parent hears why with "ended"
+            self._refuse([seq_id], e)
+            return []
+        self.subs[seq_id] = sub
+        return [(seq_id, sub)]
+
+    def _submit(self, adds: list[tuple[int, Submission]]) -> None:
+        if not adds:
+            return
+        try:
+            self.loop.submit_all([sub for _, sub in adds])
+        except Qwen3AotError as e:
+            self._refuse([seq_id for seq_id, _ in adds], e)
+
+    def _refuse(self, seq_ids: list[int], error: Qwen3AotError) -> None:
+        for seq_id in seq_ids:
             self.subs.pop(seq_id, None)
-            self.send(("outputs", [(seq_id, Output(error=e))], self.loop.stats))
+        self.send(("outputs", [(seq_id, Output(error=error)) for seq_id in seq_ids], self.loop.stats))
 
     def _tell_end(self) -> None:
         """Once the loop thread has ended: why, for the parent (None after a stop)."""

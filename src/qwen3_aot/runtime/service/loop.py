@@ -92,6 +92,14 @@ class EngineLoop:
     def submit(self, sub: Submission) -> None:
         self._command("add", sub)
 
+    def submit_all(self, subs: list[Submission]) -> None:
+        """Submit several requests as one command, which the loop applies whole before a step:
+        submitted one by one, an idle loop wakes at the first and steps with it alone, and a
+        busy one takes the rest a few per step as they come (the engine process's child hands
+        over each message's adds so, issue 31)."""
+        if subs:
+            self._command("adds", subs)
+
     def abort(self, sub: Submission) -> None:
         """Cancel a submitted request; a no-op once it ended (or once the loop has)."""
         with contextlib.suppress(Qwen3AotError):
@@ -106,7 +114,7 @@ class EngineLoop:
         if threading.current_thread() is not self.thread:
             self.thread.join(timeout)
 
-    def _command(self, kind: str, sub: Submission) -> None:
+    def _command(self, kind: str, sub: Submission | list[Submission]) -> None:
         with self._lock:
             if self._ended is not None:
                 raise self._ended
@@ -159,12 +167,12 @@ class EngineLoop:
             block = False
             if kind == "stop":
                 return False
-            seq_id = sub.request.seq.seq_id
-            if kind == "add":
-                self.core.add(sub.request)
-                self._live[seq_id] = sub
-            elif kind == "abort" and seq_id in self._live:
-                self._abort(self._live.pop(seq_id))
+            if kind in ("add", "adds"):
+                for one in sub if kind == "adds" else (sub,):
+                    self.core.add(one.request)
+                    self._live[one.request.seq.seq_id] = one
+            elif kind == "abort" and sub.request.seq.seq_id in self._live:
+                self._abort(self._live.pop(sub.request.seq.seq_id))
             self._snapshot()
 
     def _publish(self, took: list[Request]) -> None:
@@ -215,7 +223,8 @@ class EngineLoop:
                     queued.append(self._commands.get_nowait())
                 except queue.Empty:
                     break
-        subs = list(self._live.values()) + [sub for kind, sub in queued if kind == "add"]
+        subs = list(self._live.values()) + [one for kind, sub in queued if kind in ("add", "adds")
+                                            for one in (sub if kind == "adds" else (sub,))]
         self._live.clear()
         for sub in subs:
             if error is None:
