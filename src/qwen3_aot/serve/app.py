@@ -22,7 +22,6 @@ import asyncio
 import dataclasses
 import functools
 import hmac
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -306,7 +305,7 @@ def _sse(events: AsyncIterator[dict], st: _State, gen: Generation, meta: Meta, r
         outcome: int | str = 200
         try:
             async for chunk in events:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                yield protocol.sse_event(chunk)
         except ClientGone:
             outcome = "client gone"
             return
@@ -316,7 +315,7 @@ def _sse(events: AsyncIterator[dict], st: _State, gen: Generation, meta: Meta, r
         except Exception as e:  # the headers went out: the error goes in the stream, as vLLM does
             outcome = 500
             log.exception("%s: the engine failed mid-stream", meta.id)
-            yield f"data: {json.dumps(protocol.error_body(str(e), 500))}\n\n"
+            yield protocol.sse_event(protocol.error_body(str(e), 500))
         finally:
             gen.cancel()  # no await here: Starlette may be cancelling this generator
             _log_request(st, request, meta.id, outcome, gen)

@@ -11,6 +11,7 @@ then OpenAI's. Responses are plain dicts in OpenAI's JSON layout.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -191,6 +192,16 @@ class ChatRequest(_Sampling):
 
 
 # ---- responses ----
+
+def sse_event(body: dict) -> str:
+    """One server-sent event carrying `body` as JSON. Text stays UTF-8, except the three line
+    ends that JSON leaves raw (U+0085, U+2028, U+2029) but Python's str.splitlines, httpx's line
+    reader among its users, splits on: raw, they would cut the event's JSON in two."""
+    return f"data: {json.dumps(body, ensure_ascii=False).translate(_UNICODE_LINE_ENDS)}\n\n"
+
+
+_UNICODE_LINE_ENDS = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
