@@ -115,3 +115,24 @@ def test_32_threads_sharing_prefixes_over_a_small_cache(runtime_artifact, core_o
         core = engine._loop.core  # the loop is idle: reading its pool races with nothing
         assert all(core.blocks.ref_count(blk) == 0 for blk in range(core.blocks.num_blocks))
         assert core.blocks.num_free == 30 and core.blocks.num_cached > 0 and core.blocks.num_evicted > 0
+
+
+def test_a_prompt_is_hashed_by_the_thread_that_makes_its_request(core_on, core_off, texts):
+    """The lookup keys come with the request (`make_request`, any thread), so admitting it hashes
+    no block of its prompt on the step path; with caching off nothing is hashed."""
+    a, _ = texts
+    request = core_on.make_request(a, GREEDY)
+    assert len(request.seq.block_keys) == (len(a) - 1) // BS
+    hashed = []
+    pool_hash = core_on.blocks.hash_fn
+    core_on.blocks.hash_fn = lambda *key: hashed.append(key) or pool_hash(*key)
+    try:
+        core_on.add(request)
+        core_on.step()  # admits it: the lookup finds the keys there
+        assert request.seq.num_computed > 0 and not hashed
+    finally:
+        core_on.blocks.hash_fn = pool_hash
+        core_on.abort(request)
+        while core_on.has_unfinished():
+            core_on.step()
+    assert core_off.make_request(a, GREEDY).seq.block_keys == []

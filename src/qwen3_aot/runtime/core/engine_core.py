@@ -122,8 +122,10 @@ class EngineCore:
     def make_request(self, prompt: Prompt, params: SamplingParams | None) -> Request:
         """Check a prompt and its parameters (our error, nothing changed if bad) and make its
         request. Touches no state but an id counter: any thread may call it."""
-        return make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"],
-                            request_limits(self.max_model_len, self.cache.capacity), self.device, self.grammars)
+        request = make_request(next(self._ids), prompt, params, self.tokenizer, self.config["vocab_size"],
+                               request_limits(self.max_model_len, self.cache.capacity), self.device, self.grammars)
+        self.scheduler.hash_prompt(request.seq)
+        return request
 
     def add(self, request: Request) -> None:
         """Queue a request made by `make_request`; `step` advances it."""

@@ -96,6 +96,14 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def hash_prompt(self, seq: Sequence) -> None:
+        """Compute the keys a lookup of a new sequence's prompt needs, before `add`: they touch
+        nothing shared, so the thread that makes the request pays for them rather than the
+        step that admits it (a burst of 64 prompts of 3,000 tokens is about 12,000 block
+        hashes, milliseconds in front of the burst's first forward otherwise)."""
+        if self.pool.caching and seq.reads_prefix_cache:
+            self.pool.keys(seq.token_ids, seq.cache_salt, seq.block_keys, self._lookup_blocks(seq))
+
     def remove(self, seq: Sequence) -> None:
         """The sequence finished or was cancelled: forget it and free its blocks."""
         self._register_full_blocks(seq, seq.num_computed)
@@ -186,9 +194,12 @@ class Scheduler:
         the block of its last token."""
         if not (self.pool.caching and seq.reads_prefix_cache):
             return []
-        most = (len(seq.token_ids) - 1) // self.pool.block_size
+        most = self._lookup_blocks(seq)
         keys = self.pool.keys(seq.token_ids, seq.cache_salt, seq.block_keys, most)
         return self.pool.lookup(seq.token_ids, keys, seq.cache_salt, most)
+
+    def _lookup_blocks(self, seq: Sequence) -> int:
+        return (len(seq.token_ids) - 1) // self.pool.block_size
 
     def _count_query(self, seq: Sequence, cached_tokens: int) -> None:
         if self.pool.caching and seq.reads_prefix_cache:
