@@ -27,6 +27,15 @@ def test_greedy_rows_take_the_argmax_whatever_their_batch_mates():
     want = logits.argmax(-1).tolist()
     assert [ids[i] for i in (0, 2, 3, 5)] == [want[i] for i in (0, 2, 3, 5)]
 
+    # only the sampled rows go through the draw (its passes over the vocabulary), in their order
+    drawn = []
+    sampler = Sampler()
+    draw = sampler._draw
+    sampler._draw = lambda x, ps, gs: drawn.append((x.clone(), ps)) or draw(x, ps, gs)
+    sampler(logits, params, [None] * 6)
+    (x, ps), = drawn
+    assert torch.equal(x, logits[[1, 4]]) and ps == [params[1], params[4]]
+
 
 def test_top_k_1_on_the_sampling_path_is_the_argmax():
     logits = torch.randn(64, 300, generator=gen(1))

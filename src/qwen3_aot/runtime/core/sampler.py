@@ -80,9 +80,13 @@ class Sampler:
                 top_logprobs, top_ids = logprobs.topk(max(asked), -1)
         x = self._penalised(logits, params, slots, constraint)
         ids = x.argmax(-1)
-        if not all(p.greedy for p in params):
-            greedy = on_device([p.greedy for p in params], torch.bool, dev)
-            ids = torch.where(greedy, ids, self._draw(x, params, generators))
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if len(sampled) == len(params):
+            ids = self._draw(x, params, generators)
+        elif sampled:  # only the sampled rows pay for the draw's passes over the vocabulary
+            rows = on_device(sampled, torch.int64, dev)
+            ids = ids.index_copy(0, rows, self._draw(x.index_select(0, rows), [params[i] for i in sampled],
+                                                     [generators[i] for i in sampled]))
         out = Sampled(ids, None if logprobs is None else logprobs.gather(1, ids[:, None])[:, 0], top_ids, top_logprobs)
         if slots is not None and any(s is not None for s in slots):
             rows = [i for i, s in enumerate(slots) if s is not None]
@@ -124,17 +128,18 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """A draw for each row, all of them sampled (none greedy)."""
         dev = logits.device
-        temperature = on_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
+        temperature = on_device([p.temperature for p in params], torch.float32, dev)
         probs = torch.softmax(logits / temperature[:, None], -1)
         if any(p.min_p > 0 for p in params):
             probs = min_p_mask(probs, on_device([p.min_p for p in params], torch.float32, dev))
-        cutting = [p for p in params if not p.greedy and (p.top_k > 0 or p.top_p < 1)]
+        cutting = [p for p in params if p.top_k > 0 or p.top_p < 1]
         if cutting:
             # torch.topk instead of a sort when every row that cuts has a small k
             small = all(0 < p.top_k <= TOPK_PATH_MAX_K for p in cutting)
-            probs = top_k_top_p(probs, on_device([0 if p.greedy else p.top_k for p in params], torch.int64, dev),
-                                on_device([1.0 if p.greedy else p.top_p for p in params], torch.float32, dev),
+            probs = top_k_top_p(probs, on_device([p.top_k for p in params], torch.int64, dev),
+                                on_device([p.top_p for p in params], torch.float32, dev),
                                 max_k=max(p.top_k for p in cutting) if small else None)
         noise = torch.empty_like(probs).exponential_()
         for row, g in enumerate(generators):
