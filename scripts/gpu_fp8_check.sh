@@ -2,7 +2,7 @@
 # FP8 weights on one GPU (issue 32), one call per part, each under 10 minutes:
 #   tests: the FP8 tests on CUDA (kernels against float64, the ops' schemas, checkpoints, refusals)
 #   0.6B: bench/fp8_bench.py --shapes 0.6B (kernels, both builds, measures, accuracy) in one call
-#   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back
+#   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back (14b-...: 14B likewise)
 #   32b-build, 32b-measure: 32B from an FP8 checkpoint, FP8 only, back to back (no build verify: the
 #   eager model and the artifact together may not fit an 80 GB H100)
 #   (files survive between calls only while the machine stays warm, 30 s after a call)
@@ -12,14 +12,14 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0
-part=${1:?usage: gpu_fp8_check.sh tests|0.6B|8b-bf16|8b-fp8|8b-measure|32b-build|32b-measure}
+part=${1:?usage: gpu_fp8_check.sh tests|0.6B|8b-bf16|8b-fp8|8b-measure|14b-bf16|14b-fp8|14b-measure|32b-build|32b-measure}
 case $part in
     tests) timeout 590 python3 -m pytest -n 0 -q tests/custom_ops/test_fp8_linear.py tests/custom_ops/test_opcheck.py \
                tests/build/test_fp8_export.py tests/test_quantization.py 2>&1 | tail -30; exit "${PIPESTATUS[0]}" ;;
     0.6B) args=(--shapes 0.6B) ;;
-    8b-bf16) args=(--shapes 8B --stage build --builds bf16) ;;
-    8b-fp8) args=(--shapes 8B --stage build --builds fp8) ;;
-    8b-measure) args=(--shapes 8B --stage measure) ;;
+    8b-bf16|14b-bf16) args=(--shapes "${part%%b-*}B" --stage build --builds bf16) ;;
+    8b-fp8|14b-fp8) args=(--shapes "${part%%b-*}B" --stage build --builds fp8) ;;
+    8b-measure|14b-measure) args=(--shapes "${part%%b-*}B" --stage measure) ;;
     32b-build) args=(--shapes 32B --fp8-checkpoint --no-fp8-verify --stage build) ;;
     32b-measure) args=(--shapes 32B --fp8-checkpoint --stage measure) ;;
     *) echo "unknown part $part"; exit 2 ;;
