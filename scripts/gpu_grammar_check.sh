@@ -9,10 +9,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 WHEELS=${QWEN3_AOT_WHEELS:-$PWD/.whl}
 SITE=/tmp/qwen3-aot-site
-python3 -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/xgrammar-*.whl "$WHEELS"/apache_tvm_ffi-*.whl \
-    "$WHEELS"/jsonschema*.whl "$WHEELS"/referencing-*.whl "$WHEELS"/rpds_py-*.whl "$WHEELS"/attrs-*.whl \
-    "$WHEELS"/pydantic-*.whl "$WHEELS"/pydantic_core-*.whl "$WHEELS"/annotated_types-*.whl "$WHEELS"/typing_inspection-*.whl \
-    "$WHEELS"/typing_extensions-*.whl 2>&1 | tail -2  # xgrammar imports pydantic, which the machine lacks
+source "$(dirname "$0")/gpu_grammar_site.sh"
 export PYTHONPATH=src:$SITE TRITON_INTERPRET=0 QWEN3_AOT_WHEELS=$WHEELS
 nvidia-smi --query-gpu=name --format=csv,noheader
 QWEN3_AOT_RUNTIME_DEVICE=cuda timeout 240 python3 -m pytest -q -n 0 -p no:cacheprovider \
