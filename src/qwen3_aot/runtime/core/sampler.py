@@ -79,14 +79,15 @@ class Sampler:
             if max(asked) > 0:
                 top_logprobs, top_ids = logprobs.topk(max(asked), -1)
         x = self._penalised(logits, params, slots, constraint)
-        ids = x.argmax(-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if len(sampled) == len(params):
             ids = self._draw(x, params, generators)
-        elif sampled:  # only the sampled rows pay for the draw's passes over the vocabulary
+        elif not sampled:
+            ids = x.argmax(-1)
+        else:  # only the sampled rows pay for the draw's passes over the vocabulary
             rows = on_device(sampled, torch.int64, dev)
-            ids = ids.index_copy(0, rows, self._draw(x.index_select(0, rows), [params[i] for i in sampled],
-                                                     [generators[i] for i in sampled]))
+            ids = x.argmax(-1).index_copy(0, rows, self._draw(x.index_select(0, rows), [params[i] for i in sampled],
+                                                              [generators[i] for i in sampled]))
         out = Sampled(ids, None if logprobs is None else logprobs.gather(1, ids[:, None])[:, 0], top_ids, top_logprobs)
         if slots is not None and any(s is not None for s in slots):
             rows = [i for i, s in enumerate(slots) if s is not None]

@@ -90,7 +90,7 @@ class EngineLoop:
         return core.make_request(prompt, params)
 
     def submit(self, sub: Submission) -> None:
-        self._command("add", sub)
+        self.submit_all([sub])
 
     def submit_all(self, subs: list[Submission]) -> None:
         """Submit several requests as one command, which the loop applies whole before a step:
@@ -98,7 +98,7 @@ class EngineLoop:
         busy one takes the rest a few per step as they come (the engine process's child hands
         over each message's adds so, issue 31)."""
         if subs:
-            self._command("adds", subs)
+            self._command("add", subs)
 
     def abort(self, sub: Submission) -> None:
         """Cancel a submitted request; a no-op once it ended (or once the loop has)."""
@@ -167,8 +167,8 @@ class EngineLoop:
             block = False
             if kind == "stop":
                 return False
-            if kind in ("add", "adds"):
-                for one in sub if kind == "adds" else (sub,):
+            if kind == "add":
+                for one in sub:
                     self.core.add(one.request)
                     self._live[one.request.seq.seq_id] = one
             elif kind == "abort" and sub.request.seq.seq_id in self._live:
@@ -223,8 +223,7 @@ class EngineLoop:
                     queued.append(self._commands.get_nowait())
                 except queue.Empty:
                     break
-        subs = list(self._live.values()) + [one for kind, sub in queued if kind in ("add", "adds")
-                                            for one in (sub if kind == "adds" else (sub,))]
+        subs = list(self._live.values()) + [one for kind, added in queued if kind == "add" for one in added]
         self._live.clear()
         for sub in subs:
             if error is None:
