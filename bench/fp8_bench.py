@@ -60,6 +60,7 @@ PLAN = workloads.Plan(batches=(1, 64), prompt_len=512, new_tokens=64, prefill=(1
 TINY_PLAN = workloads.Plan(batches=(1, 4), prompt_len=16, new_tokens=16, prefill=(8,), workload=(6, 4, 16), repeats=2)
 TEXT_POSITIONS = 512
 KERNEL_ROWS = (1, 4, 64, 512)
+L2_ROTATION = 256 << 20  # bytes of weight copies the kernel timings cycle through: over H100's / H200's 50 MB L2
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -112,11 +113,10 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
                                                                                                   act_quant), oracle)}
             r["ok"] = r["rel_err"] <= 1.25 * r["reference_rel_err"] + 2 ** -8
             if device.type == "cuda":
-                from triton.testing import do_bench
-
-                bf16 = (lambda: small_linear_triton(x, w16)) if m <= 4 else (lambda: torch.nn.functional.linear(x, w16))
-                r["fp8_us"] = do_bench(lambda: fp8.fp8_linear_triton(x, wq, scale, act_quant)) * 1e3
-                r["bf16_us"] = do_bench(bf16) * 1e3
+                copies = [(w16.clone(), wq.clone(), scale.clone()) for _ in range(max(2, -(-L2_ROTATION // w16.nbytes)))]
+                bf16 = small_linear_triton if m <= 4 else torch.nn.functional.linear
+                r["fp8_us"] = gpu_time_us(lambda c: fp8.fp8_linear_triton(x, c[1], c[2], act_quant), copies)
+                r["bf16_us"] = gpu_time_us(lambda c: bf16(x, c[0]), copies)
                 r["fp8_weight_GBps"] = (wq.nbytes + scale.nbytes) / r["fp8_us"] / 1e3
                 r["bf16_weight_GBps"] = w16.nbytes / r["bf16_us"] / 1e3
             out.append(r)
@@ -124,6 +124,17 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
                   f"{r['reference_rel_err']:.2e}) {'ok' if r['ok'] else 'FAILED'}"
                   + (f", {r['fp8_us']:.1f} us against bf16 {r['bf16_us']:.1f} us" if "fp8_us" in r else ""), flush=True)
     return out
+
+
+def gpu_time_us(call, copies: list) -> float:
+    """GPU time of one call in microseconds, as the graphs run it: replayed from a CUDA graph
+    (timing eager launches measures the host's launch cost, hundreds of microseconds for a
+    Triton kernel launched from Python, which the artifact's graphs do not pay), each call on
+    the next copy of the weights, so that they come from HBM as in a decode step, not from L2."""
+    from triton.testing import do_bench_cudagraph
+
+    turn = iter(range(1 << 62))
+    return do_bench_cudagraph(lambda: call(copies[next(turn) % len(copies)])) * 1e3
 
 
 # ---- building ----
