@@ -12,6 +12,16 @@ once, each sending its next turn when the last one's answer has ended:
 - "own history": each conversation starts with SYSTEM tokens of its own (nothing shared
   between conversations), then its history as above.
 
+Each case runs twice through the server. "Back to back": every conversation sends its next
+turn the moment the last answer ends, all starting at once. "Think time": each conversation
+starts at a random moment within the first 2 x THINK seconds and waits a random think time
+(exponential, mean THINK) before each later turn, as SGLang's bench_multiturn (a request rate)
+and Dynamo's multiturn_bench (an exponential inter-turn delay) pace their users; the same
+seeded delays for caching on and off, so both arms see the same arrivals. Back to back, the
+two arms do not: with caching on every conversation of "shared system" hits the cache alike,
+so all 64 stay in step and each turn arrives as one burst of 64, while with caching off the
+first turn's uneven prefills spread the conversations apart and later turns arrive spread out.
+
 Turn k's prompt is turn k-1's prompt, then turn k-1's answer, then the new user message. The
 answer in the history is a fixed stretch of token ids, not the tokens the model generated:
 the server's stream gives text, whose tokenisation need not give back the same ids. The cache
@@ -66,17 +76,20 @@ class Shape:
     system: int = 2000   # tokens of the system prompt (shared or each conversation's own)
     user: int = 64       # tokens of each user message
     answer: int = 64     # tokens each turn generates (ignore_eos), and of each answer in the history
+    think: float = 1.0   # seconds: mean think time before a turn, in the paced runs
 
 
-TINY_SHAPE = Shape(conversations=4, turns=3, system=64, user=8, answer=8)
+TINY_SHAPE = Shape(conversations=4, turns=3, system=64, user=8, answer=8, think=0.05)
 CASES = ("shared system", "own history")
+PACINGS = ("back to back", "think time")
 GOAL_TTFT_RATIO = 5.0      # at the last turn, caching off over on (issue 31)
 GOAL_WORKLOAD_LOSS = 0.01  # nano-vllm's workload: caching on at most 1% slower
 
 
-def conversations(shape: Shape, case: str, vocab: int) -> list[list[list[int]]]:
-    """Each conversation's prompts, turn by turn (token ids below min(vocab, 10000), as nano-vllm's)."""
-    rng = random.Random(0)
+def conversations(shape: Shape, case: str, vocab: int, seed: int = 0) -> list[list[list[int]]]:
+    """Each conversation's prompts, turn by turn (token ids below min(vocab, 10000), as nano-vllm's);
+    another seed, other tokens (a server's later run must not find an earlier run's prompts)."""
+    rng = random.Random(seed)
     top = min(vocab, 10000) - 1
 
     def ids(n: int) -> list[int]:
@@ -95,9 +108,20 @@ def conversations(shape: Shape, case: str, vocab: int) -> list[list[list[int]]]:
     return out
 
 
-async def _converse(port: int, convs: list[list[list[int]]], answer: int, start_at: float) -> list[list[dict]]:
-    """Every conversation of `convs` at once, turn after turn; per conversation, per turn: the
-    time to first text, output tokens, cached prompt tokens."""
+def think_times(shape: Shape, paced: bool) -> list[list[float]]:
+    """Per conversation, the seconds it waits before each turn (the first: its start within
+    the first 2 x think seconds); all 0 back to back. Seeded: the same for both arms."""
+    if not paced:
+        return [[0.0] * shape.turns for _ in range(shape.conversations)]
+    rng = random.Random(1)
+    return [[rng.uniform(0, 2 * shape.think)] + [rng.expovariate(1 / shape.think) for _ in range(shape.turns - 1)]
+            for _ in range(shape.conversations)]
+
+
+async def _converse(port: int, convs: list[list[list[int]]], waits: list[list[float]], answer: int,
+                    start_at: float) -> list[list[dict]]:
+    """Every conversation of `convs` at once, turn after turn, each turn after its wait; per
+    conversation, per turn: the time to first text, output tokens, cached prompt tokens."""
     limits = httpx.Limits(max_connections=len(convs), max_keepalive_connections=len(convs))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
         async def one(prompt: list[int]) -> dict:
@@ -111,29 +135,35 @@ async def _converse(port: int, convs: list[list[list[int]]], answer: int, start_
             return {"ttft": first, "tokens": usage.get("completion_tokens", 0),
                     "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 
-        async def conversation(turns: list[list[int]]) -> list[dict]:
-            return [await one(p) for p in turns]
+        async def conversation(turns: list[list[int]], wait: list[float]) -> list[dict]:
+            out = []
+            for prompt, seconds in zip(turns, wait):
+                if seconds:
+                    await asyncio.sleep(seconds)
+                out.append(await one(prompt))
+            return out
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        return list(await asyncio.gather(*(conversation(t) for t in convs)))
+        return list(await asyncio.gather(*(conversation(t, w) for t, w in zip(convs, waits))))
 
 
-def _client_process(port: int, convs: list, answer: int, start_at: float) -> tuple[list[list[dict]], float]:
+def _client_process(port: int, convs: list, waits: list, answer: int, start_at: float) -> tuple[list[list[dict]], float]:
     try:
-        return asyncio.run(_converse(port, convs, answer, start_at)), time.time()
+        return asyncio.run(_converse(port, convs, waits, answer, start_at)), time.time()
     except Exception as e:  # httpx's errors do not unpickle: the pool would only say a process broke
         raise RuntimeError(f"a client failed: {type(e).__name__}: {e}") from None
 
 
-def run_case(port: int, convs: list, shape: Shape, pool: concurrent.futures.ProcessPoolExecutor,
+def run_case(port: int, convs: list, shape: Shape, paced: bool, pool: concurrent.futures.ProcessPoolExecutor,
              processes: int) -> dict:
     """The conversations spread over the client processes; per turn TTFT p50/p99 (ms) and the
-    cached share of the prompts, and output tok/s over the case."""
+    cached share of the prompts, and output tok/s over the case (think times included)."""
     processes = max(1, min(processes, len(convs)))
+    waits = think_times(shape, paced)
     shares = [convs[k::processes] for k in range(processes)]
     start_at = time.time() + 0.5
-    parts = list(pool.map(_client_process, [port] * processes, shares, [shape.answer] * processes,
-                          [start_at] * processes))
+    parts = list(pool.map(_client_process, [port] * processes, shares, [waits[k::processes] for k in range(processes)],
+                          [shape.answer] * processes, [start_at] * processes))
     seconds = max(end for _, end in parts) - start_at
     results = [conv for rs, _ in parts for conv in rs]
     turns = []
@@ -243,10 +273,12 @@ def main() -> None:
             try:
                 serve.over_http(port, [list(range(1, 17))], [runtime.SamplingParams(max_tokens=4, ignore_eos=True)],
                                 1, pool, 1)  # warm-up
-                for case in CASES:
-                    r["multiturn"][f"{case}, caching {caching}"] = run_case(
-                        port, conversations(shape, case, vocab), shape, pool, a.client_processes)
-                    print(f"[{case}, caching {caching}] {r['multiturn'][f'{case}, caching {caching}']}", flush=True)
+                for pacing in PACINGS:
+                    for case in CASES:
+                        key = f"{case}, {pacing}, caching {caching}"
+                        r["multiturn"][key] = run_case(port, conversations(shape, case, vocab, PACINGS.index(pacing)),
+                                                       shape, pacing == "think time", pool, a.client_processes)
+                        print(f"[{key}] {r['multiturn'][key]}", flush=True)
             finally:
                 server.terminate()
                 server.wait(timeout=60)
@@ -257,37 +289,41 @@ def main() -> None:
 
 def report(r: dict, shape: Shape, tiny: bool) -> None:
     print(f"\n{r['gpu']}, torch {r['torch']}, {r['model']}, {r['dtype']}; {shape.conversations} conversations x "
-          f"{shape.turns} turns, system {shape.system} tokens, user {shape.user}, answer {shape.answer}")
+          f"{shape.turns} turns, system {shape.system} tokens, user {shape.user}, answer {shape.answer}; "
+          f"think time {shape.think} s mean in the paced runs")
     w = r["workload"]
     print(f"nano-vllm workload {r['workload_plan']}: caching on {w['on_tok_s']:.0f} tok/s, off {w['off_tok_s']:.0f} "
           f"({w['loss']:+.1%} loss; {w['measured_hit_tokens']} tokens hit)")
-    for title, cases in (("through the server", r["multiturn"]), ("the core alone, each turn's requests at once",
-                                                                    r["engine_alone"])):
-        print(f"\n{title}")
-        turn_table(cases)
+    for pacing in PACINGS:
+        print(f"\nthrough the server, {pacing}")
+        turn_table(r["multiturn"], [f"{case}, {pacing}" for case in CASES])
+    print("\nthe core alone, each turn's requests at once")
+    turn_table(r["engine_alone"], list(CASES))
     if not tiny:
-        last = r["multiturn"]["shared system, caching on"]["turns"][-1]["ttft_ms"]["p50"]
-        ratio = r["multiturn"]["shared system, caching off"]["turns"][-1]["ttft_ms"]["p50"] / last
-        alone = r["engine_alone"]
-        engine_ratio = (alone["shared system, caching off"]["turns"][-1]["ttft_ms"]["p50"]
-                        / alone["shared system, caching on"]["turns"][-1]["ttft_ms"]["p50"])
-        print(f"the core alone, turn {shape.turns}: {engine_ratio:.1f}x lower with caching")
-        print(f"goal: turn {shape.turns} TTFT p50 >= {GOAL_TTFT_RATIO:.0f}x lower with caching: {ratio:.1f}x "
-              f"({'met' if ratio >= GOAL_TTFT_RATIO else 'NOT met'}); nano-vllm workload within "
-              f"{GOAL_WORKLOAD_LOSS:.0%}: {w['loss']:+.1%} ({'met' if w['loss'] <= GOAL_WORKLOAD_LOSS else 'NOT met'})")
+        def ratio(cases: dict, case: str) -> float:
+            return (cases[f"{case}, caching off"]["turns"][-1]["ttft_ms"]["p50"]
+                    / cases[f"{case}, caching on"]["turns"][-1]["ttft_ms"]["p50"])
+
+        print(f"the core alone, turn {shape.turns}: {ratio(r['engine_alone'], 'shared system'):.1f}x lower with caching")
+        for pacing in PACINGS:
+            x = ratio(r["multiturn"], f"shared system, {pacing}")
+            print(f"goal: turn {shape.turns} TTFT p50 >= {GOAL_TTFT_RATIO:.0f}x lower with caching, through the "
+                  f"server, {pacing}: {x:.1f}x ({'met' if x >= GOAL_TTFT_RATIO else 'NOT met'})")
+        print(f"goal: nano-vllm workload within {GOAL_WORKLOAD_LOSS:.0%}: {w['loss']:+.1%} "
+              f"({'met' if w['loss'] <= GOAL_WORKLOAD_LOSS else 'NOT met'})")
 
 
-def turn_table(cases: dict) -> None:
-    print(f"{'case':>14s} {'turn':>4s} {'TTFT p50 on':>12s} {'p99 on':>8s} {'p50 off':>8s} {'p99 off':>8s} "
+def turn_table(cases: dict, names: list[str]) -> None:
+    print(f"{'case':>26s} {'turn':>4s} {'TTFT p50 on':>12s} {'p99 on':>8s} {'p50 off':>8s} {'p99 off':>8s} "
           f"{'off/on p50':>10s} {'cached':>7s}  (ms)")
-    for case in CASES:
+    for case in names:
         on, off = cases[f"{case}, caching on"], cases[f"{case}, caching off"]
         for t_on, t_off in zip(on["turns"], off["turns"]):
             ratio = t_off["ttft_ms"]["p50"] / max(t_on["ttft_ms"]["p50"], 1e-9)
-            print(f"{case:>14s} {t_on['turn']:>4d} {t_on['ttft_ms']['p50']:>12.1f} {t_on['ttft_ms']['p99']:>8.1f} "
+            print(f"{case:>26s} {t_on['turn']:>4d} {t_on['ttft_ms']['p50']:>12.1f} {t_on['ttft_ms']['p99']:>8.1f} "
                   f"{t_off['ttft_ms']['p50']:>8.1f} {t_off['ttft_ms']['p99']:>8.1f} {ratio:>10.1f} "
                   f"{t_on['cached_share']:>7.0%}")
-        print(f"{case:>14s} output tok/s: caching on {on['tok_s']:.0f}, off {off['tok_s']:.0f}")
+        print(f"{case:>26s} output tok/s: caching on {on['tok_s']:.0f}, off {off['tok_s']:.0f}")
 
 
 if __name__ == "__main__":
