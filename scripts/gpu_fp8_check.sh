@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # FP8 weights on one GPU (issue 32), one call per part, each under 10 minutes:
 #   tests: the FP8 tests on CUDA (kernels against float64, the ops' schemas, checkpoints, refusals)
+#   probe: bench/fp8_scaled_mm_probe.py, torch's block-scaled _scaled_mm (cuBLASLt) against bf16 and
+#          through AOTInductor (the next step for the GEMM above 64 rows)
 #   0.6B: bench/fp8_bench.py --shapes 0.6B (kernels, both builds, measures, accuracy) in one call
 #   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back (14b-...: 14B likewise)
 #   32b-build, 32b-measure: 32B from an FP8 checkpoint, FP8 only, back to back (no build verify: the
@@ -12,10 +14,11 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0
-part=${1:?usage: gpu_fp8_check.sh tests|0.6B|8b-bf16|8b-fp8|8b-measure|14b-bf16|14b-fp8|14b-measure|32b-build|32b-measure}
+part=${1:?usage: gpu_fp8_check.sh tests|probe|0.6B|8b-bf16|8b-fp8|8b-measure|14b-bf16|14b-fp8|14b-measure|32b-build|32b-measure}
 case $part in
     tests) timeout 590 python3 -m pytest -n 0 -q tests/custom_ops/test_fp8_linear.py tests/custom_ops/test_opcheck.py \
                tests/build/test_fp8_export.py tests/test_quantization.py 2>&1 | tail -30; exit "${PIPESTATUS[0]}" ;;
+    probe) timeout 590 python3 bench/fp8_scaled_mm_probe.py 2>&1 | tail -60; exit "${PIPESTATUS[0]}" ;;
     0.6B) args=(--shapes 0.6B) ;;
     8b-bf16|14b-bf16) args=(--shapes "${part%%b-*}B" --stage build --builds bf16) ;;
     8b-fp8|14b-fp8) args=(--shapes "${part%%b-*}B" --stage build --builds fp8) ;;
