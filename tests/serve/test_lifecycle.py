@@ -3,6 +3,7 @@ a full queue are refused, and a signal drains the server and ends it with status
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import signal
@@ -11,6 +12,12 @@ import time
 import openai
 import pytest
 from serving import running
+
+from qwen3_aot.errors import Qwen3AotError
+from qwen3_aot.runtime import SamplingParams
+from qwen3_aot.runtime.service.streams import AsyncStream
+from qwen3_aot.serve.generation import Generation
+from qwen3_aot.serve.metrics import Metrics
 
 # the long request must outlast the grace by a margin and the short one finish well inside it.
 # Servers run on one thread (serving.Server): on the 2-core machine beside the other test worker,
@@ -139,3 +146,36 @@ def test_an_onnx_only_artifact_is_refused_with_our_error(tiny_onnx_artifact):
 
     with pytest.raises(Qwen3AotError, match="no pt2 graph"):
         run(tiny_onnx_artifact, port=0)
+
+
+def test_a_server_generation_submits_its_requests_when_made_not_at_the_tasks_first_read(tiny_engine, monkeypatch):
+    """serve's Generation starts each stream as it makes it: the request is with the engine
+    before the event loop gets to the task that reads it (a hop of 1-2 ms at light load). A
+    refused submit is raised again by the stream's read, not lost in a hang."""
+    engine = tiny_engine
+    submitted = []
+    submit = engine._loop.submit
+    monkeypatch.setattr(engine._loop, "submit", lambda sub: (submitted.append(sub.request), submit(sub))[1])
+
+    class Refusing:
+        def submit(self, sub):
+            raise Qwen3AotError("the engine is closed")
+
+    async def run() -> None:
+        never = asyncio.Event()
+
+        async def receive():
+            await never.wait()
+
+        job = engine.make_request([5, 6, 7, 8], SamplingParams(max_tokens=4, temperature=0))
+        gen = Generation(engine, [job], Metrics(engine), receive, on_done=lambda: None)
+        assert submitted == [job], "submitted before the event loop ran the reading task"
+        done = await asyncio.wait_for(gen.collect(), 60)
+        assert done[0] == engine.generate([5, 6, 7, 8], SamplingParams(max_tokens=4, temperature=0))[0]
+        refused = AsyncStream(Refusing(), engine.make_request([5, 6, 7, 8], SamplingParams(max_tokens=4, temperature=0)))
+        with pytest.raises(Qwen3AotError, match="closed"):
+            refused.start()
+        with pytest.raises(Qwen3AotError, match="closed"):
+            await asyncio.wait_for(refused.__anext__(), 60)
+
+    asyncio.run(run())

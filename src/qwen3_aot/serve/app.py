@@ -140,7 +140,8 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         prompts = body.prompts()
         st.limits.check_sampling(body.n, body.stop)
         st.limits.check_prompts(prompts)
-        jobs = await _prepare(st, request, len(prompts) * body.n, _completion_requests, st, body, prompts)
+        jobs = await _prepare(st, request, len(prompts) * body.n, _completion_requests, st, body, prompts,
+                              inline=_ids_only(body, prompts, request))
         meta = protocol.Response.new("cmpl", st.model, "text_completion")
         gen = _start(st, jobs, request)
         if body.stream:
@@ -216,9 +217,11 @@ def _warn_ignored(body: protocol.CompletionRequest | protocol.ChatRequest, reque
                     request.url.path, ", ".join(ignored))
 
 
-async def _prepare(st: _State, request: Request, count: int, make: Callable[..., T], *args: Any) -> T:
-    """`make(*args)` in a worker thread, once `count` places in the queue are taken (400 if the
-    queue can never hold them, 429 if it cannot now); they are given back if it fails."""
+async def _prepare(st: _State, request: Request, count: int, make: Callable[..., T], *args: Any,
+                   inline: bool = False) -> T:
+    """`make(*args)` in a worker thread (on the event loop if `inline`), once `count` places in
+    the queue are taken (400 if the queue can never hold them, 429 if it cannot now); they are
+    given back if it fails."""
     st.limits.check_count(count)
     if st.in_flight + count > st.limits.max_queue:
         raise ApiError(429, f"the server is full ({st.in_flight} requests running or waiting, its --max-queue is "
@@ -227,14 +230,31 @@ async def _prepare(st: _State, request: Request, count: int, make: Callable[...,
     size = request.headers.get("content-length", "")
     executor = None if size.isdigit() and int(size) <= BIG_BODY_BYTES else st.big  # None: asyncio's default
     try:
+        if inline:
+            return make(*args)
         return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(make, *args))
     except BaseException:
         st.in_flight -= count
         raise
 
 
+def _ids_only(body: CompletionRequest, prompts: list[Prompt], request: Request) -> bool:
+    """Whether a completions request's engine requests are made on the event loop: a small body
+    whose prompts are all token ids (nothing to tokenize) and no constraint (nothing to parse).
+    Making them is then a type check, a range check and a copy per prompt (0.2-0.5 ms for 3,000
+    ids on a CPU of CI), which holds the GIL in a worker thread as much as here; the thread's round
+    trip only added the hand-offs (the thread waits for the GIL from the event loop, then wakes
+    it again): 2 ms at the median, 6 ms at p90, with ten streams of 3,000-token prompts on a
+    2-core CPU, time to first token that prefix caching cannot cut. Tokenizing (which releases
+    the GIL) and a constraint's parsing stay in the thread."""
+    size = request.headers.get("content-length", "")
+    return (size.isdigit() and int(size) <= BIG_BODY_BYTES and not any(isinstance(p, str) for p in prompts)
+            and all(getattr(body, f, None) is None for f in structured.CONSTRAINT_FIELDS))
+
+
 def _completion_requests(st: _State, body: CompletionRequest, prompts: list[Prompt]) -> list[EngineRequest]:
-    """Each prompt tokenized once and made into its n engine requests (a worker thread)."""
+    """Each prompt tokenized once and made into its n engine requests (a worker thread; token ids
+    alone: the event loop, `_ids_only`)."""
     jobs = []
     constraint = structured.requested_constraint(body, reasoning=False)  # a raw prompt: constrained from its start
     for p in prompts:

@@ -10,10 +10,12 @@ Starlette may itself be cancelling (an await there would be cancelled again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
+from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime.core.request import Request
 from qwen3_aot.runtime.core.sampling_params import Completion
 from qwen3_aot.runtime.service.engine import Engine
@@ -57,6 +59,12 @@ class Generation:
         self._tasks = []
         for i, job in enumerate(jobs):
             stream = engine.stream_async(job)
+            # submitted here rather than by the task's first read, which runs only once the event
+            # loop gets to it (behind whatever else is ready: 1-2 ms at light load on a CPU); a
+            # refusal (the engine has ended) is raised again by that read, so it reaches the
+            # response as before
+            with contextlib.suppress(Qwen3AotError):
+                stream.start()
             self.prompt_tokens[i] = stream.prompt_tokens
             self._tasks.append(task := asyncio.create_task(self._produce(i, stream)))
             task.add_done_callback(lambda _, i=i, stream=stream: self._job_done(i, stream))

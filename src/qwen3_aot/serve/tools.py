@@ -18,6 +18,7 @@ from qwen3_aot.runtime.text.tool_calls import ToolCallStream, checked_tools, par
 # vLLM's structured_outputs keys and the older guided_* fields, as StructuredOutput's kinds
 _VLLM_KEYS = {"json": "json", "json_object": "json_object", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *_GUIDED)  # a request's fields that may ask for one
 
 
 def requested_constraint(body: Any, reasoning: bool) -> StructuredOutput | None:

@@ -204,3 +204,60 @@ def test_requests_submitted_together_join_one_step(runtime_artifact):
     finally:
         loop.stop()
     assert records[0].prefills == len(subs), records[:3]
+
+
+def test_a_request_submitted_while_the_loop_waits_for_a_step_joins_the_next_one(runtime_artifact):
+    """The loop takes the tokens of the step in flight (waiting for the device), then drains
+    what came meanwhile, then launches: a request submitted during that wait joins the very
+    next forward, not the one after it (a whole step of its time to first token)."""
+    core = runtime.load_core(runtime_artifact)
+    records, marks = [], []
+    core.observers.append(records.append)
+    loop = EngineLoop(lambda: core, core.device)
+    take, done = core.take, queue.SimpleQueue()
+    first = Submission(loop.make_request(prompts()[0], SamplingParams(max_tokens=8, ignore_eos=True)), done.put,
+                       final_only=True)
+    second = Submission(loop.make_request(prompts()[1], GREEDY), done.put, final_only=True)
+
+    def taking():  # the loop thread, in its wait for the step in flight
+        took = take()
+        if not marks and first.request.seq.num_output_tokens >= 2:
+            loop.submit(second)
+            marks.append(len(records))  # the index of the next forward's record
+        return took
+
+    core.take = taking
+    try:
+        loop.submit(first)
+        for _ in range(2):
+            assert done.get(timeout=60).completion is not None
+    finally:
+        loop.stop()
+    assert marks and records[marks[0]].prefills == 1 and records[marks[0]].decodes == 1, records
+
+
+def test_tokens_are_handed_out_before_the_next_step_is_launched(runtime_artifact):
+    """A step's tokens reach their streams before the loop schedules and launches the next
+    forward, which on a GPU holds them for its inputs and kernel launches (a mixed step's)."""
+    core = runtime.load_core(runtime_artifact)
+    loop = EngineLoop(lambda: core, core.device)
+    take, launch = core.take, core.launch
+    taken, at_launch, outputs = [0], [], queue.SimpleQueue()
+
+    def taking():
+        took = take()
+        taken[0] += len(took)
+        return took
+
+    def launching():
+        at_launch.append((taken[0], outputs.qsize()))
+        return launch()
+
+    core.take, core.launch = taking, launching
+    sub = Submission(loop.make_request(prompts()[0], SamplingParams(max_tokens=6, ignore_eos=True)), outputs.put)
+    try:
+        loop.submit(sub)
+        wait_until(lambda: sub.request.finished and outputs.qsize() == 6, "the request's six Outputs")
+    finally:
+        loop.stop()
+    assert len(at_launch) >= 6 and all(t == n for t, n in at_launch), at_launch

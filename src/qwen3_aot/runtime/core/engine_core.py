@@ -190,7 +190,16 @@ class EngineCore:
         A decode queued ahead with a constrained row (structured outputs) is sampled only once
         those tokens are taken, since its grammar masks need them (vLLM's order): the device
         computes its forward while the host takes the tokens and fills the masks.
-        With overlap=False each step's tokens are taken before `step` returns."""
+        With overlap=False each step's tokens are taken before `step` returns.
+
+        `step` is `take` then `launch`; the engine's loop calls them apart, to hand out the
+        tokens taken and let newcomers join before the next forward is scheduled."""
+        return self.take() + self.launch()
+
+    @torch.inference_mode()
+    def take(self) -> list[Request]:
+        """The first half of `step`: queue the decode ahead when it may be, then wait for the
+        step in flight and take its tokens; returns the requests that took one."""
         previous, self._in_flight = self._in_flight, None
         took: list[Request] = []
         if previous is not None:
@@ -199,6 +208,14 @@ class EngineCore:
             # sampled here, before anything else is queued: its logits may be a CUDA graph's
             # output buffer, which the next replay overwrites
             self._in_flight = self._sample_held_back(ahead) if isinstance(ahead, HeldBack) else ahead
+        return took
+
+    @torch.inference_mode()
+    def launch(self) -> list[Request]:
+        """The second half of `step`: unless a decode was queued ahead, the forward of what the
+        scheduler picks now (requests added since `take` included); with overlap=False, its
+        tokens taken (the requests that took one)."""
+        took: list[Request] = []
         if self._in_flight is None:
             batch = self.scheduler.schedule()
             if batch:

@@ -143,9 +143,21 @@ class EngineLoop:
             with torch.inference_mode():
                 while self._drain(block=not core.has_unfinished()):
                     if core.has_unfinished():
-                        took = core.step()
+                        # a step in two halves: the tokens of the step in flight are handed out
+                        # before the next forward is scheduled and launched (a mixed step's
+                        # inputs and kernel launches would hold them back), and what was
+                        # submitted while the loop waited for them joins that forward, not
+                        # the one after it
+                        took = core.take()
                         self._steps += 1
                         self._publish(took)
+                        if took:
+                            self._flush()
+                        if not self._drain(block=False):
+                            break
+                        took = core.launch()
+                        if took:  # overlap off: this step's own tokens
+                            self._publish(took)
                     self._flush()
         except BaseException as e:  # noqa: BLE001  (a dying loop must tell every caller)
             log.exception("the engine loop failed")

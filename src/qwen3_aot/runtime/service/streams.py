@@ -47,8 +47,9 @@ class _StreamBase:
         return self._request.seq.num_prompt_tokens
 
     def _submit(self, put) -> None:
-        self._sub = Submission(self._request, put, self._final_only)
-        self._loop.submit(self._sub)
+        sub = Submission(self._request, put, self._final_only)
+        self._loop.submit(sub)
+        self._sub = sub  # only once taken: a refused submit is raised again by the next read
 
     def _absorb(self, out: Output) -> str:
         if out.error is not None:
@@ -127,10 +128,16 @@ class AsyncStream(_StreamBase):
     def __aiter__(self) -> AsyncStream:
         return self
 
-    async def __anext__(self) -> str:
+    def start(self) -> AsyncStream:
+        """Submit the request now rather than at the first read; called in the event loop
+        that reads the stream."""
         if self._sub is None and not self._closed:
             self._queue: asyncio.Queue[Output] = asyncio.Queue()
             self._submit(functools.partial(_mailbox(asyncio.get_running_loop()).post, self._queue))
+        return self
+
+    async def __anext__(self) -> str:
+        self.start()
         while not self._done:
             piece = self._absorb_waiting(await self._queue.get(), self._queue)
             if piece:
