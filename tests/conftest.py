@@ -25,6 +25,11 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
+if os.environ["TRITON_INTERPRET"] == "1":
+    from triton_interpreter import skip_nested_repatching  # noqa: E402
+
+    skip_nested_repatching()
+
 from qwen_checkpoint import qwen_artifact, qwen_checkpoint, qwen_tokenizer_json  # noqa: E402,F401  (fixtures)
 from suite_support import FIXTURE, HAS_CUDA, RUNTIME_DEVICE, built_once  # noqa: E402
 
