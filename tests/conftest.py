@@ -97,8 +97,9 @@ def runtime_artifact(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_onnx_artifact(tmp_path_factory):
-    """The trained fixture as a CPU fp32 ONNX-only artifact, built once per test run."""
+    """The trained fixture as a CPU fp32 ONNX-only artifact, built once per test run for every
+    worker (tests/build/test_onnx.py and tests/runtime/onnx run on different ones)."""
     from qwen3_aot.build import export
 
-    return export(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-onnx", device="cpu",
-                           dtype="float32", formats=("onnx",), log=lambda _msg: None)
+    return built_once(tmp_path_factory, "tiny-onnx", lambda path: export(
+        FIXTURE, path, device="cpu", dtype="float32", formats=("onnx",), log=lambda _msg: None))
