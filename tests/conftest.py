@@ -25,6 +25,11 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
+if os.environ["TRITON_INTERPRET"] == "1":
+    from triton_interpreter import skip_nested_repatching  # noqa: E402
+
+    skip_nested_repatching()
+
 from qwen_checkpoint import qwen_artifact, qwen_checkpoint, qwen_tokenizer_json  # noqa: E402,F401  (fixtures)
 from suite_support import FIXTURE, HAS_CUDA, RUNTIME_DEVICE, built_once  # noqa: E402
 
@@ -92,8 +97,9 @@ def runtime_artifact(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_onnx_artifact(tmp_path_factory):
-    """The trained fixture as a CPU fp32 ONNX-only artifact, built once per test run."""
+    """The trained fixture as a CPU fp32 ONNX-only artifact, built once per test run for every
+    worker (tests/build/test_onnx.py and tests/runtime/onnx run on different ones)."""
     from qwen3_aot.build import export
 
-    return export(FIXTURE, tmp_path_factory.mktemp("artifacts") / "tiny-onnx", device="cpu",
-                           dtype="float32", formats=("onnx",), log=lambda _msg: None)
+    return built_once(tmp_path_factory, "tiny-onnx", lambda path: export(
+        FIXTURE, path, device="cpu", dtype="float32", formats=("onnx",), log=lambda _msg: None))
