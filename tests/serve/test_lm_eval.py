@@ -21,6 +21,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip i
 pytest.importorskip("tenacity", reason="lm-eval's API models need its api extra: pip install 'lm-eval[api,hf]'")
 pytest.importorskip("accelerate", reason="lm-eval's hf model needs its hf extra: pip install 'lm-eval[api,hf]'")
 
+pytestmark = pytest.mark.xdist_group("tiny_server")  # one pytest-xdist worker starts the tiny server
 DOCS = 24
 
 
