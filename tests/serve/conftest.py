@@ -43,6 +43,8 @@ def deadline(request):
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_artifact, tmp_path_factory) -> Iterator[Server]:
+    """The trained fixture served as "tiny", shared by the tests that use it (in the xdist_group
+    "tiny_server", so one worker starts it: a server and its engine process, about 10 s of CPU)."""
     with running(tiny_artifact, tmp_path_factory.mktemp("serve") / "tiny.log", "--served-model-name", "tiny",
                  "--max-queue", "256") as server:
         yield server

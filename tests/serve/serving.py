@@ -35,6 +35,7 @@ class Server:
 
     def __init__(self, artifact: Path, log: Path, *args: str) -> None:
         self.port, self.log = free_port(), log
+        self._clients: dict[str, openai.OpenAI] = {}
         self.base = f"http://127.0.0.1:{self.port}"
         with open(log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "qwen3_aot.cli", "serve", str(artifact),
@@ -88,7 +89,13 @@ class Server:
         return out
 
     def client(self, api_key: str = "none") -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=api_key, timeout=CLIENT_TIMEOUT_S, max_retries=0)
+        """One client a key for the server's life: making one costs about 50 ms of CPU (its httpx
+        client builds an SSL context, though these connections are plain HTTP), and the tests ask
+        for one a request."""
+        if api_key not in self._clients:
+            self._clients[api_key] = openai.OpenAI(base_url=self.base + "/v1", api_key=api_key,
+                                                   timeout=CLIENT_TIMEOUT_S, max_retries=0)
+        return self._clients[api_key]
 
     def async_client(self) -> "openai.AsyncOpenAI":
         return openai.AsyncOpenAI(base_url=self.base + "/v1", api_key="none", timeout=CLIENT_TIMEOUT_S, max_retries=0)

@@ -11,6 +11,7 @@ import pytest
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.runtime import SamplingParams
 
+pytestmark = pytest.mark.xdist_group("tiny_server")  # one pytest-xdist worker starts the tiny server
 PROMPT = 'The extended form, "assert expression1,'
 
 

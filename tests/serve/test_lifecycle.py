@@ -55,6 +55,7 @@ def wait_idle(server, timeout: float = 10.0) -> dict:
         time.sleep(0.05)
 
 
+@pytest.mark.xdist_group("tiny_server")  # on the worker that starts it for the other tests
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "not streamed"])
 def test_a_client_that_goes_away_aborts_its_request_and_frees_its_blocks(tiny_server, stream):
     before = wait_idle(tiny_server)["qwen3_aot_generation_tokens_total"]

@@ -9,6 +9,7 @@ import pytest
 
 from qwen3_aot.runtime import SamplingParams
 
+pytestmark = pytest.mark.xdist_group("tiny_server")  # one pytest-xdist worker starts the tiny server
 REQUESTS, CONCURRENCY = 1000, 64
 
 

@@ -40,6 +40,15 @@ def short_step_timeout(monkeypatch):
     monkeypatch.setattr(tp_runtime, "STEP_TIMEOUT_S", 60.0)  # a hung step fails its test in a minute
 
 
+@pytest.fixture(autouse=True)
+def one_thread_a_rank(monkeypatch):
+    """The ranks are processes of their own, which take torch's default of a thread a core: two
+    ranks beside the other pytest-xdist worker oversubscribed the 2-core CI machine, as
+    serving.Server's processes did (the greedy test took 21 s beside a busy core, 11 s with one
+    thread a rank). The spawned ranks inherit this environment."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def test_greedy_tokens_equal_transformers(tp_artifact):
     n = 6  # of the 16 prompts, 3 to 73 tokens: several blocks, prefills and decodes batched together
     with runtime.load(tp_artifact) as engine:
