@@ -242,18 +242,25 @@ def measure(art: Path, plan: workloads.Plan, device: torch.device) -> dict:
     return r
 
 
+def qwen_tokenizer(tokenizer: Path | None) -> Path:
+    """`tokenizer`, or Qwen's tokenizer.json made from the dashscope wheel (once, cached)."""
+    if tokenizer is not None:
+        return tokenizer
+    from qwen_checkpoint import dashscope_wheel, write_qwen_tokenizer_json
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen3-aot-bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / "qwen3-tokenizer.json"
+    if not path.is_file():
+        write_qwen_tokenizer_json(dashscope_wheel(cache), path)
+    return path
+
+
 def text_ids(tokenizer: Path | None, positions: int) -> list[int]:
     """`positions` tokens of real English text (this repository's docs) through Qwen's tokenizer."""
     from tokenizers import Tokenizer
 
-    if tokenizer is None:
-        from qwen_checkpoint import dashscope_wheel, write_qwen_tokenizer_json
-
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen3-aot-bench"
-        cache.mkdir(parents=True, exist_ok=True)
-        tokenizer = cache / "qwen3-tokenizer.json"
-        if not tokenizer.is_file():
-            write_qwen_tokenizer_json(dashscope_wheel(cache), tokenizer)
+    tokenizer = qwen_tokenizer(tokenizer)
     text = "\n".join((REPO / f).read_text() for f in ("README.md", "docs/ARCHITECTURE.md", "BENCHMARKS.md"))
     ids = Tokenizer.from_file(str(tokenizer)).encode(text).ids
     assert len(ids) >= positions, "not enough text"
@@ -329,6 +336,8 @@ def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bo
             print(f"[{shape}] writing the {'FP8 ' if fp8_checkpoint else ''}checkpoint", flush=True)
             r["checkpoint"] = (write_fp8_checkpoint if fp8_checkpoint else family_bench.write_checkpoint)(ckpt, hf,
                                                                                                         device)
+            if not tiny:  # the artifacts then stream text: bench/multiturn_prefix_bench.py --artifact serves them
+                shutil.copy(qwen_tokenizer(tokenizer), ckpt / "tokenizer.json")
         for name, art in arts.items():
             if name not in builds:
                 continue

@@ -40,6 +40,13 @@ hits. Prints GPU, torch, shapes, then a table; writes JSON with --json.
 
     PYTHONPATH=src python bench/multiturn_prefix_bench.py --tokenizer /tmp/qwen-tokenizer.json --json prefix.json
     PYTHONPATH=src python bench/multiturn_prefix_bench.py --tiny      # CPU smoke run
+
+A larger shape, whose prefill costs more per token (8B's is about 13x the 0.6B's FLOPs): an
+artifact built elsewhere with a tokenizer (bench/fp8_bench.py's bf16 8B, say), the server part
+alone, in one call of under 10 minutes:
+
+    PYTHONPATH=src python bench/multiturn_prefix_bench.py --artifact /tmp/qwen3_aot_fp8/8B/bf16 \
+        --parts server --tokenizer /tmp/qwen-tokenizer.json --json prefix-8B.json
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import random
@@ -83,7 +91,8 @@ TINY_SHAPE = Shape(conversations=4, turns=3, system=64, user=8, answer=8, think=
 CASES = ("shared system", "own history")
 PACINGS = ("back to back", "think time")
 GOAL_TTFT_RATIO = 5.0      # at the last turn, caching off over on (issue 31)
-GOAL_WORKLOAD_LOSS = 0.01  # nano-vllm's workload: caching on at most 1% slower
+GOAL_WORKLOAD_LOSS = 0.01
+PARTS = ("workload", "engine", "server")  # nano-vllm's workload, the core alone, through the server  # nano-vllm's workload: caching on at most 1% slower
 
 
 def conversations(shape: Shape, case: str, vocab: int, seed: int = 0) -> list[list[list[int]]]:
@@ -245,7 +254,13 @@ def main() -> None:
                     help="a tokenizer.json covering the model's vocabulary (Qwen's: tests/qwen_checkpoint.py makes "
                          "one); needed for time to first text. --tiny takes the test fixture's")
     ap.add_argument("--client-processes", type=int, default=4)
+    ap.add_argument("--artifact", type=Path, default=None,
+                    help="an artifact already built (with a tokenizer), instead of the 0.6B-shaped one")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     a = ap.parse_args()
+    parts = a.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        ap.error(f"--parts takes {', '.join(PARTS)}")
     shape = TINY_SHAPE if a.tiny else Shape()
     plan = workloads.TINY_PLAN if a.tiny else workloads.Plan()
     tokenizer = a.tokenizer or (workloads.REPO / "tests/fixtures/tiny-qwen3/tokenizer.json" if a.tiny else None)
@@ -254,18 +269,25 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
     r: dict = {**bench_support.system_info(device), "dtype": dtype, "model": "tiny" if a.tiny else "Qwen3-0.6B shape",
-               "shape": dataclasses.asdict(shape), "workload_plan": plan.workload}
-    # one graph: the small-batch graph's export and compile would double the build, and both
-    # arms of every comparison here run the same graphs
-    _, artifact, r["build_s"] = workloads.build(plan, a.work, device, dtype, a.tiny, tokenizer,
-                                                ("--no-small-batch-graph",))
+               "shape": dataclasses.asdict(shape), "workload_plan": plan.workload, "parts": parts}
+    if a.artifact is not None:
+        artifact = a.artifact
+        cfg = json.loads((artifact / "manifest.json").read_text())["model_config"]
+        r["model"] = f"{a.artifact} (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers)"
+    else:  # one graph: the small-batch graph's export and compile would double the build, and both
+        # arms of every comparison here run the same graphs
+        _, artifact, r["build_s"] = workloads.build(plan, a.work, device, dtype, a.tiny, tokenizer,
+                                                    ("--no-small-batch-graph",))
     vocab = json.loads((artifact / "manifest.json").read_text())["model_config"]["vocab_size"]
-    r["workload"] = nano_vllm_workload(artifact, plan, vocab)
-    print(f"[workload] {r['workload']}", flush=True)
-    r["engine_alone"] = engine_alone(artifact, shape, vocab)
+    if "workload" in parts:
+        r["workload"] = nano_vllm_workload(artifact, plan, vocab)
+        print(f"[workload] {r['workload']}", flush=True)
+    if "engine" in parts:
+        r["engine_alone"] = engine_alone(artifact, shape, vocab)
     r["multiturn"] = {}
-    with serve.client_pool(a.client_processes) as pool:
-        for caching in ("on", "off"):
+    a.work.mkdir(parents=True, exist_ok=True)
+    with serve.client_pool(a.client_processes) if "server" in parts else contextlib.nullcontext() as pool:
+        for caching in ("on", "off") if "server" in parts else ():
             port = serve.free_port()
             server = serve.start_server(artifact, port, a.work / f"server-caching-{caching}.log", "default",
                                         a.work / f"probe-{caching}.jsonl",
@@ -291,24 +313,30 @@ def report(r: dict, shape: Shape, tiny: bool) -> None:
     print(f"\n{r['gpu']}, torch {r['torch']}, {r['model']}, {r['dtype']}; {shape.conversations} conversations x "
           f"{shape.turns} turns, system {shape.system} tokens, user {shape.user}, answer {shape.answer}; "
           f"think time {shape.think} s mean in the paced runs")
-    w = r["workload"]
-    print(f"nano-vllm workload {r['workload_plan']}: caching on {w['on_tok_s']:.0f} tok/s, off {w['off_tok_s']:.0f} "
-          f"({w['loss']:+.1%} loss; {w['measured_hit_tokens']} tokens hit)")
-    for pacing in PACINGS:
+    w = r.get("workload")
+    if w:
+        print(f"nano-vllm workload {r['workload_plan']}: caching on {w['on_tok_s']:.0f} tok/s, off "
+              f"{w['off_tok_s']:.0f} ({w['loss']:+.1%} loss; {w['measured_hit_tokens']} tokens hit)")
+    for pacing in PACINGS if r["multiturn"] else ():
         print(f"\nthrough the server, {pacing}")
         turn_table(r["multiturn"], [f"{case}, {pacing}" for case in CASES])
-    print("\nthe core alone, each turn's requests at once")
-    turn_table(r["engine_alone"], list(CASES))
-    if not tiny:
-        def ratio(cases: dict, case: str) -> float:
-            return (cases[f"{case}, caching off"]["turns"][-1]["ttft_ms"]["p50"]
-                    / cases[f"{case}, caching on"]["turns"][-1]["ttft_ms"]["p50"])
+    if "engine_alone" in r:
+        print("\nthe core alone, each turn's requests at once")
+        turn_table(r["engine_alone"], list(CASES))
+    if tiny:
+        return
 
+    def ratio(cases: dict, case: str) -> float:
+        return (cases[f"{case}, caching off"]["turns"][-1]["ttft_ms"]["p50"]
+                / cases[f"{case}, caching on"]["turns"][-1]["ttft_ms"]["p50"])
+
+    if "engine_alone" in r:
         print(f"the core alone, turn {shape.turns}: {ratio(r['engine_alone'], 'shared system'):.1f}x lower with caching")
-        for pacing in PACINGS:
-            x = ratio(r["multiturn"], f"shared system, {pacing}")
-            print(f"goal: turn {shape.turns} TTFT p50 >= {GOAL_TTFT_RATIO:.0f}x lower with caching, through the "
-                  f"server, {pacing}: {x:.1f}x ({'met' if x >= GOAL_TTFT_RATIO else 'NOT met'})")
+    for pacing in PACINGS if r["multiturn"] else ():
+        x = ratio(r["multiturn"], f"shared system, {pacing}")
+        print(f"goal: turn {shape.turns} TTFT p50 >= {GOAL_TTFT_RATIO:.0f}x lower with caching, through the "
+              f"server, {pacing}: {x:.1f}x ({'met' if x >= GOAL_TTFT_RATIO else 'NOT met'})")
+    if w:
         print(f"goal: nano-vllm workload within {GOAL_WORKLOAD_LOSS:.0%}: {w['loss']:+.1%} "
               f"({'met' if w['loss'] <= GOAL_WORKLOAD_LOSS else 'NOT met'})")
 

@@ -21,8 +21,9 @@
 #   prefix:  prefix caching (issue 31): bench/multiturn_prefix_bench.py, multi-turn conversations
 #            through the server and nano-vllm's workload, caching on against off (not part of all;
 #            the wheels as for serve); prefix-tests: its tests on a CUDA artifact (CUDA graphs, overlap).
+#   prefix-8b: its server part on the 8B bf16 artifact that gpu_fp8_check.sh 8b-bf16 leaves (back to back)
 # Logs, JSON and the chart under $OUT; the tables last.
-#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|small|dependent|serve|prefix|prefix-tests]      (default all)
+#     bash scripts/gpu_perf_check.sh [kernels|e2e|all|small|dependent|serve|prefix|prefix-tests|prefix-8b]      (default all)
 #     E2E_SKIP= bash scripts/gpu_perf_check.sh e2e           # transformers on the nano-vllm workload too (~1 min)
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
@@ -103,6 +104,16 @@ if [[ $part == prefix ]]; then
     (cd /tmp/qwen3_aot_bench_prefix && tar -czf "$OUT/prefix_server_logs.tar.gz" server-*.log 2>/dev/null)
     tail -30 "$OUT/prefix.log"
     echo "prefix bench exit code: $bench_rc"
+    (( bench_rc )) && rc=1
+fi
+if [[ $part == prefix-8b ]]; then  # the server part on fp8_bench's 8B bf16 artifact (gpu_fp8_check.sh 8b-bf16 first)
+    serve_site
+    timeout "${PREFIX_TIMEOUT_S:-540}" python3 bench/multiturn_prefix_bench.py --tokenizer /tmp/qwen-tokenizer.json \
+        --artifact /tmp/qwen3_aot_fp8/8B/bf16 --parts server --json "$OUT/prefix-8B.json" > "$OUT/prefix-8B.log" 2>&1
+    bench_rc=$?
+    (cd /tmp/qwen3_aot_bench_prefix && tar -czf "$OUT/prefix_8B_server_logs.tar.gz" server-*.log 2>/dev/null)
+    tail -32 "$OUT/prefix-8B.log"
+    echo "prefix 8B bench exit code: $bench_rc"
     (( bench_rc )) && rc=1
 fi
 if [[ $part == serve ]]; then
