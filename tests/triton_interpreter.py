@@ -31,9 +31,12 @@ def skip_nested_repatching() -> None:
         return
     launch_call = executor.__call__
     patched: list[frozenset | None] = []  # per running launch: the language modules patched for it
+    seen: dict = {}  # function -> its languages (a scan of its module's globals, at every call otherwise)
 
     def languages(fn) -> frozenset:  # the modules interpreter._patch_lang patches for fn
-        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        if fn not in seen:
+            seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        return seen[fn]
 
     def patch_lang_once(fn):
         langs = languages(fn)
