@@ -199,10 +199,11 @@ def test_serve_no_prefix_caching_reaches_the_engine(monkeypatch, tmp_path):
 def test_token_id_prompts_are_made_on_the_event_loop_and_text_or_constraints_in_a_worker_thread():
     """A small body of token-id prompts with no constraint has nothing to tokenize or parse: its
     engine requests are made on the event loop, without the worker thread's round trip (GIL
-    hand-offs that time to first token paid). Text, a constraint or a big body keep the thread."""
+    hand-offs that time to first token paid). Text, a constraint, a big body, or more ids times
+    n than INLINE_IDS (work that would stall every other stream) keep the thread."""
     from types import SimpleNamespace
 
-    from qwen3_aot.serve.app import BIG_BODY_BYTES, _ids_only
+    from qwen3_aot.serve.app import BIG_BODY_BYTES, INLINE_IDS, _ids_only
     from qwen3_aot.serve.protocol import CompletionRequest
 
     def inline(size: int | None = 100, **body) -> bool:
@@ -214,3 +215,5 @@ def test_token_id_prompts_are_made_on_the_event_loop_and_text_or_constraints_in_
     assert not inline(prompt="text") and not inline(prompt=["a", "b"])
     assert not inline(prompt=[1, 2], guided_regex="a+") and not inline(prompt=[1, 2], structured_outputs={"regex": "a"})
     assert not inline(size=BIG_BODY_BYTES + 1, prompt=[1, 2]) and not inline(size=None, prompt=[1, 2])
+    ids = [7] * (INLINE_IDS // 4)
+    assert inline(prompt=ids, n=4) and not inline(prompt=ids, n=5) and not inline(prompt=[ids, ids, ids, ids, [7]])

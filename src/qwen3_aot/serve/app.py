@@ -10,7 +10,9 @@ request, at info level, when it ends.
 A request's way in: its limits are checked on the event loop (serve/limits.py: cheap checks of
 sizes and counts), its place in the queue is taken, then its prompts are rendered, tokenized
 and made into engine requests once, in a worker thread (`_prepare`): tokenizing a long prompt
-takes a while, and on the event loop it would hold up every other request. Bodies over
+takes a while, and on the event loop it would hold up every other request. Completions whose
+prompts are a few token ids already are made on the event loop (`_ids_only`): nothing to
+tokenize, and the thread's hand-offs cost more than the work. Bodies over
 BIG_BODY_BYTES get two threads of their own, so that giant prompts neither take every worker
 from ordinary requests nor hold more than two tokenizations' memory at once, and the memory
 they leave freed is handed back to the system once they are answered.
@@ -59,6 +61,7 @@ from qwen3_aot.serve.protocol import Response as Meta
 log = logging.getLogger("qwen3_aot.serve")
 DONE = "data: [DONE]\n\n"
 BIG_BODY_BYTES = 64 << 10  # a body this large (or of unknown size) is prepared in the big requests' threads
+INLINE_IDS = 16384  # token ids times n that a request made on the event loop may carry (`_ids_only`): ~2 ms
 BIG_WORKERS = 2
 T = TypeVar("T")
 
@@ -227,11 +230,11 @@ async def _prepare(st: _State, request: Request, count: int, make: Callable[...,
         raise ApiError(429, f"the server is full ({st.in_flight} requests running or waiting, its --max-queue is "
                             f"{st.limits.max_queue}); retry later.")
     st.in_flight += count
-    size = request.headers.get("content-length", "")
-    executor = None if size.isdigit() and int(size) <= BIG_BODY_BYTES else st.big  # None: asyncio's default
     try:
         if inline:
             return make(*args)
+        size = request.headers.get("content-length", "")
+        executor = None if size.isdigit() and int(size) <= BIG_BODY_BYTES else st.big  # None: asyncio's default
         return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(make, *args))
     except BaseException:
         st.in_flight -= count
@@ -246,9 +249,12 @@ def _ids_only(body: CompletionRequest, prompts: list[Prompt], request: Request) 
     trip only added the hand-offs (the thread waits for the GIL from the event loop, then wakes
     it again): 2 ms at the median, 6 ms at p90, with ten streams of 3,000-token prompts on a
     2-core CPU, time to first token that prefix caching cannot cut. Tokenizing (which releases
-    the GIL) and a constraint's parsing stay in the thread."""
+    the GIL) and a constraint's parsing stay in the thread, and so does a request whose ids
+    times n exceed INLINE_IDS: the work grows with both, and on the event loop it would stall
+    every other stream (64 KB of ids at n=128 took 138 ms)."""
     size = request.headers.get("content-length", "")
     return (size.isdigit() and int(size) <= BIG_BODY_BYTES and not any(isinstance(p, str) for p in prompts)
+            and sum(map(len, prompts)) * body.n <= INLINE_IDS
             and all(getattr(body, f, None) is None for f in structured.CONSTRAINT_FIELDS))
 
 
