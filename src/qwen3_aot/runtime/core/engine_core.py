@@ -261,7 +261,7 @@ class EngineCore:
         are `previous`'s samples on the device. A request whose token in flight is its last by
         max_tokens gets no row; one that ends by eos or a stop string (not known yet) gets one
         computed in vain. Sampled at once, unless a row is constrained: its mask needs the token
-        in flight, so the step comes back unsampled (`HeldBack`, sampled by `step`)."""
+        in flight, so the step comes back unsampled (`HeldBack`, sampled by `take`)."""
         if not self.overlap or self.graphs is None:
             return None
         rows = [i for i, r in enumerate(previous.requests) if not r.finished and r.tokens_left > 1]

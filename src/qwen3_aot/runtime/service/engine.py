@@ -99,7 +99,8 @@ class Engine:
         """Check a prompt and its parameters and make its request, tokenizing a text prompt (our
         error if bad); nothing is submitted until `stream(request)` or `stream_async(request)`
         is read, and a request streams once. Runs in the caller's thread: an event loop calls
-        it through a worker thread, since tokenizing a long prompt takes a while."""
+        it through a worker thread when there is text to tokenize, which takes a while (the
+        server makes prompts of a few token ids on the loop itself: serve/app.py)."""
         return self._loop.make_request(prompt, sampling)
 
     # ---- the checkpoint's sampling defaults ----

@@ -147,7 +147,8 @@ class EngineLoop:
                         # before the next forward is scheduled and launched (a mixed step's
                         # inputs and kernel launches would hold them back), and what was
                         # submitted while the loop waited for them joins that forward, not
-                        # the one after it
+                        # the one after it (unless `take` queued a decode step ahead: then
+                        # the newcomer joins the step after that one, as before)
                         took = core.take()
                         self._steps += 1
                         self._publish(took)
