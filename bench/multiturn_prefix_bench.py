@@ -46,7 +46,7 @@ artifact built elsewhere with a tokenizer (bench/fp8_bench.py's bf16 8B, say), t
 alone, in one call of under 10 minutes:
 
     PYTHONPATH=src python bench/multiturn_prefix_bench.py --artifact /tmp/qwen3_aot_fp8/8B/bf16 \
-        --parts server --tokenizer /tmp/qwen-tokenizer.json --json prefix-8B.json
+        --parts server --cases "shared system" --tokenizer /tmp/qwen-tokenizer.json --json prefix-8B.json
 """
 
 from __future__ import annotations
@@ -257,7 +257,11 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=None,
                     help="an artifact already built (with a tokenizer), instead of the 0.6B-shaped one")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     a = ap.parse_args()
+    cases = a.cases.split(",")
+    if not set(cases) <= set(CASES):
+        ap.error(f"--cases takes {', '.join(CASES)}")
     parts = a.parts.split(",")
     if not set(parts) <= set(PARTS):
         ap.error(f"--parts takes {', '.join(PARTS)}")
@@ -269,7 +273,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
     r: dict = {**bench_support.system_info(device), "dtype": dtype, "model": "tiny" if a.tiny else "Qwen3-0.6B shape",
-               "shape": dataclasses.asdict(shape), "workload_plan": plan.workload, "parts": parts}
+               "shape": dataclasses.asdict(shape), "workload_plan": plan.workload, "parts": parts,
+               "cases": cases}
     if a.artifact is not None:
         artifact = a.artifact
         cfg = json.loads((artifact / "manifest.json").read_text())["model_config"]
@@ -296,7 +301,7 @@ def main() -> None:
                 serve.over_http(port, [list(range(1, 17))], [runtime.SamplingParams(max_tokens=4, ignore_eos=True)],
                                 1, pool, 1)  # warm-up
                 for pacing in PACINGS:
-                    for case in CASES:
+                    for case in cases:
                         key = f"{case}, {pacing}, caching {caching}"
                         r["multiturn"][key] = run_case(port, conversations(shape, case, vocab, PACINGS.index(pacing)),
                                                        shape, pacing == "think time", pool, a.client_processes)
@@ -319,7 +324,7 @@ def report(r: dict, shape: Shape, tiny: bool) -> None:
               f"{w['off_tok_s']:.0f} ({w['loss']:+.1%} loss; {w['measured_hit_tokens']} tokens hit)")
     for pacing in PACINGS if r["multiturn"] else ():
         print(f"\nthrough the server, {pacing}")
-        turn_table(r["multiturn"], [f"{case}, {pacing}" for case in CASES])
+        turn_table(r["multiturn"], [f"{case}, {pacing}" for case in r["cases"]])
     if "engine_alone" in r:
         print("\nthe core alone, each turn's requests at once")
         turn_table(r["engine_alone"], list(CASES))

@@ -109,7 +109,7 @@ fi
 if [[ $part == prefix-8b ]]; then  # the server part on fp8_bench's 8B bf16 artifact (gpu_fp8_check.sh 8b-bf16 first)
     serve_site
     timeout "${PREFIX_TIMEOUT_S:-540}" python3 bench/multiturn_prefix_bench.py --tokenizer /tmp/qwen-tokenizer.json \
-        --artifact /tmp/qwen3_aot_fp8/8B/bf16 --parts server --json "$OUT/prefix-8B.json" > "$OUT/prefix-8B.log" 2>&1
+        --artifact /tmp/qwen3_aot_fp8/8B/bf16 --parts server --cases "shared system" --json "$OUT/prefix-8B.json" > "$OUT/prefix-8B.log" 2>&1
     bench_rc=$?
     (cd /tmp/qwen3_aot_bench_prefix && tar -czf "$OUT/prefix_8B_server_logs.tar.gz" server-*.log 2>/dev/null)
     tail -32 "$OUT/prefix-8B.log"
