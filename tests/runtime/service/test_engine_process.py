@@ -75,6 +75,25 @@ def test_a_closed_stream_aborts_its_request_in_the_child(engine):
     assert engine.stats().generation_tokens - before < LONG.max_tokens, "the abort cut it short"
 
 
+def test_a_stream_collected_inside_the_loops_locked_region_aborts_without_a_deadlock(engine):
+    """A stream's __del__ aborts its request, and the garbage collector runs it in whatever
+    thread allocates, which may be one holding the process loop's lock (inside submit, say):
+    the abort takes that lock again in the same thread. A plain lock would hang here."""
+    loop = engine._loop
+    stream = engine.stream(prompts()[0], LONG).start()
+    done = threading.Event()
+
+    def collected_while_locked():
+        with loop._lock:
+            stream.__del__()
+        done.set()
+
+    threading.Thread(target=collected_while_locked, daemon=True).start()
+    assert done.wait(10), "the abort inside the locked region deadlocked"
+    wait_until(lambda: engine.stats().num_running == 0 and engine.stats().num_free_blocks == engine.stats().num_blocks,
+               "the aborted request's blocks to come back")
+
+
 def test_a_killed_engine_process_ends_every_caller_with_our_error(runtime_artifact):
     eng = runtime.load(runtime_artifact, engine_process=True)
     streams = [eng.stream(p, LONG).start() for p in prompts()[:4]]

@@ -76,7 +76,9 @@ class ProcessLoop:
         self.info: EngineInfo
         self.stats: EngineStats
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # orders commands and submissions against the end
+        # orders commands and submissions against the end; reentrant, as EngineLoop's: a stream
+        # garbage-collected inside the locked region of the same thread aborts through it
+        self._lock = threading.RLock()
         self._ended: Qwen3AotError | None = None
         self._subs: dict[int, Submission] = {}  # by the parent's sequence id
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
