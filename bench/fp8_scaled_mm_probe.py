@@ -8,8 +8,8 @@ column-major, weight scales [N/128, K/128] passed transposed, K/128 a multiple o
 This probe prints, on the GPU machine: the API and its enum names, the shim's entries, each
 call's error against a float32 oracle and its time from a CUDA graph over rotated weights
 (beside bf16's) on 8B's projections at 1-2048 rows, and whether a small FP8 linear compiles
-through AOTInductor and matches eager. (1x128, 1x128) is our
-layout's (a scale per output row and group); our Triton GEMM is timed beside. Its JSON goes to $OUT/probe.json.
+through AOTInductor and matches eager. Also (1x128, 1x128) scales, our layout's (a scale per
+output row and group), and our Triton GEMM timed beside. Its JSON goes to $OUT/probe.json.
 
     PYTHONPATH=src python3 bench/fp8_scaled_mm_probe.py          # MS=1,64,512 to narrow; SKIP_AOTI=1
 """

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import random
@@ -91,8 +90,8 @@ TINY_SHAPE = Shape(conversations=4, turns=3, system=64, user=8, answer=8, think=
 CASES = ("shared system", "own history")
 PACINGS = ("back to back", "think time")
 GOAL_TTFT_RATIO = 5.0      # at the last turn, caching off over on (issue 31)
-GOAL_WORKLOAD_LOSS = 0.01
-PARTS = ("workload", "engine", "server")  # nano-vllm's workload, the core alone, through the server  # nano-vllm's workload: caching on at most 1% slower
+GOAL_WORKLOAD_LOSS = 0.01  # nano-vllm's workload: caching on at most 1% slower
+PARTS = ("workload", "engine", "server")  # nano-vllm's workload, the core alone, through the server
 
 
 def conversations(shape: Shape, case: str, vocab: int, seed: int = 0) -> list[list[list[int]]]:
@@ -245,6 +244,32 @@ def nano_vllm_workload(artifact: Path, plan: workloads.Plan, vocab: int) -> dict
             "loss": 1 - tok_s["on"] / tok_s["off"]}
 
 
+def through_server(artifact: Path, shape: Shape, cases: list[str], vocab: int, work: Path,
+                   client_processes: int) -> dict:
+    """Each pacing and case through a `qwen3-aot serve` with caching on, then one with it off."""
+    out = {}
+    work.mkdir(parents=True, exist_ok=True)
+    with serve.client_pool(client_processes) as pool:
+        for caching in ("on", "off"):
+            port = serve.free_port()
+            server = serve.start_server(artifact, port, work / f"server-caching-{caching}.log", "default",
+                                        work / f"probe-{caching}.jsonl",
+                                        () if caching == "on" else ("--no-prefix-caching",))
+            try:
+                serve.over_http(port, [list(range(1, 17))], [runtime.SamplingParams(max_tokens=4, ignore_eos=True)],
+                                1, pool, 1)  # warm-up
+                for pacing in PACINGS:
+                    for case in cases:
+                        key = f"{case}, {pacing}, caching {caching}"
+                        out[key] = run_case(port, conversations(shape, case, vocab, PACINGS.index(pacing)), shape,
+                                            pacing == "think time", pool, client_processes)
+                        print(f"[{key}] {out[key]}", flush=True)
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_bench_prefix"))
@@ -289,26 +314,8 @@ def main() -> None:
         print(f"[workload] {r['workload']}", flush=True)
     if "engine" in parts:
         r["engine_alone"] = engine_alone(artifact, shape, vocab)
-    r["multiturn"] = {}
-    a.work.mkdir(parents=True, exist_ok=True)
-    with serve.client_pool(a.client_processes) if "server" in parts else contextlib.nullcontext() as pool:
-        for caching in ("on", "off") if "server" in parts else ():
-            port = serve.free_port()
-            server = serve.start_server(artifact, port, a.work / f"server-caching-{caching}.log", "default",
-                                        a.work / f"probe-{caching}.jsonl",
-                                        () if caching == "on" else ("--no-prefix-caching",))
-            try:
-                serve.over_http(port, [list(range(1, 17))], [runtime.SamplingParams(max_tokens=4, ignore_eos=True)],
-                                1, pool, 1)  # warm-up
-                for pacing in PACINGS:
-                    for case in cases:
-                        key = f"{case}, {pacing}, caching {caching}"
-                        r["multiturn"][key] = run_case(port, conversations(shape, case, vocab, PACINGS.index(pacing)),
-                                                       shape, pacing == "think time", pool, a.client_processes)
-                        print(f"[{key}] {r['multiturn'][key]}", flush=True)
-            finally:
-                server.terminate()
-                server.wait(timeout=60)
+    r["multiturn"] = through_server(artifact, shape, cases, vocab, a.work, a.client_processes) \
+        if "server" in parts else {}
     if a.json:
         a.json.write_text(json.dumps(r, indent=1))
     report(r, shape, a.tiny)

@@ -96,24 +96,16 @@ if [[ $part == prefix-tests ]]; then
     echo "prefix tests exit code: $tests_rc"
     (( tests_rc )) && rc=1
 fi
-if [[ $part == prefix ]]; then
+if [[ $part == prefix || $part == prefix-8b ]]; then
     serve_site
+    args=(--json "$OUT/$part.json")  # prefix-8b: the server part on fp8_bench's 8B bf16 artifact (8b-bf16 first)
+    [[ $part == prefix-8b ]] && args+=(--artifact /tmp/qwen3_aot_fp8/8B/bf16 --parts server --cases "shared system")
     timeout "${PREFIX_TIMEOUT_S:-540}" python3 bench/multiturn_prefix_bench.py --tokenizer /tmp/qwen-tokenizer.json \
-        --json "$OUT/prefix.json" > "$OUT/prefix.log" 2>&1
+        "${args[@]}" > "$OUT/$part.log" 2>&1
     bench_rc=$?
-    (cd /tmp/qwen3_aot_bench_prefix && tar -czf "$OUT/prefix_server_logs.tar.gz" server-*.log 2>/dev/null)
-    tail -30 "$OUT/prefix.log"
-    echo "prefix bench exit code: $bench_rc"
-    (( bench_rc )) && rc=1
-fi
-if [[ $part == prefix-8b ]]; then  # the server part on fp8_bench's 8B bf16 artifact (gpu_fp8_check.sh 8b-bf16 first)
-    serve_site
-    timeout "${PREFIX_TIMEOUT_S:-540}" python3 bench/multiturn_prefix_bench.py --tokenizer /tmp/qwen-tokenizer.json \
-        --artifact /tmp/qwen3_aot_fp8/8B/bf16 --parts server --cases "shared system" --json "$OUT/prefix-8B.json" > "$OUT/prefix-8B.log" 2>&1
-    bench_rc=$?
-    (cd /tmp/qwen3_aot_bench_prefix && tar -czf "$OUT/prefix_8B_server_logs.tar.gz" server-*.log 2>/dev/null)
-    tail -32 "$OUT/prefix-8B.log"
-    echo "prefix 8B bench exit code: $bench_rc"
+    (cd /tmp/qwen3_aot_bench_prefix && tar -czf "$OUT/${part}_server_logs.tar.gz" server-*.log 2>/dev/null)
+    tail -32 "$OUT/$part.log"
+    echo "$part bench exit code: $bench_rc"
     (( bench_rc )) && rc=1
 fi
 if [[ $part == serve ]]; then
