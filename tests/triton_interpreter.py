@@ -14,6 +14,7 @@ these names are left as they are: the tests are the same, only slower.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 
@@ -31,12 +32,9 @@ def skip_nested_repatching() -> None:
         return
     launch_call = executor.__call__
     patched: list[frozenset | None] = []  # per running launch: the language modules patched for it
-    seen: dict = {}  # function -> its languages (a scan of its module's globals, at every call otherwise)
-
+    @functools.cache  # a scan of the function's module globals, at every launch otherwise
     def languages(fn) -> frozenset:  # the modules interpreter._patch_lang patches for fn
-        if fn not in seen:
-            seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
-        return seen[fn]
+        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
 
     def patch_lang_once(fn):
         langs = languages(fn)
