@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qwen3_aot import quantization
 from qwen3_aot.errors import Qwen3AotError
 
 FORMAT_VERSION = 1
@@ -104,7 +105,6 @@ def _check_structure(artifact: Path, manifest: dict[str, Any]) -> None:
         raise Qwen3AotError(f"{artifact}/{MANIFEST} lists different files under files and sizes; rebuild the artifact.")
 
 
-QUANTIZATION_METHODS = ("fp8", "compressed-tensors", "quantize fp8")
 FP8_STORED, SCALE_STORED = "F8_E4M3", "F32"
 
 
@@ -113,7 +113,7 @@ def check_quantization(artifact: Path, manifest: dict[str, Any]) -> None:
     dtype is: exactly its layers stored in FP8, each with its fp32 scales, and nothing else FP8."""
     q = manifest.get("quantization")
     weights = manifest.get("weights")
-    if q is not None and not (isinstance(q, dict) and q.get("method") in QUANTIZATION_METHODS
+    if q is not None and not (isinstance(q, dict) and q.get("method") in quantization.METHODS
                               and isinstance(q.get("layers"), list)):
         raise Qwen3AotError(f"{artifact}/{MANIFEST} has a quantization entry this qwen3-aot does not read "
                             f"({q!r:.200}); "

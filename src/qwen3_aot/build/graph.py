@@ -57,9 +57,6 @@ class GraphLimits:
         return -(-self.max_model_len // self.block_size)
 
 
-INPUT_NAMES = ["input_ids", "positions", "seq_ids", "block_tables", "logits_indices", "k_caches", "v_caches"]
-
-
 def example_inputs(model: Qwen3ForCausalLM, limits: GraphLimits) -> tuple:
     """Two sequences of three tokens each: every dynamic size >= 2, so none is specialised."""
     dev = model.device

@@ -46,7 +46,6 @@ class _Driver:
                                             ctypes.c_uint64, ctypes.POINTER(ctypes.c_int)]
         p, vp, size_p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)
         edges = ctypes.POINTER(_EdgeData)
-        self.get_nodes = self._entry(lib, "cuGraphGetNodes", [p, vp, size_p])
         self.node_type = self._entry(lib, "cuGraphNodeGetType", [p, ctypes.POINTER(ctypes.c_int)])
         self.kernel_params = self._entry(lib, "cuGraphKernelNodeGetParams", [p, ctypes.POINTER(_KernelNodeParams)],
                                          version=12000)
