@@ -38,6 +38,21 @@ def test_chat_equals_the_engines_chat_streamed_or_not(qwen_server, qwen_engine, 
     assert chunks[-1].usage.completion_tokens == want.output_tokens
 
 
+def test_chat_continuous_usage_stats_counts_each_choices_tokens_so_far(qwen_server, qwen_engine):
+    """vLLM's continuous_usage_stats in chat: the role chunk says 0 completion tokens, each later
+    chunk its choice's tokens so far (counted by the chunks' logprobs), the last chunk the whole."""
+    want = qwen_engine.chat(MESSAGES, SamplingParams(max_tokens=10, temperature=0))
+    chunks = list(chat(qwen_server, max_tokens=10, temperature=0, n=2, logprobs=True, stream=True,
+                       stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counted = [0, 0]
+    for c in chunks[:-1]:
+        i = c.choices[0].index
+        counted[i] += len(c.choices[0].logprobs.content) if c.choices[0].logprobs else 0
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (want.prompt_tokens, counted[i])
+    assert [c.usage.completion_tokens for c in chunks[:2]] == [0, 0] and counted == [want.output_tokens] * 2
+    assert chunks[-1].usage.completion_tokens == 2 * want.output_tokens
+
+
 def test_chat_logprobs_are_the_engines(qwen_server, qwen_engine):
     want = qwen_engine.chat(MESSAGES, SamplingParams(max_tokens=8, temperature=0, logprobs=True))
     lp = chat(qwen_server, max_tokens=8, temperature=0, logprobs=True).choices[0].logprobs.content

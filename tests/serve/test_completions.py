@@ -57,6 +57,28 @@ def test_stream_ends_with_done_and_no_usage_unless_asked(tiny_server):
     assert all("usage" not in json.loads(e[6:]) for e in events[:-1])
 
 
+def test_continuous_usage_stats_puts_each_choices_usage_so_far_in_every_chunk(tiny_server, tiny_engine):
+    """vLLM's stream_options.continuous_usage_stats (guidellm asks for it): every chunk carries its
+    choice's prompt tokens and its completion tokens so far, which the chunks' own logprobs count
+    (one entry a token, OpenAI's definition); the last chunk is still the whole request's usage,
+    and without include_usage the option gives nothing (vLLM's rule)."""
+    prompts = [PROMPT, "def f(x):"]
+    prompt_tokens = [len(tiny_engine.tokenizer.encode(p)) for p in prompts]
+    _, chunks = stream(tiny_server, prompt=prompts, n=2, max_tokens=12, temperature=0, logprobs=0,
+                       stream_options={"include_usage": True, "continuous_usage_stats": True})
+    counted = [0] * 4
+    for c in chunks[:-1]:
+        i = c.choices[0].index
+        counted[i] += len(c.choices[0].logprobs.tokens)
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (prompt_tokens[i // 2], counted[i])
+        assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    assert counted == [12] * 4
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 48
+    assert chunks[-1].usage.prompt_tokens == sum(prompt_tokens)
+    _, chunks = stream(tiny_server, prompt=PROMPT, max_tokens=4, stream_options={"continuous_usage_stats": True})
+    assert all(c.usage is None for c in chunks)
+
+
 def test_stop_string_cuts_the_text_as_the_engine_does(tiny_server, tiny_engine):
     free = tiny_engine.generate(PROMPT, SamplingParams(max_tokens=24, temperature=0))[0].text
     stop = free[6:9]  # a string the greedy output does reach

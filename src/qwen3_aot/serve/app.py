@@ -351,7 +351,6 @@ def _sse(events: AsyncIterator[dict], st: _State, gen: Generation, meta: Meta, r
 
 
 async def _stream_completion(st: _State, gen: Generation, meta: Meta, body: CompletionRequest) -> AsyncIterator[dict]:
-    extra = {"usage": None} if body.include_usage else {}
     pending = _Pending(body.n * len(body.prompts()))
     offsets = [0] * len(pending.ids)  # where each choice's text so far ends, for text_offset
     async for e in gen.events():
@@ -363,7 +362,7 @@ async def _stream_completion(st: _State, gen: Generation, meta: Meta, body: Comp
             logprobs = st.text.completion_logprobs(*pending.pop(e.index), offset=offsets[e.index])
             offsets[e.index] += sum(map(len, logprobs["tokens"]))
         yield meta.body([{"index": e.index, "text": e.text, "logprobs": logprobs, "finish_reason": _finish(e)}],
-                        **extra)
+                        **_chunk_usage(body, gen, e.index, pending.sent[e.index]))
     if body.include_usage:
         yield meta.body([], usage=_usage(gen.completions, body.n))
 
@@ -373,11 +372,13 @@ class _Pending:
     its tokens)."""
 
     def __init__(self, choices: int) -> None:
+        self.sent = [0] * choices  # each choice's tokens so far, sent or about to be
         self.ids: list[list[int]] = [[] for _ in range(choices)]
         self.logprobs: list[list[float]] = [[] for _ in range(choices)]
         self.top: list[list[dict[int, float]] | None] = [[] for _ in range(choices)]
 
     def add(self, e: Event) -> None:
+        self.sent[e.index] += len(e.token_ids)
         self.ids[e.index] += e.token_ids
         self.logprobs[e.index] += e.logprobs or []
         if e.top_logprobs is None:
@@ -394,10 +395,9 @@ class _Pending:
 
 async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatRequest,
                        thinking: bool, parse_tools: bool) -> AsyncIterator[dict]:
-    extra = {"usage": None} if body.include_usage else {}
     for i in range(body.n):
         yield meta.body([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}], **extra)
+                          "finish_reason": None}], **_chunk_usage(body, gen, i, 0))
     splitters = [ReasoningSplitter(in_reasoning=thinking) for _ in range(body.n)]
     calls = [structured.StreamedCalls(parse_tools) for _ in range(body.n)]
     pending = _Pending(body.n)
@@ -422,9 +422,20 @@ async def _stream_chat(st: _State, gen: Generation, meta: Meta, body: ChatReques
         for k, delta in enumerate(deltas):
             last = k == len(deltas) - 1
             yield meta.body([{"index": e.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
-                              "finish_reason": finish if last else None}], **extra)
+                              "finish_reason": finish if last else None}],
+                            **_chunk_usage(body, gen, e.index, pending.sent[e.index]))
     if body.include_usage:
         yield meta.body([], usage=_usage(gen.completions, body.n))
+
+
+def _chunk_usage(body: CompletionRequest | ChatRequest, gen: Generation, index: int, tokens: int) -> dict:
+    """What a chunk carries besides its choice: with include_usage, "usage": null (OpenAI's: the
+    last chunk has it); with continuous_usage_stats too, its choice's prompt and completion
+    tokens so far (vLLM's, which load generators such as guidellm ask for)."""
+    if body.continuous_usage:
+        prompt = gen.prompt_tokens[index]
+        return {"usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}}
+    return {"usage": None} if body.include_usage else {}
 
 
 def _finish(e: Event) -> str | None:

@@ -47,6 +47,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk also carries its choice's usage so far
 
 
 class _Sampling(_Request):
@@ -80,6 +81,11 @@ class _Sampling(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's rule: continuous_usage_stats counts only with include_usage."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def ignored_fields(self) -> list[str]:
         """The fields sent that this server does not know (it ignores them; the route logs them)."""
