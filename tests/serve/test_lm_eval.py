@@ -2,8 +2,7 @@
 JSON file) through `local-completions` against the server, and through `hf` on the same fp32
 checkpoint: each choice's loglikelihood within 1e-4 and the same accuracy.
 
-lm-eval is not in the test extra: its install pulls datasets, pyarrow, pandas, scipy,
-scikit-learn and nltk (minutes and hundreds of MB for CI). `pip install 'lm-eval[api,hf]'` to run this.
+lm-eval comes with the test extra (qwen3-aot[eval], which is lm-eval[api,hf]).
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ import pytest
 
 from suite_support import FIXTURE, train_text
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[api,hf]'; not "
-                                                "in the test extra: its dependencies are too heavy for CI)")
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
 
 pytest.importorskip("tenacity", reason="lm-eval's API models need its api extra: pip install 'lm-eval[api,hf]'")
 pytest.importorskip("accelerate", reason="lm-eval's hf model needs its hf extra: pip install 'lm-eval[api,hf]'")
