@@ -1,7 +1,8 @@
 """guidellm (vLLM's load generator) as a real client: its synthetic-data benchmark, four streams
-at once against the tiny server on 127.0.0.1 for a bounded number of requests; every request
-completes with the output length it asked for, and each streamed output equals the same request
-sent again alone, not streamed."""
+at once against a server on 127.0.0.1 for a bounded number of requests, completions on the tiny
+fixture and chat (guidellm's default) on the Qwen-tokenizer artifact; every request completes
+with the output length it asked for, and each streamed output equals the same request sent
+again alone, not streamed."""
 
 from __future__ import annotations
 
@@ -15,19 +16,20 @@ import pytest
 from suite_support import FIXTURE
 
 pytest.importorskip("guidellm")
-pytestmark = [pytest.mark.xdist_group("tiny_server"), pytest.mark.deadline(240)]
+pytestmark = pytest.mark.deadline(240)
 REQUESTS, STREAMS, PROMPT_TOKENS, OUTPUT_TOKENS = 16, 4, 48, 16
 
 
-def run_guidellm(target: str, folder) -> dict:
+def run_guidellm(target: str, model: str, route: str, tokenizer, folder) -> list[dict]:
     """`guidellm run` with a scenario file: synthetic prompts of PROMPT_TOKENS through the
-    fixture's tokenizer, greedy (its `extras` join every request's body), its JSON report."""
+    checkpoint's tokenizer, greedy (its `extras` join every request's body); the requests of its
+    one benchmark, each checked to have completed."""
     report = folder / "report.json"
     scenario = {"spec": {
-        "backend": {"kind": "openai_http", "target": target, "model": "tiny", "request_format": "/v1/completions",
+        "backend": {"kind": "openai_http", "target": target, "model": model, "request_format": route,
                     "extras": {"body": {"temperature": 0}}},
         "profile": {"kind": "concurrent", "streams": STREAMS},
-        "tokenizer": {"kind": "huggingface_auto", "model": str(FIXTURE)},
+        "tokenizer": {"kind": "huggingface_auto", "model": str(tokenizer)},
         "data": [{"kind": "synthetic_text", "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS}],
         "constraints": [{"kind": "max_requests", "count": REQUESTS}],
         "outputs": [{"kind": "json", "path": str(report)}],
@@ -38,20 +40,36 @@ def run_guidellm(target: str, folder) -> dict:
     p = subprocess.run([sys.executable, "-m", "guidellm", "run", "-c", str(folder / "scenario.json"),
                         "--disable-console"], capture_output=True, text=True, timeout=200, env=env, cwd=folder)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return json.loads(report.read_text())
-
-
-def test_guidellm_benchmark_completes_every_request_as_each_alone(tiny_server, tmp_path):
-    benchmark, = run_guidellm(tiny_server.base, tmp_path)["benchmarks"]
+    benchmark, = json.loads(report.read_text())["benchmarks"]
+    assert benchmark["config"]["strategy"]["streams"] == STREAMS
     done = benchmark["requests"]
     assert not done["errored"] and not done["incomplete"] and len(done["successful"]) == REQUESTS
-    assert benchmark["config"]["strategy"]["streams"] == STREAMS
-    for r in done["successful"]:
-        body = json.loads(r["request_args"])["body"]
-        assert body["stream"] and body["max_tokens"] == OUTPUT_TOKENS and body["temperature"] == 0
-        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        status, alone = tiny_server.post("/v1/completions", body)
-        assert status == 200
-        assert r["output"] == alone["choices"][0]["text"]
-        assert (r["prompt_tokens"], r["output_tokens"]) == (alone["usage"]["prompt_tokens"], OUTPUT_TOKENS)
+    return done["successful"]
+
+
+def alone(server, route: str, r: dict) -> dict:
+    """The body guidellm sent for request r, sent again by itself and not streamed."""
+    body = json.loads(r["request_args"])["body"]
+    limit = body.get("max_tokens", body.get("max_completion_tokens"))  # chat: OpenAI's newer name
+    assert body["stream"] and limit == OUTPUT_TOKENS and body["temperature"] == 0
+    status, answer = server.post(route, {k: v for k, v in body.items() if k not in ("stream", "stream_options")})
+    assert status == 200, answer
+    assert (r["prompt_tokens"], r["output_tokens"]) == (answer["usage"]["prompt_tokens"], OUTPUT_TOKENS)
+    return answer
+
+
+@pytest.mark.xdist_group("tiny_server")
+def test_guidellm_completions_complete_every_request_as_each_alone(tiny_server, tmp_path):
+    for r in run_guidellm(tiny_server.base, "tiny", "/v1/completions", FIXTURE, tmp_path):
+        assert r["output"] == alone(tiny_server, "/v1/completions", r)["choices"][0]["text"]
         assert r["prompt_tokens"] == PROMPT_TOKENS  # guidellm sized its synthetic text with the same tokenizer
+
+
+@pytest.mark.xdist_group("qwen_artifact")
+def test_guidellm_chat_completes_every_request_as_each_alone(qwen_server, qwen_checkpoint, tmp_path):
+    """Chat through Qwen3's template (thinking on): guidellm keeps the reasoning apart as the
+    server streams it."""
+    for r in run_guidellm(qwen_server.base, "qwen", "/v1/chat/completions", qwen_checkpoint, tmp_path):
+        message = alone(qwen_server, "/v1/chat/completions", r)["choices"][0]["message"]
+        assert (r["output"] or None, r["reasoning_output"]) == (message["content"] or None,
+                                                                message.get("reasoning_content"))
