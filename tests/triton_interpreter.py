@@ -32,6 +32,7 @@ def skip_nested_repatching() -> None:
         return
     launch_call = executor.__call__
     patched: list[frozenset | None] = []  # per running launch: the language modules patched for it
+
     @functools.cache  # a scan of the function's module globals, at every launch otherwise
     def languages(fn) -> frozenset:  # the modules interpreter._patch_lang patches for fn
         return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))

@@ -433,8 +433,7 @@ def _chunk_usage(body: CompletionRequest | ChatRequest, gen: Generation, index: 
     last chunk has it); with continuous_usage_stats too, its choice's prompt and completion
     tokens so far (vLLM's, which load generators such as guidellm ask for)."""
     if body.continuous_usage:
-        prompt = gen.prompt_tokens[index]
-        return {"usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}}
+        return {"usage": protocol.usage(gen.prompt_tokens[index], tokens, cached_tokens=None)}
     return {"usage": None} if body.include_usage else {}
 
 
