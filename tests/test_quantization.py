@@ -7,7 +7,7 @@ import torch
 
 from fp8_checkpoints import COMPRESSED_TENSORS_CONFIG
 from qwen3_aot import Qwen3AotError
-from qwen3_aot.quantization import parse, row_scales
+from qwen3_aot.quantization import parse, row_scales, rows_repeat_by_block
 
 
 def _compressed(strategy: str, **weights) -> dict:
@@ -43,3 +43,20 @@ def test_ignored_layers_by_name_and_by_pattern():
 def test_other_quantizations_are_refused_by_name(config, message):
     with pytest.raises(Qwen3AotError, match=message):
         parse(config, "config.json")
+
+
+def test_scales_repeat_by_block_only_where_every_128_rows_share_theirs():
+    """What lets cuBLAS's 128x128 block-scaled GEMM read a fused projection: parts of whole blocks
+    (q of 128 rows, then k of 128) do; a part of 64 rows makes a block of two parts' scales
+    (the fixture's k and v); per-channel scales and row counts off 128 do not."""
+    block = parse({"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                           "weight_block_size": [128, 128]}}, "c")
+    part = lambda rows, seed: row_scales((rows, 600), torch.rand(-(-rows // 128), 5,  # noqa: E731
+                                                                  generator=torch.Generator().manual_seed(seed)) + 0.1,
+                                         block, "s")
+    assert rows_repeat_by_block(torch.cat([part(256, 0), part(128, 1)]))
+    assert not rows_repeat_by_block(torch.cat([part(128, 0), part(64, 1), part(64, 2)]))
+    assert not rows_repeat_by_block(part(192, 0))
+    channel = parse(_compressed("channel"), "c")
+    assert not rows_repeat_by_block(row_scales((256, 600), torch.rand(256, 1) + 0.1, channel, "s"))
+    assert rows_repeat_by_block(row_scales((256, 600), torch.full((256, 1), 0.5), channel, "s"))

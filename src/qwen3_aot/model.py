@@ -23,7 +23,7 @@ import qwen3_aot.custom_ops  # noqa: F401  (registers torch.ops.qwen3_aot.*)
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.qkv_rope import rope_cos_sin
 from qwen3_aot.errors import Qwen3AotError
-from qwen3_aot.quantization import GROUP, SCALE_SUFFIX, quantized_layers
+from qwen3_aot.quantization import GROUP, SCALE_SUFFIX, quantized_layers, rows_repeat_by_block
 from qwen3_aot.weights import checkpoint_quantization, load_checkpoint, parse_dtype
 
 # The registered ops: what torch.export keeps as single nodes and AOTInductor compiles. A
@@ -51,7 +51,9 @@ def rope_table(cfg: Qwen3Config, max_positions: int, device: torch.device | str)
 
 class DecoderLayer(nn.Module):
     """One layer's weights, named as weights.to_model_state names them; each projection named in
-    `fp8` is float8_e4m3fn with its scales beside it (quantization.py, custom_ops/fp8_linear.py)."""
+    `fp8` is float8_e4m3fn with its scales beside it (quantization.py, custom_ops/fp8_linear.py),
+    and those in `block_scaled` have one scale per 128x128 block (set when the weights are in)."""
+    block_scaled: frozenset[str] = frozenset()
 
     def __init__(self, cfg: Qwen3Config, dtype: torch.dtype, device: torch.device | str,
                  fp8: frozenset[str] = frozenset()) -> None:
@@ -124,6 +126,9 @@ class Qwen3ForCausalLM(nn.Module):
         model = cls(cfg, parse_dtype(dtype or cfg.dtype), device="meta", ops=ops, fp8_layers=layers)
         model.quantization = quant.manifest_entry(layers) if quant and layers else None
         model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+        for i, layer in enumerate(model.layers):
+            layer.block_scaled = frozenset(n.split(".", 2)[2] for n in layers if n.startswith(f"layers.{i}.")
+                                           and rows_repeat_by_block(state[n + SCALE_SUFFIX]))
         model.cos_sin = model.cos_sin.to(device)
         return model.eval()
 
@@ -216,7 +221,7 @@ def project(layer: DecoderLayer, name: str, x: torch.Tensor, ops: Any,
     kernel, as small_linear is for float weights)."""
     w, scale = getattr(layer, name), getattr(layer, name + SCALE_SUFFIX, None)
     if scale is not None:
-        return ops.fp8_linear(x, w, scale, not few_rows)
+        return ops.fp8_linear(x, w, scale, not few_rows, name in layer.block_scaled)
     return ops.small_linear(x, w) if few_rows else F.linear(x, upcast(w))
 
 

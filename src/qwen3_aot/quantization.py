@@ -213,3 +213,12 @@ def model_state_items(names: Iterator[tuple[str, tuple[str, ...]]], get: Callabl
 def quantized_layers(state: dict[str, torch.Tensor]) -> list[str]:
     """Our names of the quantized projections in a state dict."""
     return sorted(k[: -len(SCALE_SUFFIX)] for k in state if k.endswith(SCALE_SUFFIX))
+
+
+def rows_repeat_by_block(scale: torch.Tensor) -> bool:
+    """Whether our scales [N, ceil(K/128)] are one per 128x128 weight block (N a multiple of 128,
+    every row of a block of 128 rows with the same scales): what a 128x128 block-scaled GEMM
+    reads. True of Qwen's block FP8 and of `export --quantize fp8` when each fused part's rows
+    are a multiple of 128 (every Qwen3's are); not of per-channel scales."""
+    n = scale.shape[0]
+    return n % GROUP == 0 and bool((scale.view(n // GROUP, GROUP, -1) == scale[::GROUP, None]).all())

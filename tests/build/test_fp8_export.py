@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from artifact_damage import edit_manifest
+from random_checkpoints import write_random_checkpoint
 from fp8_checkpoints import float64_reference, write_bf16, write_block_fp8, write_compressed_tensors
 from greedy_reference import prompts, tokenizer
 from qwen3_aot import Qwen3AotError, manifest, runtime
 from qwen3_aot.build import export
 from qwen3_aot.driver import FlatBatchDriver
-from qwen3_aot.model import Qwen3ForCausalLM
+from qwen3_aot.model import OPS, Qwen3ForCausalLM
 from qwen3_aot.runtime import SamplingParams
 from qwen3_aot.weights import load_checkpoint
 
@@ -202,3 +203,33 @@ def test_an_fp8_artifact_is_refused_on_a_gpu_without_fp8(fp8_artifact, monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_a: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(Qwen3AotError, match=r"FP8 weights, which need a GPU of compute capability 8.9.*A100"):
         manifest.check_compiled(fp8_artifact, man)
+
+
+class _RecordingOps:
+    """Our ops, recording what each fp8_linear call is told (act_quant, block_scales)."""
+    def __init__(self):
+        self.fp8_calls = []
+
+    def __getattr__(self, name):
+        return getattr(OPS, name)
+
+    def fp8_linear(self, x, w, w_scale, act_quant, block_scales=False):
+        self.fp8_calls.append((act_quant, block_scales))
+        return OPS.fp8_linear(x, w, w_scale, act_quant, block_scales)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_the_graph_asks_for_the_block_scaled_gemm_where_every_projection_has_whole_blocks(tmp_path, block_fp8,
+                                                                                           aligned):
+    """Heads of 128 make every fused part whole 128-row blocks: each GEMM may be cuBLAS's. The
+    fixture's k and v (64 rows each) share a block: its GEMMs must not be."""
+    ckpt = write_random_checkpoint(tmp_path / "aligned", dtype=torch.bfloat16, hidden_size=128, intermediate_size=256,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=128) if aligned else block_fp8
+    ops = _RecordingOps()
+    model = Qwen3ForCausalLM.from_pretrained(ckpt, device="cpu", quantize="fp8" if aligned else None, ops=ops)
+    driver = FlatBatchDriver(model, model.config, model.dtype, "cpu")
+    driver.logits([[3, 5, 7], [11, 13]])
+    layers = model.config.num_hidden_layers
+    assert ops.fp8_calls == [(True, aligned)] * 4 * layers
+    assert all(layer.block_scaled == (frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}) if aligned
+                                      else frozenset()) for layer in model.layers)

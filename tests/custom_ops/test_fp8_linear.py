@@ -73,6 +73,67 @@ def test_activation_quantizer_is_the_definition(shape, kernel_device):
     assert torch.equal(rs, torch.where(groups.abs().amax(-1) > 0, groups.abs().amax(-1) / 448, 1.0))
 
 
+def test_column_major_activation_scales_are_the_same_scales(kernel_device):
+    """cuBLAS reads activation scales groups-outermost: the same values, only laid out so."""
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    q, s = fp8.quantize_groups_triton(x.to(kernel_device), column_major=True)
+    rq, rs = fp8.quantize_groups_reference(x)
+    assert s.stride() == (1, 5) and torch.equal(s.cpu(), rs) and torch.equal(q.cpu().float(), rq.float())
+
+
+def _block_scaled(n, k, seed):
+    """Weights whose scales are one per 128x128 block, repeated over the block's rows."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 30).clamp(-448, 448).to(fp8.FP8)
+    blocks = torch.rand(-(-n // 128), -(-k // 128), generator=g) / 300 + 1e-4
+    return w, blocks.repeat_interleave(128, 0)[:n].contiguous()
+
+
+CUBLAS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="cuBLAS's block-scaled FP8 GEMM runs on sm_90")
+
+
+@CUBLAS
+@pytest.mark.parametrize("m", [1, 3, 64, 300])
+def test_cublas_block_gemm_is_as_close_to_float64_as_the_reference(m):
+    w, scale = _block_scaled(384, 1024, seed=m)
+    x = (torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16)
+    assert fp8.cublas_block_gemm_applies(x.cuda(), w.cuda())
+    got = fp8.fp8_gemm_cublas(x.cuda(), w.cuda(), scale.cuda())
+    assert got.shape == (m, 384) and got.dtype == torch.bfloat16
+    oracle = _oracle(x, w, scale, True)
+    ref_err = rel_err(fp8.fp8_linear_reference(x, w, scale, True), oracle)
+    assert rel_err(got, oracle) <= 1.25 * ref_err + rounded_once_tol(torch.bfloat16, interpreted=False)
+    # the op takes this path only when told the scales are by block, and then agrees with the Triton GEMM's bound
+    op = torch.ops.qwen3_aot.fp8_linear(x.cuda(), w.cuda(), scale.cuda(), True, True)
+    assert torch.equal(op, got)
+
+
+@CUBLAS
+def test_cublas_block_gemm_compiles_through_aoti_as_eager(tmp_path):
+    """The op with block scales through torch.export and AOTInductor (torch._scaled_mm has a C
+    shim): the package computes what eager computes, at two row counts of one dynamic graph."""
+    w, scale = _block_scaled(256, 512, seed=7)
+    w, scale = w.cuda(), scale.cuda()
+
+    class Projection(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", w)
+            self.register_buffer("scale", scale)
+
+        def forward(self, x):
+            return torch.ops.qwen3_aot.fp8_linear(x, self.w, self.scale, True, True)
+
+    x = torch.randn(96, 512, device="cuda").to(torch.bfloat16)
+    ep = torch.export.export(Projection(), (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=4096)},))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "p.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    for rows in (96, 3):
+        xr = x[:rows].contiguous()
+        assert torch.equal(compiled(xr), fp8.fp8_gemm_cublas(xr, w, scale))
+
+
 def test_weight_quantizer_rounds_each_128x128_block_to_nearest():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(200, 300, generator=g).to(torch.bfloat16)

@@ -58,7 +58,8 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(REFERENCE_DTYPE)
 
 
-def _dequantized_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+def _dequantized_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool,
+                        block_scales: bool = False) -> torch.Tensor:
     """An FP8 projection as the checkpoint means it: x times the exactly dequantized weight, in
     float64. Without the activation quantization of the FP8 GEMM: that is an error of the graph
     (the build's verify measures it), not part of the model."""

@@ -1,8 +1,11 @@
 """Projections with FP8 (e4m3) weights in blocks of 128 inputs, each row of a block with its scale.
 
-``fp8_linear(x, w, w_scale, act_quant) -> y``
+``fp8_linear(x, w, w_scale, act_quant, block_scales=False) -> y``
     x: [M, K] bf16/fp16/fp32; w: [N, K] float8_e4m3fn (as nn.Linear stores it);
     w_scale: [N, ceil(K / 128)] fp32, the scale of w[n, 128 j : 128 (j + 1)];
+    block_scales: the caller's promise that w_scale is one scale per 128x128 block, repeated
+    over the block's rows (quantization.rows_repeat_by_block); it changes no result, only
+    which GEMM may run;
     y: [M, N], dtype of x.
     W[n, k] = w[n, k] * w_scale[n, k // 128]                       (the dequantized weight)
     act_quant False (weight-only): y = x @ W.T, products summed in fp32, rounded once.
@@ -32,11 +35,18 @@ Kernels (CUDA sm_89+, or CPU under TRITON_INTERPRET=1):
   take the group's products in fp16 (FP8 values are exact in it; the sums fp32), the
   dtypes served take FP8 x FP8. One group at a time keeps that short sum: the fp32
   accumulator takes each group's partial, as DeepSeek-V3 promotes every 128.
-  torch._scaled_mm's blockwise form (cuBLAS, CUDA >= 12.9, sm_90 only) wants one scale per
-  128x128 weight block, not this layout.
+- cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm with 1x128 activation scales and 128x128
+  weight scales, cuBLASLt 12.9+ on sm_90) in place of the Triton GEMM where it can read the
+  weights' scales: block_scales, bf16/fp16 x, N a multiple of 128 and K of 512 (its scales'
+  leading dimension must be a multiple of 4). The activations are quantized by the same
+  kernel, its scales written column-major as cuBLAS reads them; the weight's block scales are
+  every 128th row of w_scale. QWEN3_AOT_FP8_GEMM=triton at build time keeps the Triton GEMM
+  (to compare the two).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -86,7 +96,7 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, KB):
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, S_ROW, S_GROUP):
     """One program per (row, group of 128): the group's scale and its FP8 values."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -98,7 +108,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, KB):
     s = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
     q = tl.minimum(tl.maximum(tl.div_rn(x, s), -448.0), 448.0)
     tl.store(q_ptr + row * K + k, _round_to_e4m3(q).to(q_ptr.dtype.element_ty), mask=k_ok)
-    tl.store(s_ptr + row * KB + g, s)
+    tl.store(s_ptr + row * S_ROW + g * S_GROUP, s)
 
 
 @triton.jit
@@ -141,13 +151,16 @@ def fp8_rows_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     return y
 
 
-def quantize_groups_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q [M, K] float8_e4m3fn, s [M, ceil(K / 128)] fp32), as the docstring says."""
+def quantize_groups_triton(x: torch.Tensor, column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] float8_e4m3fn, s [M, ceil(K / 128)] fp32), as the docstring says;
+    column_major: s's groups outermost in memory (s.t() contiguous), as cuBLAS reads them."""
     m, k = x.shape
+    kb = triton.cdiv(k, GROUP)
     x = x.contiguous()
     q = torch.empty(m, k, dtype=FP8, device=x.device)
-    s = torch.empty(m, triton.cdiv(k, GROUP), dtype=torch.float32, device=x.device)
-    wrap_triton(_quantize_groups_kernel)[(m, s.shape[1])](x, q, s, k, s.shape[1], num_warps=1)
+    s = torch.empty(kb, m, dtype=torch.float32, device=x.device).t() if column_major else \
+        torch.empty(m, kb, dtype=torch.float32, device=x.device)
+    wrap_triton(_quantize_groups_kernel)[(m, kb)](x, q, s, k, s.stride(0), s.stride(1), num_warps=1)
     return q, s
 
 
@@ -162,7 +175,26 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     return y
 
 
-def fp8_linear_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+def cublas_block_gemm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether cuBLAS's block-scaled GEMM can take x and w (given block scales), as the docstring says."""
+    n, k = w.shape
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and n % GROUP == 0 and k % (4 * GROUP) == 0
+            and torch.cuda.get_device_capability(x.device) == (9, 0)
+            and os.environ.get("QWEN3_AOT_FP8_GEMM", "cublas") != "triton")
+
+
+def fp8_gemm_cublas(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Dynamic activation quantization and cuBLAS's block-scaled FP8 GEMM; w_scale repeats by
+    blocks of 128 rows, so its every 128th row is the [N/128, K/128] block scale, which cuBLAS
+    takes transposed (as it takes w)."""
+    q, s = quantize_groups_triton(x, column_major=True)
+    return torch._scaled_mm(q, w.t(), s, w_scale[::GROUP].contiguous().t(), out_dtype=x.dtype)
+
+
+def fp8_linear_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool,
+                      block_scales: bool = False) -> torch.Tensor:
+    if act_quant and block_scales and cublas_block_gemm_applies(x, w):
+        return fp8_gemm_cublas(x, w, w_scale)
     return fp8_gemm_triton(x, w, w_scale) if act_quant else fp8_rows_triton(x, w, w_scale)
 
 
@@ -187,9 +219,11 @@ def quantize_groups_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, s
 
 
-def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool,
+                         block_scales: bool = False) -> torch.Tensor:
     """Plain torch: dequantize and multiply in fp32, rounded once to x.dtype (float64 x: the
-    float64 oracle of the same definition; its activation quantization is still the fp32 one)."""
+    float64 oracle of the same definition; its activation quantization is still the fp32 one).
+    block_scales changes nothing here: the scales already say what they are."""
     c = torch.float64 if x.dtype == torch.float64 else torch.float32
     if act_quant:
         q, s = quantize_groups_reference(x)
@@ -200,13 +234,14 @@ def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
 
 
 @triton_op("qwen3_aot::fp8_linear", mutates_args=())
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
-    return fp8_linear_triton(x, w, w_scale, act_quant)
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool,
+               block_scales: bool = False) -> torch.Tensor:
+    return fp8_linear_triton(x, w, w_scale, act_quant, block_scales)
 
 
 fp8_linear.register_kernel("cpu")(fp8_linear_reference)
 
 
 @fp8_linear.register_fake
-def _(x, w, w_scale, act_quant):
+def _(x, w, w_scale, act_quant, block_scales=False):
     return x.new_empty(x.shape[0], w.shape[0])
