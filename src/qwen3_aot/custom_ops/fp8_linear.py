@@ -191,10 +191,7 @@ def fp8_gemm_cublas(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     return torch._scaled_mm(q, w.t(), s, w_scale[::GROUP].contiguous().t(), out_dtype=x.dtype)
 
 
-def fp8_linear_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool,
-                      block_scales: bool = False) -> torch.Tensor:
-    if act_quant and block_scales and cublas_block_gemm_applies(x, w):
-        return fp8_gemm_cublas(x, w, w_scale)
+def fp8_linear_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
     return fp8_gemm_triton(x, w, w_scale) if act_quant else fp8_rows_triton(x, w, w_scale)
 
 
@@ -236,7 +233,9 @@ def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
 @triton_op("qwen3_aot::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool,
                block_scales: bool = False) -> torch.Tensor:
-    return fp8_linear_triton(x, w, w_scale, act_quant, block_scales)
+    if act_quant and block_scales and cublas_block_gemm_applies(x, w):
+        return fp8_gemm_cublas(x, w, w_scale)
+    return fp8_linear_triton(x, w, w_scale, act_quant)
 
 
 fp8_linear.register_kernel("cpu")(fp8_linear_reference)
