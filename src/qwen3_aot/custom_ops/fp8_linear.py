@@ -40,8 +40,9 @@ Kernels (CUDA sm_89+, or CPU under TRITON_INTERPRET=1):
   weights' scales: block_scales, bf16/fp16 x, N a multiple of 128 and K of 512 (its scales'
   leading dimension must be a multiple of 4). The activations are quantized by the same
   kernel, its scales written column-major as cuBLAS reads them; the weight's block scales are
-  every 128th row of w_scale. QWEN3_AOT_FP8_GEMM=triton at build time keeps the Triton GEMM
-  (to compare the two).
+  every 128th row of w_scale. Chosen at build time by QWEN3_AOT_FP8_GEMM=cublas; the
+  default stays the Triton GEMM until this path has run on an sm_90 GPU (its tests there,
+  tests/custom_ops/test_fp8_linear.py, and its figures in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def cublas_block_gemm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     n, k = w.shape
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and n % GROUP == 0 and k % (4 * GROUP) == 0
             and torch.cuda.get_device_capability(x.device) == (9, 0)
-            and os.environ.get("QWEN3_AOT_FP8_GEMM", "cublas") != "triton")
+            and os.environ.get("QWEN3_AOT_FP8_GEMM") == "cublas")
 
 
 def fp8_gemm_cublas(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
