@@ -81,12 +81,13 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 # ---- kernels ----
 
 def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
-    """Each projection of the shape (N, K) at KERNEL_ROWS rows: the Triton kernel (rows for
-    weight-only, the GEMM with activation quantization) against the float64 oracle, next to
+    """Each projection of the shape (N, K) at KERNEL_ROWS rows: the op as the graph calls it (the
+    rows kernel for weight-only; with activation quantization the Triton GEMM, or cuBLAS's where
+    QWEN3_AOT_FP8_GEMM=cublas and the scales are by block) against the float64 oracle, next to
     the fp32 reference's own error, and its time against bf16's (small_linear's rows kernel
     at <= 4 rows, else cuBLAS), with the weight bytes each reads."""
     from qwen3_aot.custom_ops.small_linear import small_linear_triton
-    from qwen3_aot.quantization import quantize_block_fp8
+    from qwen3_aot.quantization import quantize_block_fp8, rows_repeat_by_block
 
     c = {**QWEN3_0_6B, **(workloads.TINY_MODEL if tiny else SHAPES[shape])}
     h, q, kv, i = c["hidden_size"], c["num_attention_heads"] * 128, c["num_key_value_heads"] * 128, \
@@ -95,27 +96,34 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
     if tiny:
         projections = {"qkv": (40, 200), "down": (70, 260)}
     rows = (1, 4, 70) if tiny else KERNEL_ROWS
+    # the op on the GPU; on the CPU the op is the plain-torch reference, so the Triton kernels
+    # are called themselves (the interpreter)
+    op = torch.ops.qwen3_aot.fp8_linear if device.type == "cuda" else \
+        (lambda x, w, s, act_quant, _block: fp8.fp8_linear_triton(x, w, s, act_quant))
     out = []
     g = torch.Generator(device).manual_seed(0)
     for name, (n, k) in projections.items():
         w16 = (torch.randn(n, k, generator=g, device=device) / k ** 0.5).to(torch.bfloat16)
         wq, block_scale = quantize_block_fp8(w16)
         scale = block_scale.repeat_interleave(128, 0)[:n].contiguous()
+        block = rows_repeat_by_block(scale)
         for m in rows:
             x = torch.randn(m, k, generator=g, device=device).to(torch.bfloat16)
             act_quant = m > 4
-            got = fp8.fp8_linear_triton(x, wq, scale, act_quant)
+            cublas = act_quant and block and fp8.cublas_block_gemm_applies(x, wq)
+            got = op(x, wq, scale, act_quant, block)
             xo = fp8.dequantize(*fp8.quantize_groups_reference(x)) if act_quant else x.double()
             oracle = torch.nn.functional.linear(xo, fp8.dequantize(wq, scale))
             r = {"shape": shape, "projection": name, "N": n, "K": k, "M": m,
-                 "kernel": "gemm (activations quantized)" if act_quant else "rows (weight-only)",
+                 "kernel": ("cuBLAS gemm" if cublas else "gemm") + " (activations quantized)" if act_quant
+                 else "rows (weight-only)",
                  "rel_err": rel(got, oracle), "reference_rel_err": rel(fp8.fp8_linear_reference(x, wq, scale,
                                                                                                   act_quant), oracle)}
             r["ok"] = r["rel_err"] <= 1.25 * r["reference_rel_err"] + 2 ** -8
             if device.type == "cuda":
                 copies = [(w16.clone(), wq.clone(), scale.clone()) for _ in range(max(2, -(-L2_ROTATION // w16.nbytes)))]
                 bf16 = small_linear_triton if m <= 4 else torch.nn.functional.linear
-                r["fp8_us"] = gpu_time_us(lambda c: fp8.fp8_linear_triton(x, c[1], c[2], act_quant), copies)
+                r["fp8_us"] = gpu_time_us(lambda c: op(x, c[1], c[2], act_quant, block), copies)
                 r["bf16_us"] = gpu_time_us(lambda c: bf16(x, c[0]), copies)
                 r["fp8_weight_GBps"] = (wq.nbytes + scale.nbytes) / r["fp8_us"] / 1e3
                 r["bf16_weight_GBps"] = w16.nbytes / r["bf16_us"] / 1e3
@@ -427,7 +435,8 @@ def main() -> None:
     device = torch.device("cpu" if a.tiny else "cuda")
     if a.tiny:  # the tiny model's vocabulary is the fixture's (512 tokens), not Qwen's
         a.tokenizer = a.tokenizer or REPO / "tests/fixtures/tiny-qwen3/tokenizer.json"
-    print(json.dumps({**system_info(device), "shapes": shapes, "stage": a.stage}), flush=True)
+    print(json.dumps({**system_info(device), "shapes": shapes, "stage": a.stage,
+                      "QWEN3_AOT_FP8_GEMM": os.environ.get("QWEN3_AOT_FP8_GEMM")}), flush=True)
     a.work.mkdir(parents=True, exist_ok=True)
     kernels, results = [], []
     if a.stage in ("all", "kernels", "measure"):
