@@ -37,8 +37,9 @@ Kernels (CUDA sm_89+, or CPU under TRITON_INTERPRET=1):
   accumulator takes each group's partial, as DeepSeek-V3 promotes every 128.
 - cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm with 1x128 activation scales and 128x128
   weight scales, cuBLASLt 12.9+ on sm_90) in place of the Triton GEMM where it can read the
-  weights' scales: block_scales, bf16/fp16 x, N a multiple of 128 and K of 512 (its scales'
-  leading dimension must be a multiple of 4). The activations are quantized by the same
+  weights' scales: block_scales, bf16 x (the dtype served; torch tests this form's bf16 and
+  fp32 outputs, not fp16), N a multiple of 128 and K of 512 (its scales' leading dimension
+  must be a multiple of 4). The activations are quantized by the same
   kernel, its scales written column-major as cuBLAS reads them; the weight's block scales are
   every 128th row of w_scale. Chosen at build time by QWEN3_AOT_FP8_GEMM=cublas; the
   default stays the Triton GEMM until this path has run on an sm_90 GPU (its tests there,
@@ -179,7 +180,7 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
 def cublas_block_gemm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether cuBLAS's block-scaled GEMM can take x and w (given block scales), as the docstring says."""
     n, k = w.shape
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and n % GROUP == 0 and k % (4 * GROUP) == 0
+    return (x.is_cuda and x.dtype == torch.bfloat16 and n % GROUP == 0 and k % (4 * GROUP) == 0
             and torch.cuda.get_device_capability(x.device) == (9, 0)
             and os.environ.get("QWEN3_AOT_FP8_GEMM") == "cublas")
 
