@@ -3,6 +3,9 @@
 #   tests: the FP8 tests on CUDA (kernels against float64, the ops' schemas, checkpoints, refusals)
 #   probe: bench/fp8_scaled_mm_probe.py, torch's block-scaled _scaled_mm (cuBLASLt) against bf16 and
 #          through AOTInductor (the next step for the GEMM above 64 rows)
+#   cublas: the op's cuBLAS path (QWEN3_AOT_FP8_GEMM=cublas) in one short call: its tests on sm_90
+#          (against float64, through AOTInductor), then the probe's timings without its AOTI part
+#   (QWEN3_AOT_FP8_GEMM=cublas before 8b-fp8 / 8b-measure builds and checks the cuBLAS path)
 #   0.6B: bench/fp8_bench.py --shapes 0.6B (kernels, both builds, measures, accuracy) in one call
 #   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back (14b-...: 14B likewise)
 #   32b-build, 32b-measure: 32B from an FP8 checkpoint, FP8 only, back to back (no build verify: the
@@ -14,11 +17,18 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0
-part=${1:?usage: gpu_fp8_check.sh tests|probe|0.6B|8b-bf16|8b-fp8|8b-measure|14b-bf16|14b-fp8|14b-measure|32b-build|32b-measure}
+part=${1:?usage: gpu_fp8_check.sh tests|probe|cublas|0.6B|8b-bf16|8b-fp8|8b-measure|14b-bf16|14b-fp8|14b-measure|32b-build|32b-measure}
 case $part in
     tests) timeout 590 python3 -m pytest -n 0 -q tests/custom_ops/test_fp8_linear.py tests/custom_ops/test_opcheck.py \
                tests/build/test_fp8_export.py tests/test_quantization.py 2>&1 | tail -30; exit "${PIPESTATUS[0]}" ;;
     probe) timeout 590 python3 bench/fp8_scaled_mm_probe.py 2>&1 | tail -60; exit "${PIPESTATUS[0]}" ;;
+    cublas) timeout 200 python3 -m pytest -n 0 -q -p no:cacheprovider tests/custom_ops/test_fp8_linear.py 2>&1 | tail -30
+            rc=${PIPESTATUS[0]}
+            SKIP_AOTI=1 MS=1,64,512,2048 timeout 240 python3 bench/fp8_scaled_mm_probe.py > "$OUT/fp8_cublas_probe.log" 2>&1
+            grep -E '^\{"shape' "$OUT/fp8_cublas_probe.log" | python3 -c "import json, sys
+for r in map(json.loads, sys.stdin):
+    print(r['shape'], r['M'], {k: r.get(k) for k in ('ours_cublas_us', 'triton_us', 'bf16_us', 'v1_relerr', 'v1_err')})"
+            exit "$rc" ;;
     0.6B) args=(--shapes 0.6B) ;;
     8b-bf16|14b-bf16) args=(--shapes "${part%%b-*}B" --stage build --builds bf16) ;;
     8b-fp8|14b-fp8) args=(--shapes "${part%%b-*}B" --stage build --builds fp8) ;;
