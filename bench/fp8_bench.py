@@ -110,7 +110,7 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
         for m in rows:
             x = torch.randn(m, k, generator=g, device=device).to(torch.bfloat16)
             act_quant = m > 4
-            cublas = act_quant and block and fp8.cublas_block_gemm_applies(x, wq)
+            cublas = fp8.cublas_gemm_chosen(x, wq, act_quant, block)
             got = op(x, wq, scale, act_quant, block)
             xo = fp8.dequantize(*fp8.quantize_groups_reference(x)) if act_quant else x.double()
             oracle = torch.nn.functional.linear(xo, fp8.dequantize(wq, scale))

@@ -126,9 +126,9 @@ class Qwen3ForCausalLM(nn.Module):
         model = cls(cfg, parse_dtype(dtype or cfg.dtype), device="meta", ops=ops, fp8_layers=layers)
         model.quantization = quant.manifest_entry(layers) if quant and layers else None
         model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
-        for i, layer in enumerate(model.layers):
-            layer.block_scaled = frozenset(n.split(".", 2)[2] for n in layers if n.startswith(f"layers.{i}.")
-                                           and rows_repeat_by_block(state[n + SCALE_SUFFIX]))
+        for layer in model.layers:
+            layer.block_scaled = frozenset(n[: -len(SCALE_SUFFIX)] for n, s in layer.named_parameters()
+                                           if n.endswith(SCALE_SUFFIX) and rows_repeat_by_block(s))
         model.cos_sin = model.cos_sin.to(device)
         return model.eval()
 

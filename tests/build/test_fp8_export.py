@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from artifact_damage import edit_manifest
-from random_checkpoints import write_random_checkpoint
 from fp8_checkpoints import float64_reference, write_bf16, write_block_fp8, write_compressed_tensors
 from greedy_reference import prompts, tokenizer
+from random_checkpoints import write_random_checkpoint
 from qwen3_aot import Qwen3AotError, manifest, runtime
 from qwen3_aot.build import export
 from qwen3_aot.driver import FlatBatchDriver

@@ -81,12 +81,10 @@ def test_column_major_activation_scales_are_the_same_scales(kernel_device):
     assert s.stride() == (1, 5) and torch.equal(s.cpu(), rs) and torch.equal(q.cpu().float(), rq.float())
 
 
-def _block_scaled(n, k, seed):
-    """Weights whose scales are one per 128x128 block, repeated over the block's rows."""
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=g) * 30).clamp(-448, 448).to(fp8.FP8)
-    blocks = torch.rand(-(-n // 128), -(-k // 128), generator=g) / 300 + 1e-4
-    return w, blocks.repeat_interleave(128, 0)[:n].contiguous()
+def _block_scaled(m, n, k, seed):
+    """_inputs in bf16 with one scale per 128x128 block, repeated over the block's rows."""
+    x, w, scale = _inputs(m, n, k, torch.bfloat16, "cpu", seed)
+    return x, w, scale[::128].repeat_interleave(128, 0)[:n].contiguous()
 
 
 CUBLAS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -97,9 +95,8 @@ CUBLAS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 @pytest.mark.parametrize("m", [1, 3, 64, 300])
 def test_cublas_block_gemm_is_as_close_to_float64_as_the_reference(m, monkeypatch):
     monkeypatch.setenv("QWEN3_AOT_FP8_GEMM", "cublas")
-    w, scale = _block_scaled(384, 1024, seed=m)
-    x = (torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16)
-    assert fp8.cublas_block_gemm_applies(x.cuda(), w.cuda())
+    x, w, scale = _block_scaled(m, 384, 1024, seed=m)
+    assert fp8.cublas_gemm_chosen(x.cuda(), w.cuda(), True, True)
     got = fp8.fp8_gemm_cublas(x.cuda(), w.cuda(), scale.cuda())
     assert got.shape == (m, 384) and got.dtype == torch.bfloat16
     oracle = _oracle(x, w, scale, True)
@@ -111,11 +108,11 @@ def test_cublas_block_gemm_is_as_close_to_float64_as_the_reference(m, monkeypatc
 
 
 @CUBLAS
-def test_cublas_block_gemm_compiles_through_aoti_as_eager(tmp_path):
+def test_cublas_block_gemm_compiles_through_aoti_as_eager(tmp_path, monkeypatch):
     """The op with block scales through torch.export and AOTInductor (torch._scaled_mm has a C
     shim): the package computes what eager computes, at two row counts of one dynamic graph."""
-    w, scale = _block_scaled(256, 512, seed=7)
-    w, scale = w.cuda(), scale.cuda()
+    monkeypatch.setenv("QWEN3_AOT_FP8_GEMM", "cublas")  # read when the op is traced
+    x, w, scale = (t.cuda() for t in _block_scaled(96, 256, 512, seed=7))
 
     class Projection(torch.nn.Module):
         def __init__(self):
@@ -126,7 +123,6 @@ def test_cublas_block_gemm_compiles_through_aoti_as_eager(tmp_path):
         def forward(self, x):
             return torch.ops.qwen3_aot.fp8_linear(x, self.w, self.scale, True, True)
 
-    x = torch.randn(96, 512, device="cuda").to(torch.bfloat16)
     ep = torch.export.export(Projection(), (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=4096)},))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "p.pt2"))
     compiled = torch._inductor.aoti_load_package(path)

@@ -177,11 +177,11 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     return y
 
 
-def cublas_block_gemm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether cuBLAS's block-scaled GEMM can take x and w (given block scales), as the docstring says."""
+def cublas_gemm_chosen(x: torch.Tensor, w: torch.Tensor, act_quant: bool, block_scales: bool) -> bool:
+    """Whether the op runs cuBLAS's block-scaled GEMM for these arguments, as the docstring says."""
     n, k = w.shape
-    return (x.is_cuda and x.dtype == torch.bfloat16 and n % GROUP == 0 and k % (4 * GROUP) == 0
-            and torch.cuda.get_device_capability(x.device) == (9, 0)
+    return (act_quant and block_scales and x.is_cuda and x.dtype == torch.bfloat16 and n % GROUP == 0
+            and k % (4 * GROUP) == 0 and torch.cuda.get_device_capability(x.device) == (9, 0)
             and os.environ.get("QWEN3_AOT_FP8_GEMM") == "cublas")
 
 
@@ -235,7 +235,7 @@ def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
 @triton_op("qwen3_aot::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool,
                block_scales: bool = False) -> torch.Tensor:
-    if act_quant and block_scales and cublas_block_gemm_applies(x, w):
+    if cublas_gemm_chosen(x, w, act_quant, block_scales):
         return fp8_gemm_cublas(x, w, w_scale)
     return fp8_linear_triton(x, w, w_scale, act_quant)
 
