@@ -22,8 +22,10 @@ case $part in
     tests) timeout 590 python3 -m pytest -n 0 -q tests/custom_ops/test_fp8_linear.py tests/custom_ops/test_opcheck.py \
                tests/build/test_fp8_export.py tests/test_quantization.py 2>&1 | tail -30; exit "${PIPESTATUS[0]}" ;;
     probe) timeout 590 python3 bench/fp8_scaled_mm_probe.py 2>&1 | tail -60; exit "${PIPESTATUS[0]}" ;;
-    cublas) timeout 200 python3 -m pytest -n 0 -q -p no:cacheprovider tests/custom_ops/test_fp8_linear.py 2>&1 | tail -30
-            rc=${PIPESTATUS[0]}
+    cublas) timeout 200 python3 -X faulthandler -m pytest -n 0 -v -p no:cacheprovider tests/custom_ops/test_fp8_linear.py \
+                > "$OUT/fp8_cublas_tests.log" 2>&1
+            rc=$?
+            grep -E "PASSED|FAILED|SKIPPED|ERROR|Error|Fatal|passed|failed" "$OUT/fp8_cublas_tests.log" | grep -v "^  File" | tail -40
             SKIP_AOTI=1 MS=1,64,512,2048 timeout 240 python3 bench/fp8_scaled_mm_probe.py > "$OUT/fp8_cublas_probe.log" 2>&1
             grep -E '^\{"shape' "$OUT/fp8_cublas_probe.log" | python3 -c "import json, sys
 for r in map(json.loads, sys.stdin):

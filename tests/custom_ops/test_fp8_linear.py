@@ -81,6 +81,17 @@ def test_column_major_activation_scales_are_the_same_scales(kernel_device):
     assert s.stride() == (1, 5) and torch.equal(s.cpu(), rs) and torch.equal(q.cpu().float(), rq.float())
 
 
+def test_padded_rows_quantize_as_zeros_with_scale_one(kernel_device):
+    """cuBLAS's path pads the rows to a multiple of 16: the rows past x's are zeros with scale 1
+    (whatever the buffer held), so they cannot reach another row's output; the rest unchanged."""
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    q, s = fp8.quantize_groups_triton(x.to(kernel_device), column_major=True, rows=16)
+    rq, rs = fp8.quantize_groups_reference(x)
+    assert q.shape == (16, 300) and s.shape == (16, 3) and s.stride() == (1, 16)
+    assert torch.equal(s[:5].cpu(), rs) and torch.equal(q[:5].cpu().float(), rq.float())
+    assert torch.all(s[5:] == 1.0) and torch.all(q[5:].float() == 0.0)
+
+
 def _block_scaled(m, n, k, seed):
     """_inputs in bf16 with one scale per 128x128 block, repeated over the block's rows."""
     x, w, scale = _inputs(m, n, k, torch.bfloat16, "cpu", seed)

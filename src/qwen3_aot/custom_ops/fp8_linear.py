@@ -57,6 +57,8 @@ from torch.library import triton_op, wrap_triton
 
 from qwen3_aot.quantization import FP8, FP8_MAX, GROUP  # noqa: F401  (the layout's constants; FP8 for callers)
 
+# cuBLAS's path: activation rows padded to a multiple of this (see fp8_gemm_cublas)
+CUBLAS_ROWS = 16
 # rows kernel: weight elements a program holds at once, and its warps (any values are correct)
 ROWS_TILE, ROWS_WARPS = 8192, 4
 # GEMM tile (BLOCK_K is GROUP: one scale per row and column of a tile). Fixed, since the row
@@ -98,13 +100,14 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, S_ROW, S_GROUP):
-    """One program per (row, group of 128): the group's scale and its FP8 values."""
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, S_ROW, S_GROUP):
+    """One program per (row, group of 128): the group's scale and its FP8 values; rows from M
+    on (padding) read as zeros, so they are written as zeros with scale 1."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     k = g * 128 + tl.arange(0, 128)
     k_ok = k < K
-    x = tl.load(x_ptr + row * K + k, mask=k_ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * K + k, mask=k < tl.where(row < M, K, 0), other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
     # div_rn: correctly rounded, as torch divides (Triton's `/` on CUDA is approximate, 2 ulp)
     s = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
@@ -153,16 +156,19 @@ def fp8_rows_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     return y
 
 
-def quantize_groups_triton(x: torch.Tensor, column_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q [M, K] float8_e4m3fn, s [M, ceil(K / 128)] fp32), as the docstring says;
-    column_major: s's groups outermost in memory (s.t() contiguous), as cuBLAS reads them."""
+def quantize_groups_triton(x: torch.Tensor, column_major: bool = False,
+                           rows: int | torch.SymInt | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [R, K] float8_e4m3fn, s [R, ceil(K / 128)] fp32), as the docstring says,
+    R = rows (default M; rows past M are zeros, scale 1); column_major: s's groups outermost in
+    memory (s.t() contiguous), as cuBLAS reads them."""
     m, k = x.shape
+    r = m if rows is None else rows
     kb = triton.cdiv(k, GROUP)
     x = x.contiguous()
-    q = torch.empty(m, k, dtype=FP8, device=x.device)
-    s = torch.empty(kb, m, dtype=torch.float32, device=x.device).t() if column_major else \
-        torch.empty(m, kb, dtype=torch.float32, device=x.device)
-    wrap_triton(_quantize_groups_kernel)[(m, kb)](x, q, s, k, s.stride(0), s.stride(1), num_warps=1)
+    q = torch.empty(r, k, dtype=FP8, device=x.device)
+    s = torch.empty(kb, r, dtype=torch.float32, device=x.device).t() if column_major else \
+        torch.empty(r, kb, dtype=torch.float32, device=x.device)
+    wrap_triton(_quantize_groups_kernel)[(r, kb)](x, q, s, m, k, s.stride(0), s.stride(1), num_warps=1)
     return q, s
 
 
@@ -188,9 +194,14 @@ def cublas_gemm_chosen(x: torch.Tensor, w: torch.Tensor, act_quant: bool, block_
 def fp8_gemm_cublas(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Dynamic activation quantization and cuBLAS's block-scaled FP8 GEMM; w_scale repeats by
     blocks of 128 rows, so its every 128th row is the [N/128, K/128] block scale, which cuBLAS
-    takes transposed (as it takes w)."""
-    q, s = quantize_groups_triton(x, column_major=True)
-    return torch._scaled_mm(q, w.t(), s, w_scale[::GROUP].contiguous().t(), out_dtype=x.dtype)
+    takes transposed (as it takes w). The rows are padded to a multiple of CUBLAS_ROWS: torch
+    wants the activation scales' stride exactly the row count, and cuBLASLt finds no algorithm
+    for one row (CUBLAS_STATUS_NOT_SUPPORTED on an H100, cuBLASLt 13.1); padded rows are zeros
+    and their outputs are dropped. torch also refuses a strided view of the block scales, hence
+    the copy."""
+    m = x.shape[0]
+    q, s = quantize_groups_triton(x, column_major=True, rows=(m + CUBLAS_ROWS - 1) // CUBLAS_ROWS * CUBLAS_ROWS)
+    return torch._scaled_mm(q, w.t(), s, w_scale[::GROUP].contiguous().t(), out_dtype=x.dtype)[:m]
 
 
 def fp8_linear_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
