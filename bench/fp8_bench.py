@@ -359,6 +359,7 @@ def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bo
         for name, art in arts.items():
             print(f"[{shape}] measuring {name}", flush=True)
             r[name] = {**r.get(name, {}), **measure(art, TINY_PLAN if tiny else PLAN, device)}
+            print(json.dumps({"measured": name, **r[name]}), flush=True)  # kept in the log if a later part times out
         record.write_text(json.dumps(r))
         try:  # the measures above are kept whatever happens here (a tokenizer that cannot be made, memory)
             r["accuracy"] = accuracy(ckpt, arts.get("bf16"), arts["fp8"],
@@ -421,6 +422,8 @@ def main() -> None:
                          "a second artifact do not fit the GPU machine's 64 GiB disk)")
     ap.add_argument("--no-fp8-verify", action="store_true",
                     help="build FP8 without the build's verify (see FP8_VERIFY)")
+    ap.add_argument("--no-kernel-checks", action="store_true",
+                    help="--stage measure without the kernel checks (when they ran in the same session already)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_fp8"))
     ap.add_argument("--tokenizer", type=Path, default=None, help="Qwen's tokenizer.json (default: made from dashscope)")
     ap.add_argument("--json", type=Path, default=None)
@@ -439,7 +442,7 @@ def main() -> None:
                       "QWEN3_AOT_FP8_GEMM": os.environ.get("QWEN3_AOT_FP8_GEMM")}), flush=True)
     a.work.mkdir(parents=True, exist_ok=True)
     kernels, results = [], []
-    if a.stage in ("all", "kernels", "measure"):
+    if a.stage in ("all", "kernels", "measure") and not a.no_kernel_checks:
         for shape in shapes:
             try:
                 kernels += kernel_checks(shape, device, a.tiny)
