@@ -275,9 +275,11 @@ def text_ids(tokenizer: Path | None, positions: int) -> list[int]:
     return ids[:positions]
 
 
-def accuracy(ckpt: Path, bf16_art: Path | None, fp8_art: Path, ids: list[int], device: torch.device) -> dict:
+def accuracy(ckpt: Path, bf16_art: Path | None, fp8_art: Path, ids: list[int], device: torch.device,
+             quantize: bool) -> dict:
     """Logits of every position of `ids` (one prefill), compared as the module's docstring says
-    (bf16_art None: an FP8 checkpoint, no bf16 artifact to compare with)."""
+    (bf16_art None: no bf16 artifact to compare with; quantize: the checkpoint is bf16, and the
+    eager models quantize it as --quantize fp8 does)."""
     from qwen3_aot.build import reference
     from qwen3_aot.custom_ops.fp8_linear import dequantize, fp8_linear_reference
     from qwen3_aot.driver import FlatBatchDriver
@@ -290,7 +292,7 @@ def accuracy(ckpt: Path, bf16_art: Path | None, fp8_art: Path, ids: list[int], d
             return FlatBatchDriver(forward, cfg, dtype, device).logits([ids])[0].double().cpu()
 
     model = Qwen3ForCausalLM.from_pretrained(ckpt, dtype="bfloat16", device=device,
-                                             quantize="fp8" if bf16_art is not None else None)
+                                             quantize="fp8" if quantize else None)
     cfg = model.config
     ids = [i % cfg.vocab_size for i in ids]  # --tiny: the fixture tokenizer's added tokens lie past its 512 rows
     ref = logits(reference.Float64Forward(model), cfg, torch.float64)
@@ -354,6 +356,7 @@ def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bo
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(r))
     if stage in ("measure", "all"):
+        arts = {name: art for name, art in arts.items() if name in builds}
         if not all((a / "manifest.json").is_file() for a in arts.values()):
             raise Qwen3AotError(f"{shape}: no artifacts in {root}: run --stage build first, back to back.")
         for name, art in arts.items():
@@ -362,8 +365,10 @@ def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bo
             print(json.dumps({"measured": name, **r[name]}), flush=True)  # kept in the log if a later part times out
         record.write_text(json.dumps(r))
         try:  # the measures above are kept whatever happens here (a tokenizer that cannot be made, memory)
+            if "fp8" not in arts:
+                raise Qwen3AotError("no FP8 artifact measured: nothing to compare")
             r["accuracy"] = accuracy(ckpt, arts.get("bf16"), arts["fp8"],
-                                     text_ids(tokenizer, 64 if tiny else TEXT_POSITIONS), device)
+                                     text_ids(tokenizer, 64 if tiny else TEXT_POSITIONS), device, not fp8_checkpoint)
             print(f"[{shape}] accuracy {json.dumps(r['accuracy'])}", flush=True)
         except Exception as e:  # noqa: BLE001  (reported in the JSON and the table)
             r["accuracy_error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -416,7 +421,8 @@ def main() -> None:
     ap.add_argument("--stage", choices=["all", "build", "measure", "kernels"], default="all",
                     help="all: kernels, write, build, measure, delete; or one part (8B and up: build, then measure)")
     ap.add_argument("--builds", default="bf16,fp8",
-                    help="which artifacts --stage build makes (8B and up: one call each, back to back)")
+                    help="which artifacts --stage build makes (8B and up: one call each, back to back) and "
+                         "--stage measure measures")
     ap.add_argument("--fp8-checkpoint", action="store_true",
                     help="write the checkpoint in block FP8 and link it; FP8 only (32B: 33 GB, where bf16's 65 GB and "
                          "a second artifact do not fit the GPU machine's 64 GiB disk)")

@@ -11,7 +11,8 @@
 #   32b-build, 32b-measure: 32B from an FP8 checkpoint, FP8 only, back to back (no build verify: the
 #   eager model and the artifact together may not fit an 80 GB H100)
 #   (files survive between calls only while the machine stays warm, 30 s after a call;
-#   FP8_NO_KERNEL_CHECKS=1 skips the measure stage's kernel checks, FP8_TIMEOUT_S bounds the bench)
+#   FP8_NO_KERNEL_CHECKS=1 skips the measure stage's kernel checks, FP8_BUILDS=fp8 measures that
+#   artifact alone, FP8_TIMEOUT_S bounds the bench)
 # Qwen's tokenizer is made from the dashscope wheel: QWEN3_AOT_WHEELS=.whl (see tests/qwen_checkpoint.py).
 # Each part writes $OUT/fp8_PART.log (and .json) and prints the tables last.
 #     QWEN3_AOT_WHEELS=.whl bash scripts/gpu_fp8_check.sh 0.6B
@@ -35,7 +36,7 @@ for r in map(json.loads, sys.stdin):
     0.6B) args=(--shapes 0.6B) ;;
     8b-bf16|14b-bf16) args=(--shapes "${part%%b-*}B" --stage build --builds bf16) ;;
     8b-fp8|14b-fp8) args=(--shapes "${part%%b-*}B" --stage build --builds fp8) ;;
-    8b-measure|14b-measure) args=(--shapes "${part%%b-*}B" --stage measure ${FP8_NO_KERNEL_CHECKS:+--no-kernel-checks}) ;;
+    8b-measure|14b-measure) args=(--shapes "${part%%b-*}B" --stage measure ${FP8_NO_KERNEL_CHECKS:+--no-kernel-checks} ${FP8_BUILDS:+--builds "$FP8_BUILDS"}) ;;
     32b-build) args=(--shapes 32B --fp8-checkpoint --no-fp8-verify --stage build) ;;
     32b-measure) args=(--shapes 32B --fp8-checkpoint --stage measure) ;;
     *) echo "unknown part $part"; exit 2 ;;
