@@ -13,6 +13,7 @@ error (float64 with only the activations quantized), and FP8 against the bf16 ar
     PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage build --builds bf16   # then, back to back:
     PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage build --builds fp8
     PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage measure --json $OUT/fp8_8B.json
+    # or both 8B builds in one call (their build times then shared): --stage build --parallel-builds
     PYTHONPATH=src python bench/fp8_bench.py --shapes 32B --fp8-checkpoint --stage build    # then:
     PYTHONPATH=src python bench/fp8_bench.py --shapes 32B --fp8-checkpoint --stage measure --json $OUT/fp8_32B.json
     PYTHONPATH=src python bench/fp8_bench.py --tiny      # a tiny shape on the CPU (smoke run)
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if "--tiny" in sys.argv:  # the kernels run under Triton's interpreter on the CPU: set before triton loads
@@ -333,8 +335,9 @@ def accuracy(ckpt: Path, bf16_art: Path | None, fp8_art: Path, ids: list[int], d
 # ---- a shape ----
 
 def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bool, tokenizer: Path | None,
-              builds: tuple[str, ...] = ("bf16", "fp8"), fp8_checkpoint: bool = False) -> dict:
-    """fp8_checkpoint: the checkpoint written in block FP8 and linked, no bf16 artifact (32B on 64 GiB)."""
+              builds: tuple[str, ...] = ("bf16", "fp8"), fp8_checkpoint: bool = False, parallel: bool = False) -> dict:
+    """fp8_checkpoint: the checkpoint written in block FP8 and linked, no bf16 artifact (32B on 64 GiB);
+    parallel: the builds at once (their build times then share the machine: not each one's own)."""
     hf = family_bench.config("tiny", "bfloat16") if tiny else {**family_bench.config("8B", "bfloat16"),
                                                                **SHAPES[shape]}
     root = work / shape
@@ -348,11 +351,15 @@ def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bo
                                                                                                         device)
             if not tiny:  # the artifacts then stream text: bench/multiturn_prefix_bench.py --artifact serves them
                 shutil.copy(qwen_tokenizer(tokenizer), ckpt / "tokenizer.json")
-        for name, art in arts.items():
-            if name not in builds:
-                continue
-            r[name] = build(ckpt, art, device.type, tiny, name == "fp8", fp8_checkpoint)
-            print(f"[{shape}] {name} build {r[name]['build_s']:.0f} s {r[name]['stages_s']}", flush=True)
+        todo = [name for name in arts if name in builds]
+        # parallel: each export is its own process, mostly CPU-bound compiling; together they fit
+        # one call of the GPU machine where one after the other would take two
+        with ThreadPoolExecutor(len(todo) if parallel else 1) as pool:
+            done = pool.map(lambda name: build(ckpt, arts[name], device.type, tiny, name == "fp8", fp8_checkpoint),
+                            todo)
+            for name, b in zip(todo, done):
+                r[name] = {**b, "built_in_parallel_with": [n for n in todo if n != name] if parallel else []}
+                print(f"[{shape}] {name} build {r[name]['build_s']:.0f} s {r[name]['stages_s']}", flush=True)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(r))
     if stage in ("measure", "all"):
@@ -410,6 +417,8 @@ def report(results: list[dict], kernels: list[dict]) -> None:
                       f"rel err {b['rel_err']:.2e}")
         if "accuracy_error" in r:
             print(f"{r['shape']}: accuracy not measured: {r['accuracy_error']}")
+        if any(r.get(name, {}).get("built_in_parallel_with") for name in ("bf16", "fp8")):
+            print(f"{r['shape']}: the builds ran at once: their build s share the machine")
         for name in ("bf16", "fp8"):
             if r.get(name, {}).get("verify"):
                 print(f"{r['shape']} {name}: {r[name]['verify']}")
@@ -428,6 +437,8 @@ def main() -> None:
                          "a second artifact do not fit the GPU machine's 64 GiB disk)")
     ap.add_argument("--no-fp8-verify", action="store_true",
                     help="build FP8 without the build's verify (see FP8_VERIFY)")
+    ap.add_argument("--parallel-builds", action="store_true",
+                    help="--stage build runs the builds at once (8B, 14B: both in one call; build times shared)")
     ap.add_argument("--no-kernel-checks", action="store_true",
                     help="--stage measure without the kernel checks (when they ran in the same session already)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qwen3_aot_fp8"))
@@ -459,7 +470,8 @@ def main() -> None:
                 print(f"  kernel checks failed: {kernels[-1]['error']}", flush=True)
     for shape in shapes if a.stage != "kernels" else []:
         results.append(run_shape(shape, a.stage, a.work, device, a.tiny, a.tokenizer,
-                                 tuple(b.strip() for b in a.builds.split(",")), a.fp8_checkpoint))
+                                 tuple(b.strip() for b in a.builds.split(",")), a.fp8_checkpoint,
+                                 a.parallel_builds))
         if a.json:  # after each shape: a later shape's failure keeps the earlier ones
             a.json.write_text(json.dumps({**system_info(device), "kernels": kernels, "results": results}, indent=1))
     if a.json:

@@ -8,6 +8,7 @@
 #   (QWEN3_AOT_FP8_GEMM=cublas before 8b-fp8 / 8b-measure builds and checks the cuBLAS path)
 #   0.6B: bench/fp8_bench.py --shapes 0.6B (kernels, both builds, measures, accuracy) in one call
 #   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back (14b-...: 14B likewise)
+#   8b-build, 8b-measure: the same in two calls, both builds at once (their build times shared)
 #   32b-build, 32b-measure: 32B from an FP8 checkpoint, FP8 only, back to back (no build verify: the
 #   eager model and the artifact together may not fit an 80 GB H100)
 #   (files survive between calls only while the machine stays warm, 30 s after a call;
@@ -19,7 +20,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0
-part=${1:?usage: gpu_fp8_check.sh tests|probe|cublas|0.6B|8b-bf16|8b-fp8|8b-measure|14b-bf16|14b-fp8|14b-measure|32b-build|32b-measure}
+part=${1:?usage: gpu_fp8_check.sh tests|probe|cublas|0.6B|8b-bf16|8b-fp8|8b-build|8b-measure|14b-bf16|14b-fp8|14b-build|14b-measure|32b-build|32b-measure}
 case $part in
     tests) timeout 590 python3 -m pytest -n 0 -q tests/custom_ops/test_fp8_linear.py tests/custom_ops/test_opcheck.py \
                tests/build/test_fp8_export.py tests/test_quantization.py 2>&1 | tail -30; exit "${PIPESTATUS[0]}" ;;
@@ -35,6 +36,7 @@ for r in map(json.loads, sys.stdin):
             exit "$rc" ;;
     0.6B) args=(--shapes 0.6B) ;;
     8b-bf16|14b-bf16) args=(--shapes "${part%%b-*}B" --stage build --builds bf16) ;;
+    8b-build|14b-build) args=(--shapes "${part%%b-*}B" --stage build --parallel-builds) ;;
     8b-fp8|14b-fp8) args=(--shapes "${part%%b-*}B" --stage build --builds fp8) ;;
     8b-measure|14b-measure) args=(--shapes "${part%%b-*}B" --stage measure ${FP8_NO_KERNEL_CHECKS:+--no-kernel-checks} ${FP8_BUILDS:+--builds "$FP8_BUILDS"}) ;;
     32b-build) args=(--shapes 32B --fp8-checkpoint --no-fp8-verify --stage build) ;;
