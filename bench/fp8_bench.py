@@ -230,7 +230,7 @@ def build(ckpt: Path, art: Path, device: str, tiny: bool, fp8_weights: bool, fp8
 def measure(art: Path, plan: workloads.Plan, device: torch.device) -> dict:
 
     man = json.loads((art / "manifest.json").read_text())
-    r: dict = {}
+    r: dict = {"gemm": man.get("quantization", {}).get("gemm")}  # the FP8 GEMM the artifact was built with
     r.update(start_up_figures(art))
     weight_bytes = r.pop("weight_bytes")
     bandwidth = copy_bandwidth(device)

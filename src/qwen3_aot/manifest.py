@@ -186,7 +186,8 @@ def check(artifact: str | Path) -> list[str]:
     manifest = read(artifact, verify_files=False, compiled=False)
     quant = manifest.get("quantization")
     lines = [f"{MANIFEST}: format {FORMAT_VERSION}, {manifest['dtype']} for {manifest['device']}, "
-             + (f"FP8 weights ({quant['method']}, {len(quant['layers'])} layers), " if quant else "")
+             + (f"FP8 weights ({quant['method']}, {len(quant['layers'])} layers, GEMM {quant.get('gemm', 'triton')}), "
+                if quant else "")
              + f"graphs {sorted(manifest['graphs'])}, {len(manifest['files'])} files ok"]
     lines += check_files(artifact, manifest, full=True)
     try:

@@ -14,7 +14,7 @@ from fp8_checkpoints import float64_reference, write_bf16, write_block_fp8, writ
 from greedy_reference import prompts, tokenizer
 from random_checkpoints import write_random_checkpoint
 from qwen3_aot import Qwen3AotError, manifest, runtime
-from qwen3_aot.build import export
+from qwen3_aot.build import export, pipeline
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.model import OPS, Qwen3ForCausalLM
 from qwen3_aot.runtime import SamplingParams
@@ -72,7 +72,8 @@ def test_manifest_records_the_quantization_and_check_passes(fp8_artifact):
     assert q["method"] == "fp8" and q["block_size"] == [128, 128] and q["weight_dtype"] == "float8_e4m3fn"
     assert q["layers"] == sorted(f"layers.{i}.{p}" for i in range(4)
                                  for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
-    assert any("FP8 weights (fp8, 16 layers)" in line for line in manifest.check(fp8_artifact))
+    assert q["gemm"] == "triton"  # a CPU build: cuBLAS's GEMM is sm_90's
+    assert any("FP8 weights (fp8, 16 layers, GEMM triton)" in line for line in manifest.check(fp8_artifact))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -233,3 +234,15 @@ def test_the_graph_asks_for_the_block_scaled_gemm_where_every_projection_has_who
     assert ops.fp8_calls == [(True, aligned)] * 4 * layers
     assert all(layer.block_scaled == (frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}) if aligned
                                       else frozenset()) for layer in model.layers)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_the_manifest_names_cublas_gemm_only_where_the_op_would_take_it(tmp_path, block_fp8, aligned, monkeypatch):
+    """The manifest's `gemm` says what the build traced: cuBLAS's where the device takes it
+    (pretended here, as on sm_90 with bf16) and some projection is block-scaled; else Triton."""
+    ckpt = write_random_checkpoint(tmp_path / "aligned", dtype=torch.bfloat16, hidden_size=128, intermediate_size=256,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=128) if aligned else block_fp8
+    model = Qwen3ForCausalLM.from_pretrained(ckpt, device="cpu", quantize="fp8" if aligned else None)
+    assert pipeline.fp8_gemm(model, "cpu") == "triton"
+    monkeypatch.setattr(pipeline, "cublas_gemm_enabled", lambda device, dtype: True)
+    assert pipeline.fp8_gemm(model, "cpu") == ("cublas" if aligned else "triton")

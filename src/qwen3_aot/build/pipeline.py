@@ -28,6 +28,7 @@ from qwen3_aot.build.tensor_parallel import build_rank_graph, check_degree, writ
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS
 from qwen3_aot.custom_ops.dependent_launch import enabled as dependent_launch_enabled
+from qwen3_aot.custom_ops.fp8_linear import cublas_gemm_enabled
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
@@ -175,6 +176,14 @@ def wants_small_batch_graph(option: bool | None, cfg: Qwen3Config, device: str, 
     if option is None:
         return fp8 or cfg.hidden_size < SMALL_BATCH_BELOW_HIDDEN
     return option
+
+
+def fp8_gemm(model: Qwen3ForCausalLM, device: str) -> str:
+    """The GEMM the graph's FP8 projections of many rows were traced with, for the manifest:
+    "cublas" where the op takes cuBLAS's for the block-scaled ones (fp8_linear.cublas_gemm_chosen),
+    else "triton"; an environment variable picks it at build time, so the artifact says which."""
+    block_scaled = any(layer.block_scaled for layer in model.layers)
+    return "cublas" if block_scaled and cublas_gemm_enabled(torch.device(device), model.dtype) else "triton"
 
 
 def check_quantized_build(checkpoint: Path, quantize: str | None, device: str, formats: tuple[str, ...],
@@ -341,7 +350,8 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
             "kv_cache": {"block_size": limits.block_size,
                          "layout": ["num_blocks", "block_size", "kv_heads", "head_dim"]},
             "weights": weights,
-            **({"quantization": model.quantization} if model.quantization else {}),
+            **({"quantization": {**model.quantization, "gemm": fp8_gemm(model, device)}} if model.quantization
+               else {}),
             **({"tensor_parallel": parallel} if parallel is not None else {}),
             "tokenizer_files": copied,
             "build_options": options,

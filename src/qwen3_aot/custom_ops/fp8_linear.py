@@ -183,12 +183,18 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     return y
 
 
-def cublas_gemm_chosen(x: torch.Tensor, w: torch.Tensor, act_quant: bool, block_scales: bool) -> bool:
-    """Whether the op runs cuBLAS's block-scaled GEMM for these arguments, as the docstring says."""
-    n, k = w.shape
-    return (act_quant and block_scales and x.is_cuda and x.dtype == torch.bfloat16 and n % GROUP == 0
-            and k % (4 * GROUP) == 0 and torch.cuda.get_device_capability(x.device) == (9, 0)
+def cublas_gemm_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether activations of `dtype` on `device` take cuBLAS's block-scaled GEMM where a
+    projection's scales and shape allow it (cublas_gemm_chosen), as the docstring says."""
+    return (device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) == (9, 0)
             and os.environ.get("QWEN3_AOT_FP8_GEMM") == "cublas")
+
+
+def cublas_gemm_chosen(x: torch.Tensor, w: torch.Tensor, act_quant: bool, block_scales: bool) -> bool:
+    """Whether the op runs cuBLAS's block-scaled GEMM for these arguments."""
+    n, k = w.shape
+    return (act_quant and block_scales and n % GROUP == 0 and k % (4 * GROUP) == 0
+            and cublas_gemm_enabled(x.device, x.dtype))
 
 
 def fp8_gemm_cublas(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
