@@ -8,7 +8,8 @@
 #   (QWEN3_AOT_FP8_GEMM=cublas before 8b-fp8 / 8b-measure builds and checks the cuBLAS path)
 #   0.6B: bench/fp8_bench.py --shapes 0.6B (kernels, both builds, measures, accuracy) in one call
 #   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back (14b-...: 14B likewise)
-#   8b-build, 8b-measure: the same in two calls, both builds at once (their build times shared)
+#   8b-build, 8b-measure: the same in two calls, both builds at once (their build times shared;
+#   14b-build holds both 14B models on the GPU at once: on an 80 GB H100 prefer 14b-bf16, 14b-fp8)
 #   32b-build, 32b-measure: 32B from an FP8 checkpoint, FP8 only, back to back (no build verify: the
 #   eager model and the artifact together may not fit an 80 GB H100)
 #   (files survive between calls only while the machine stays warm, 30 s after a call;
