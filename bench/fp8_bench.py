@@ -112,7 +112,7 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
         for m in rows:
             x = torch.randn(m, k, generator=g, device=device).to(torch.bfloat16)
             act_quant = m > 4
-            cublas = fp8.cublas_gemm_chosen(x, wq, act_quant, block)
+            cublas = fp8.cublas_gemm_chosen(x.device, x.dtype, wq.shape, act_quant, block)
             got = op(x, wq, scale, act_quant, block)
             xo = fp8.dequantize(*fp8.quantize_groups_reference(x)) if act_quant else x.double()
             oracle = torch.nn.functional.linear(xo, fp8.dequantize(wq, scale))
@@ -354,7 +354,7 @@ def run_shape(shape: str, stage: str, work: Path, device: torch.device, tiny: bo
         todo = [name for name in arts if name in builds]
         # parallel: each export is its own process, mostly CPU-bound compiling; together they fit
         # one call of the GPU machine where one after the other would take two
-        with ThreadPoolExecutor(len(todo) if parallel else 1) as pool:
+        with ThreadPoolExecutor(max(1, len(todo)) if parallel else 1) as pool:
             done = pool.map(lambda name: build(ckpt, arts[name], device.type, tiny, name == "fp8", fp8_checkpoint),
                             todo)
             for name, b in zip(todo, done):

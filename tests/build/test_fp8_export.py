@@ -236,13 +236,19 @@ def test_the_graph_asks_for_the_block_scaled_gemm_where_every_projection_has_who
                                       else frozenset()) for layer in model.layers)
 
 
-@pytest.mark.parametrize("aligned", [True, False])
-def test_the_manifest_names_cublas_gemm_only_where_the_op_would_take_it(tmp_path, block_fp8, aligned, monkeypatch):
-    """The manifest's `gemm` says what the build traced: cuBLAS's where the device takes it
-    (pretended here, as on sm_90 with bf16) and some projection is block-scaled; else Triton."""
-    ckpt = write_random_checkpoint(tmp_path / "aligned", dtype=torch.bfloat16, hidden_size=128, intermediate_size=256,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=128) if aligned else block_fp8
-    model = Qwen3ForCausalLM.from_pretrained(ckpt, device="cpu", quantize="fp8" if aligned else None)
+@pytest.mark.parametrize("hidden, expected", [(512, "cublas"), (128, "triton"), (None, "triton")])
+def test_the_manifest_names_cublas_gemm_only_where_the_op_would_take_it(tmp_path, block_fp8, hidden, expected,
+                                                                         monkeypatch):
+    """The manifest's `gemm` says what the build traced: cuBLAS's where the op's predicate takes
+    it for some projection (on a pretended sm_90 with the opt-in set): inputs of 512 (hidden,
+    4 heads of 128, intermediate) and scales by block do; block scales with inputs of 128 do
+    not, nor the fixture's scales that straddle blocks (hidden None)."""
+    ckpt = block_fp8 if hidden is None else write_random_checkpoint(
+        tmp_path / "aligned", dtype=torch.bfloat16, hidden_size=hidden, intermediate_size=hidden,
+        num_attention_heads=hidden // 128, num_key_value_heads=1, head_dim=128)
+    model = Qwen3ForCausalLM.from_pretrained(ckpt, dtype="bfloat16", device="cpu",
+                                             quantize=None if hidden is None else "fp8")
+    monkeypatch.setenv("QWEN3_AOT_FP8_GEMM", "cublas")
     assert pipeline.fp8_gemm(model, "cpu") == "triton"
-    monkeypatch.setattr(pipeline, "cublas_gemm_enabled", lambda device, dtype: True)
-    assert pipeline.fp8_gemm(model, "cpu") == ("cublas" if aligned else "triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert pipeline.fp8_gemm(model, "cuda") == expected

@@ -107,7 +107,7 @@ CUBLAS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 def test_cublas_block_gemm_is_as_close_to_float64_as_the_reference(m, monkeypatch):
     monkeypatch.setenv("QWEN3_AOT_FP8_GEMM", "cublas")
     x, w, scale = _block_scaled(m, 384, 1024, seed=m)
-    assert fp8.cublas_gemm_chosen(x.cuda(), w.cuda(), True, True)
+    assert fp8.cublas_gemm_chosen(x.cuda().device, x.dtype, w.shape, True, True)
     got = fp8.fp8_gemm_cublas(x.cuda(), w.cuda(), scale.cuda())
     assert got.shape == (m, 384) and got.dtype == torch.bfloat16
     oracle = _oracle(x, w, scale, True)

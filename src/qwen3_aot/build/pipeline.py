@@ -28,7 +28,7 @@ from qwen3_aot.build.tensor_parallel import build_rank_graph, check_degree, writ
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS
 from qwen3_aot.custom_ops.dependent_launch import enabled as dependent_launch_enabled
-from qwen3_aot.custom_ops.fp8_linear import cublas_gemm_enabled
+from qwen3_aot.custom_ops.fp8_linear import cublas_gemm_chosen
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
@@ -180,10 +180,13 @@ def wants_small_batch_graph(option: bool | None, cfg: Qwen3Config, device: str, 
 
 def fp8_gemm(model: Qwen3ForCausalLM, device: str) -> str:
     """The GEMM the graph's FP8 projections of many rows were traced with, for the manifest:
-    "cublas" where the op takes cuBLAS's for the block-scaled ones (fp8_linear.cublas_gemm_chosen),
-    else "triton"; an environment variable picks it at build time, so the artifact says which."""
-    block_scaled = any(layer.block_scaled for layer in model.layers)
-    return "cublas" if block_scaled and cublas_gemm_enabled(torch.device(device), model.dtype) else "triton"
+    "cublas" where the op takes cuBLAS's for some projection (the op's own predicate, asked as
+    model.project calls it), else "triton"; an environment variable picks it at build time, so
+    the artifact says which."""
+    dev = torch.device(device)
+    chosen = any(cublas_gemm_chosen(dev, model.dtype, getattr(layer, name).shape, True, True)
+                 for layer in model.layers for name in layer.block_scaled)
+    return "cublas" if chosen else "triton"
 
 
 def check_quantized_build(checkpoint: Path, quantize: str | None, device: str, formats: tuple[str, ...],

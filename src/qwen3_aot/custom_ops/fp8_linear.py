@@ -49,6 +49,7 @@ Kernels (CUDA sm_89+, or CPU under TRITON_INTERPRET=1):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -183,18 +184,14 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     return y
 
 
-def cublas_gemm_enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether activations of `dtype` on `device` take cuBLAS's block-scaled GEMM where a
-    projection's scales and shape allow it (cublas_gemm_chosen), as the docstring says."""
-    return (device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) == (9, 0)
+def cublas_gemm_chosen(device: torch.device, dtype: torch.dtype, w_shape: Sequence[int], act_quant: bool,
+                       block_scales: bool) -> bool:
+    """Whether the op runs cuBLAS's block-scaled GEMM for activations of `dtype` on `device` and
+    a weight of `w_shape`, as the docstring says (the build's manifest asks the same)."""
+    n, k = w_shape
+    return (act_quant and block_scales and n % GROUP == 0 and k % (4 * GROUP) == 0 and device.type == "cuda"
+            and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) == (9, 0)
             and os.environ.get("QWEN3_AOT_FP8_GEMM") == "cublas")
-
-
-def cublas_gemm_chosen(x: torch.Tensor, w: torch.Tensor, act_quant: bool, block_scales: bool) -> bool:
-    """Whether the op runs cuBLAS's block-scaled GEMM for these arguments."""
-    n, k = w.shape
-    return (act_quant and block_scales and n % GROUP == 0 and k % (4 * GROUP) == 0
-            and cublas_gemm_enabled(x.device, x.dtype))
 
 
 def fp8_gemm_cublas(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -252,7 +249,7 @@ def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
 @triton_op("qwen3_aot::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool,
                block_scales: bool = False) -> torch.Tensor:
-    if cublas_gemm_chosen(x, w, act_quant, block_scales):
+    if cublas_gemm_chosen(x.device, x.dtype, w.shape, act_quant, block_scales):
         return fp8_gemm_cublas(x, w, w_scale)
     return fp8_linear_triton(x, w, w_scale, act_quant)
 
