@@ -61,7 +61,12 @@ PLAN = workloads.Plan(batches=(1, 64), prompt_len=512, new_tokens=64, prefill=(1
                       repeats=2)
 TINY_PLAN = workloads.Plan(batches=(1, 4), prompt_len=16, new_tokens=16, prefill=(8,), workload=(6, 4, 16), repeats=2)
 TEXT_POSITIONS = 512
-KERNEL_ROWS = (1, 4, 64, 512)
+# (rows, activations quantized): weight-only as the small-batch graph runs it (the rows kernel to 4
+# rows, the tiles kernel above, to 64), the activation-quantized GEMM as the main graph runs it
+KERNEL_CASES = ((1, False), (4, False), (16, False), (64, False), (64, True), (512, True))
+TINY_KERNEL_CASES = ((1, False), (4, False), (16, False), (70, False), (70, True))
+# the tiles kernel's (BLOCK_N, stages) also timed, to choose its defaults (fp8_linear.TILES_*)
+TILES_SWEEP = ((32, 3), (64, 3), (64, 4), (128, 3), (128, 4))
 L2_ROTATION = 256 << 20  # bytes of weight copies the kernel timings cycle through: over H100's / H200's 50 MB L2
 
 
@@ -83,11 +88,12 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 # ---- kernels ----
 
 def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
-    """Each projection of the shape (N, K) at KERNEL_ROWS rows: the op as the graph calls it (the
-    rows kernel for weight-only; with activation quantization the Triton GEMM, or cuBLAS's where
-    QWEN3_AOT_FP8_GEMM=cublas and the scales are by block) against the float64 oracle, next to
-    the fp32 reference's own error, and its time against bf16's (small_linear's rows kernel
-    at <= 4 rows, else cuBLAS), with the weight bytes each reads."""
+    """Each projection of the shape (N, K) in KERNEL_CASES: the op as the graph calls it
+    (weight-only: the rows kernel to 4 rows, the tiles kernel above; with activation quantization
+    the Triton GEMM, or cuBLAS's where QWEN3_AOT_FP8_GEMM=cublas and the scales are by block)
+    against the float64 oracle, next to the fp32 reference's own error, and its time against
+    bf16's (small_linear's rows kernel at <= 4 rows, else cuBLAS), with the weight bytes each
+    reads; the tiles kernel also at each of TILES_SWEEP's launch parameters."""
     from qwen3_aot.custom_ops.small_linear import small_linear_triton
     from qwen3_aot.quantization import quantize_block_fp8, rows_repeat_by_block
 
@@ -97,7 +103,7 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
     projections = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * i, h), "down": (h, i)}
     if tiny:
         projections = {"qkv": (40, 200), "down": (70, 260)}
-    rows = (1, 4, 70) if tiny else KERNEL_ROWS
+    cases = TINY_KERNEL_CASES if tiny else KERNEL_CASES
     # the op on the GPU; on the CPU the op is the plain-torch reference, so the Triton kernels
     # are called themselves (the interpreter)
     op = torch.ops.qwen3_aot.fp8_linear if device.type == "cuda" else \
@@ -109,16 +115,15 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
         wq, block_scale = quantize_block_fp8(w16)
         scale = block_scale.repeat_interleave(128, 0)[:n].contiguous()
         block = rows_repeat_by_block(scale)
-        for m in rows:
+        for m, act_quant in cases:
             x = torch.randn(m, k, generator=g, device=device).to(torch.bfloat16)
-            act_quant = m > 4
             cublas = fp8.cublas_gemm_chosen(x.device, x.dtype, wq.shape, act_quant, block)
             got = op(x, wq, scale, act_quant, block)
             xo = fp8.dequantize(*fp8.quantize_groups_reference(x)) if act_quant else x.double()
             oracle = torch.nn.functional.linear(xo, fp8.dequantize(wq, scale))
             r = {"shape": shape, "projection": name, "N": n, "K": k, "M": m,
                  "kernel": ("cuBLAS gemm" if cublas else "gemm") + " (activations quantized)" if act_quant
-                 else "rows (weight-only)",
+                 else ("rows" if m <= fp8.ROWS_KERNEL_MAX else "tiles") + " (weight-only)",
                  "rel_err": rel(got, oracle), "reference_rel_err": rel(fp8.fp8_linear_reference(x, wq, scale,
                                                                                                   act_quant), oracle)}
             r["ok"] = r["rel_err"] <= 1.25 * r["reference_rel_err"] + 2 ** -8
@@ -129,10 +134,14 @@ def kernel_checks(shape: str, device: torch.device, tiny: bool) -> list[dict]:
                 r["bf16_us"] = gpu_time_us(lambda c: bf16(x, c[0]), copies)
                 r["fp8_weight_GBps"] = (wq.nbytes + scale.nbytes) / r["fp8_us"] / 1e3
                 r["bf16_weight_GBps"] = w16.nbytes / r["bf16_us"] / 1e3
+                if not act_quant and m > fp8.ROWS_KERNEL_MAX:
+                    r["tiles_us"] = {f"{bn}x{st}": gpu_time_us(lambda c: fp8.fp8_weight_only_triton(
+                        x, c[1], c[2], block_n=bn, stages=st), copies) for bn, st in TILES_SWEEP}
             out.append(r)
             print(f"  kernel {name} {n}x{k} M={m}: {r['kernel']}, rel err {r['rel_err']:.2e} (reference "
                   f"{r['reference_rel_err']:.2e}) {'ok' if r['ok'] else 'FAILED'}"
-                  + (f", {r['fp8_us']:.1f} us against bf16 {r['bf16_us']:.1f} us" if "fp8_us" in r else ""), flush=True)
+                  + (f", {r['fp8_us']:.1f} us against bf16 {r['bf16_us']:.1f} us" if "fp8_us" in r else "")
+                  + (f"; tiles (BLOCK_N x stages) {r['tiles_us']}" if "tiles_us" in r else ""), flush=True)
     return out
 
 
@@ -391,6 +400,8 @@ def report(results: list[dict], kernels: list[dict]) -> None:
             print(f"{k['shape']:>5s} {k['projection']:8s} {k['N']:>6d}x{k['K']:<6d} {k['M']:>4d}   {k['kernel']:28s}"
                   f" {k['rel_err']:.2e} ({k['reference_rel_err']:.2e}) "
                   + (f"{k['fp8_us']:8.1f} {k['bf16_us']:8.1f}" if "fp8_us" in k else "")
+                  + ("  tiles' fastest {0} {1:.1f}".format(*min(k["tiles_us"].items(), key=lambda i: i[1]))
+                     if "tiles_us" in k else "")
                   + ("" if k["ok"] else "  FAILED"))
     fmt = lambda v: "-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}"  # noqa: E731
     print(f"\n{'shape':6s}{'dtype':>6s}{'build s':>9s}{'load s':>8s}{'1st tok s':>10s}{'b1 tok/s (floor)':>18s}"

@@ -6,6 +6,8 @@
 #   cublas: the op's cuBLAS path (QWEN3_AOT_FP8_GEMM=cublas) in one short call: its tests on sm_90
 #          (against float64, through AOTInductor), then the probe's timings without its AOTI part
 #   (QWEN3_AOT_FP8_GEMM=cublas before 8b-fp8 / 8b-measure builds and checks the cuBLAS path)
+#   kernels: bench/fp8_bench.py --stage kernels for 0.6B and 8B, every FP8 kernel against float64 and
+#          timed against bf16, the weight-only tiles kernel at several launch parameters
 #   0.6B: bench/fp8_bench.py --shapes 0.6B (kernels, both builds, measures, accuracy) in one call
 #   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back (14b-...: 14B likewise)
 #   8b-build, 8b-measure: the same in two calls, both builds at once (their build times shared;
@@ -21,7 +23,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0
-part=${1:?usage: gpu_fp8_check.sh tests|probe|cublas|0.6B|8b-bf16|8b-fp8|8b-build|8b-measure|14b-bf16|14b-fp8|14b-build|14b-measure|32b-build|32b-measure}
+part=${1:?usage: gpu_fp8_check.sh tests|probe|cublas|kernels|0.6B|8b-bf16|8b-fp8|8b-build|8b-measure|14b-bf16|14b-fp8|14b-build|14b-measure|32b-build|32b-measure}
 case $part in
     tests) timeout 590 python3 -m pytest -n 0 -q tests/custom_ops/test_fp8_linear.py tests/custom_ops/test_opcheck.py \
                tests/build/test_fp8_export.py tests/test_quantization.py 2>&1 | tail -30; exit "${PIPESTATUS[0]}" ;;
@@ -35,6 +37,7 @@ case $part in
 for r in map(json.loads, sys.stdin):
     print(r['shape'], r['M'], {k: r.get(k) for k in ('ours_cublas_us', 'triton_us', 'bf16_us', 'v1_relerr', 'v1_err')})"
             exit "$rc" ;;
+    kernels) args=(--shapes 0.6B,8B --stage kernels) ;;
     0.6B) args=(--shapes 0.6B) ;;
     8b-bf16|14b-bf16) args=(--shapes "${part%%b-*}B" --stage build --builds bf16) ;;
     8b-build|14b-build) args=(--shapes "${part%%b-*}B" --stage build --parallel-builds) ;;

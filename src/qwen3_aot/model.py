@@ -218,7 +218,7 @@ def project(layer: DecoderLayer, name: str, x: torch.Tensor, ops: Any,
             upcast: Callable[[torch.Tensor], torch.Tensor] = _same, few_rows: bool = False) -> torch.Tensor:
     """x through the layer's projection `name`: F.linear, or FP8's op where the weight is FP8
     (dynamic activation quantization and the FP8 GEMM; few_rows: weight-only, the rows
-    kernel, as small_linear is for float weights)."""
+    kernel up to 4 rows and the tiles kernel above, as small_linear is for float weights)."""
     w, scale = getattr(layer, name), getattr(layer, name + SCALE_SUFFIX, None)
     if scale is not None:
         return ops.fp8_linear(x, w, scale, not few_rows, name in layer.block_scaled)
@@ -228,8 +228,8 @@ def project(layer: DecoderLayer, name: str, x: torch.Tensor, ops: Any,
 def _fp8_small_batch_layer(model: "Qwen3ForCausalLM", layer: DecoderLayer, x: torch.Tensor, residual: torch.Tensor,
                            first: bool, attend: Callable[[torch.Tensor], torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer of `small_batch_layers` with FP8 projections: its norms unfused (the rows
-    kernel reads FP8 weights, custom_ops/fp8_linear.py), the same paged-cache epilogue."""
+    """One layer of `small_batch_layers` with FP8 projections: its norms unfused (the weight-only
+    kernels read FP8 weights, custom_ops/fp8_linear.py), the same paged-cache epilogue."""
     ops, eps = model.ops, model.config.rms_norm_eps
     if first:
         h = ops.rms_norm(x, layer.input_norm, eps)

@@ -103,7 +103,7 @@ def test_compressed_tensors_greedy_equals_float64_model_of_the_checkpoint_and_fu
 
 
 def test_small_batch_form_is_as_close_to_float64_as_the_main_graph(block_fp8):
-    """The small-batch graph's FP8 layers (weight-only rows kernel, norms unfused), run eagerly:
+    """The small-batch graph's FP8 layers (weight-only kernels, norms unfused), run eagerly:
     no further from float64 of the dequantized weights than the main form (activations quantized)."""
     from qwen3_aot.build.reference import Float64Forward
 

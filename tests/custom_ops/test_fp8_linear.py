@@ -12,6 +12,8 @@ from qwen3_aot.quantization import quantize_block_fp8
 
 SHAPES = [(1, 37, 300), (3, 130, 520)]  # (M, N, K)
 GEMM_SHAPES = [(70, 40, 200)]  # more rows than one GEMM tile holds (GEMM_BLOCK_M)
+# weight-only above ROWS_KERNEL_MAX rows: the tiles kernel, also past one tile of rows (TILES_BLOCK_M)
+TILES_SHAPES = [(5, 37, 300), (70, 130, 520)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -47,7 +49,7 @@ def test_reference_is_float64_rounded_once(shape, dtype, act_quant):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, act_quant", [(s, a) for s in SHAPES for a in (False, True)]
-                         + [(s, True) for s in GEMM_SHAPES])
+                         + [(s, True) for s in GEMM_SHAPES] + [(s, False) for s in TILES_SHAPES])
 def test_triton_kernels_are_as_close_to_float64_as_the_reference(shape, dtype, act_quant, kernel_device,
                                                                   poison_new_tensors):
     x, w, scale = _inputs(*shape, dtype, kernel_device, seed=1 + sum(shape))
@@ -92,6 +94,43 @@ def test_padded_rows_quantize_as_zeros_with_scale_one(kernel_device):
     assert torch.all(s[5:] == 1.0) and torch.all(q[5:].float() == 0.0)
 
 
+def test_weight_only_runs_the_rows_kernel_up_to_its_rows_and_the_tiles_kernel_above(monkeypatch, kernel_device):
+    """Both kernels are launched (the row count is symbolic in a graph); exactly one of them
+    with programs, the rows kernel up to ROWS_KERNEL_MAX rows, and its output is the result."""
+    launched, wrap = [], fp8.wrap_triton
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            if grid[0] * grid[1] > 0:
+                launched.append(self.kernel)
+            return wrap(self.kernel)[grid]
+
+    monkeypatch.setattr(fp8, "wrap_triton", Recording)
+    for m in (1, fp8.ROWS_KERNEL_MAX, fp8.ROWS_KERNEL_MAX + 1, fp8.TILES_BLOCK_M + 1):
+        launched.clear()
+        x, w, scale = _inputs(m, 37, 300, torch.bfloat16, kernel_device, seed=m)
+        got = fp8.fp8_weight_only_triton(x, w, scale)
+        assert launched == [fp8._fp8_rows_kernel if m <= fp8.ROWS_KERNEL_MAX else fp8._fp8_tiles_kernel], m
+        oracle = _oracle(x, w, scale, False)
+        assert rel_err(got, oracle) <= 1.25 * rel_err(fp8.fp8_linear_reference(x.cpu(), w.cpu(), scale.cpu(), False),
+                                                      oracle) + rounded_once_tol(torch.bfloat16, True)
+
+
+def test_the_kernel_choice_keeps_the_row_count_symbolic(tmp_path):
+    """at_least, which sizes both grids, exports over a dynamic row count without specialising it
+    (a Python comparison on the row count would guard it, and export would refuse the range)."""
+    class Choice(torch.nn.Module):
+        def forward(self, x):
+            return x[0] * fp8.at_least(x.shape[0], fp8.ROWS_KERNEL_MAX + 1)
+
+    ep = torch.export.export(Choice(), (torch.ones(8, 1),),
+                             dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=4096)},))
+    assert [int(ep.module()(torch.ones(m, 1))) for m in (1, 4, 5, 64, 4096)] == [0, 0, 1, 1, 1]
+
+
 def _block_scaled(m, n, k, seed):
     """_inputs in bf16 with one scale per 128x128 block, repeated over the block's rows."""
     x, w, scale = _inputs(m, n, k, torch.bfloat16, "cpu", seed)
@@ -118,13 +157,9 @@ def test_cublas_block_gemm_is_as_close_to_float64_as_the_reference(m, monkeypatc
     assert torch.equal(op, got)
 
 
-@CUBLAS
-def test_cublas_block_gemm_compiles_through_aoti_as_eager(tmp_path, monkeypatch):
-    """The op with block scales through torch.export and AOTInductor (torch._scaled_mm has a C
-    shim): the package computes what eager computes, at two row counts of one dynamic graph."""
-    monkeypatch.setenv("QWEN3_AOT_FP8_GEMM", "cublas")  # read when the op is traced
-    x, w, scale = (t.cuda() for t in _block_scaled(96, 256, 512, seed=7))
-
+def _compiled_projection(tmp_path, x, w, scale, act_quant, block_scales):
+    """The op over x's rows as one graph with a dynamic row count, through torch.export and
+    AOTInductor: the loaded package."""
     class Projection(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -132,14 +167,35 @@ def test_cublas_block_gemm_compiles_through_aoti_as_eager(tmp_path, monkeypatch)
             self.register_buffer("scale", scale)
 
         def forward(self, x):
-            return torch.ops.qwen3_aot.fp8_linear(x, self.w, self.scale, True, True)
+            return torch.ops.qwen3_aot.fp8_linear(x, self.w, self.scale, act_quant, block_scales)
 
     ep = torch.export.export(Projection(), (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=4096)},))
-    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "p.pt2"))
-    compiled = torch._inductor.aoti_load_package(path)
+    return torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "p.pt2")))
+
+
+@CUBLAS
+def test_cublas_block_gemm_compiles_through_aoti_as_eager(tmp_path, monkeypatch):
+    """The op with block scales through AOTInductor (torch._scaled_mm has a C shim): the package
+    computes what eager computes, at two row counts of one dynamic graph."""
+    monkeypatch.setenv("QWEN3_AOT_FP8_GEMM", "cublas")  # read when the op is traced
+    x, w, scale = (t.cuda() for t in _block_scaled(96, 256, 512, seed=7))
+    compiled = _compiled_projection(tmp_path, x, w, scale, True, True)
     for rows in (96, 3):
         xr = x[:rows].contiguous()
         assert torch.equal(compiled(xr), fp8.fp8_gemm_cublas(xr, w, scale))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 weights need a GPU of compute capability 8.9 or more")
+def test_weight_only_compiles_through_aoti_as_eager(tmp_path):
+    """Both weight-only kernels in one graph of a dynamic row count (each launched with no
+    programs where the other runs): the package computes what eager computes on either side."""
+    x, w, scale = (t.cuda() for t in _inputs(100, 256, 520, torch.bfloat16, "cpu", seed=9))
+    compiled = _compiled_projection(tmp_path, x, w, scale, False, False)
+    for rows in (100, 1, fp8.ROWS_KERNEL_MAX, fp8.ROWS_KERNEL_MAX + 1, 64):
+        xr = x[:rows].contiguous()
+        assert torch.equal(compiled(xr), fp8.fp8_weight_only_triton(xr, w, scale)), rows
 
 
 def test_weight_quantizer_rounds_each_128x128_block_to_nearest():

@@ -48,6 +48,10 @@ SMALL_BATCH_FILE = "model_small.pt2"
 # the largest decode batch the runtime may replay the small-batch graph for: its projections'
 # cost grows with the rows, and past 4 cuBLAS wins each of them (BENCHMARKS.md, small_linear)
 SMALL_BATCH_MAX = 4
+# an FP8 artifact's: its weight-only projections take up to 64 rows in one tile, each weight read
+# once (custom_ops/fp8_linear.py's tiles kernel), against the main graph's activation quantization
+# and GEMM; DecodeGraphs still keeps it only for the batches it replays faster
+FP8_SMALL_BATCH_MAX = 64
 # By default the small-batch graph is built for models narrower than this: its projections
 # beat cuBLAS's at a few rows where a layer's matrices are small (the 0.6B shape, hidden
 # 1024: batch 1 1.5x faster), and at the 8B shape (hidden 4096) the engine never replayed it
@@ -168,9 +172,9 @@ def wants_small_batch_graph(option: bool | None, cfg: Qwen3Config, device: str, 
                             formats: tuple[str, ...], fp8: bool = False) -> bool:
     """Whether a build compiles the small-batch graph: only for a one-process pt2 graph on
     CUDA (its kernels are Triton's; tensor-parallel ranks replay no CUDA graphs); `option`
-    None decides by the model's width, except with FP8 weights: there its weight-only rows
-    kernel is the few-row path at every width (the main graph quantizes the activations and
-    runs a GEMM tiled for many rows)."""
+    None decides by the model's width, except with FP8 weights: there its weight-only kernels
+    are the path for decode batches up to FP8_SMALL_BATCH_MAX at every width (the main graph
+    quantizes the activations and runs a GEMM tiled for many rows)."""
     if device != "cuda" or tensor_parallel is not None or "pt2" not in formats:
         return False
     if option is None:
@@ -317,7 +321,7 @@ def _build(checkpoint: Path, tmp: Path, device: str, dtype: str | None, limits: 
         with stage("compile the small-batch graph", log):
             compile_package(ep, tmp / SMALL_BATCH_FILE, device)
         graphs[SMALL_BATCH_GRAPH] = {"file": SMALL_BATCH_FILE, "inputs": inputs, "output": output,
-                                     "max_batch": SMALL_BATCH_MAX}
+                                     "max_batch": FP8_SMALL_BATCH_MAX if model.quantization else SMALL_BATCH_MAX}
     if "onnx" in formats:
         from qwen3_aot.build.onnx_export import export_onnx
 

@@ -24,9 +24,15 @@ rows may straddle two parts). It costs 4 bytes per 128 weight bytes (3%) over on
 Kernels (CUDA sm_89+, or CPU under TRITON_INTERPRET=1):
 - rows (weight-only), for a few rows: as custom_ops/small_linear.py, a program owns one row of
   x and BLOCK_N output columns and streams their FP8 weight rows once, dequantizing in
-  registers: a decode step reads 1 byte a weight instead of 2.
+  registers: a decode step reads 1 byte a weight instead of 2. Up to ROWS_KERNEL_MAX rows.
+- tiles (weight-only), for more rows (an FP8 artifact's small-batch graph decodes batches up to
+  64 with it): a program owns 32 output columns of up to 64 rows, so each weight is read once,
+  and converts each group of 128 FP8 weights to x's dtype in registers for the tensor cores
+  (exact: e4m3 values are bf16 values; fp32 sums), the group's partial sums times the column's
+  scale. Weight bytes still bound decode at 64 rows, where activation quantization would add a
+  kernel and its error. Not yet run on a GPU: its launch parameters are guesses until timed.
 - GEMM (act_quant), for many rows (prefill, large decode batches): one kernel quantizes the
-  activations per (row, group of 128) as above, then a tiled GEMM takes FP8 x FP8 products on
+  activations per (row, group of 128) as above, then the tiles kernel takes FP8 x FP8 products on
   the tensor cores one group of 128 at a time, scaling each group's fp32 partial sums by the
   row's activation scale times the column's weight scale. Hopper's FP8 tensor cores sum a
   group's 128 products with about 14 significant bits, not fp32's 24 (DeepSeek-V3's report,
@@ -62,6 +68,12 @@ from qwen3_aot.quantization import FP8, FP8_MAX, GROUP  # noqa: F401  (the layou
 CUBLAS_ROWS = 16
 # rows kernel: weight elements a program holds at once, and its warps (any values are correct)
 ROWS_TILE, ROWS_WARPS = 8192, 4
+# weight-only: the rows kernel up to this many rows (each row's programs reread the weights,
+# from L2), the tiles kernel above (an FP8 artifact's small-batch graph runs decode batches to 64)
+ROWS_KERNEL_MAX = 4
+# tiles kernel: a decode batch's rows in one tile, so each weight tile is read once; 32 columns
+# so that a 4096-wide projection still spreads over 128 programs (the GPU has 132 SMs)
+TILES_BLOCK_M, TILES_BLOCK_N, TILES_WARPS, TILES_STAGES = 64, 32, 4, 4
 # GEMM tile (BLOCK_K is GROUP: one scale per row and column of a tile). Fixed, since the row
 # count is symbolic in the exported graph; 64 columns so that a decode batch of 64 rows still
 # spreads a 4096-wide projection over 64 programs (the GPU has 132 SMs)
@@ -118,10 +130,19 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, S_ROW, S_GROUP):
 
 
 @triton.jit
-def _fp8_gemm_kernel(q_ptr, qs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, EXACT: tl.constexpr):
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _fp8_tiles_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, ACT_QUANT: tl.constexpr, PRECISE: tl.constexpr):
+    """Program (BLOCK_N columns, BLOCK_M rows) on the tensor cores, one group of 128 inputs at a
+    time, each group's fp32 partial sums times its scales (its columns' weight scales, and with
+    ACT_QUANT its rows' activation scales).
+    ACT_QUANT: a is the quantized activations (FP8, scales as_ptr): FP8 x FP8 products, or with
+    PRECISE (fp32 x) fp16 x fp16 ones (e4m3 values are fp16 values: exact products).
+    Weight-only: a is x, each group of FP8 weights converted to x's dtype in registers (exact
+    in bf16, fp16 and fp32); PRECISE: products in fp32, not rounded to tf32: for fp32 x, and
+    under the CPU interpreter (its bf16 dot returns garbage, Triton 3.9), where they are as
+    exact as the tensor cores' bf16 products."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = m < M, n < N
     m64, n64 = m.to(tl.int64), n.to(tl.int64)
     kk = tl.arange(0, 128)
@@ -129,13 +150,18 @@ def _fp8_gemm_kernel(q_ptr, qs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M: 
     for kb in range(0, KB):
         k = kb * 128 + kk
         k_ok = k < K
-        a = tl.load(q_ptr + m64[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + m64[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + n64[None, :] * K + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        sa = tl.load(qs_ptr + m64 * KB + kb, mask=m_ok, other=0.0)
         sb = tl.load(ws_ptr + n64 * KB + kb, mask=n_ok, other=0.0)
-        if EXACT:  # e4m3 values are fp16 values: exact products, summed in fp32
-            a, b = a.to(tl.float16), b.to(tl.float16)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        if ACT_QUANT:
+            sa = tl.load(as_ptr + m64 * KB + kb, mask=m_ok, other=0.0)
+            if PRECISE:
+                a, b = a.to(tl.float16), b.to(tl.float16)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        elif PRECISE:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee") * sb[None, :]
+        else:
+            acc += tl.dot(a, b.to(tl.float32).to(a.dtype)) * sb[None, :]
     tl.store(y_ptr + m64[:, None] * N + n64[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -146,14 +172,29 @@ def rows_launch_parameters(k: int) -> tuple[int, int]:
     return max(1, min(32, ROWS_TILE // (groups * GROUP))), groups
 
 
-def fp8_rows_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """Weight-only: the Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+def at_least(m: int | torch.SymInt, lo: int) -> int | torch.SymInt:
+    """1 where m >= lo, else 0 (for 0 < m < 2**40), in integer arithmetic alone: a graph carries it
+    for a symbolic row count without a guard (a Python comparison would specialise the graph)."""
+    return (m - lo + (1 << 40)) // (1 << 40)
+
+
+def fp8_weight_only_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                           block_n: int = TILES_BLOCK_N, stages: int = TILES_STAGES) -> torch.Tensor:
+    """Weight-only, the Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1): the
+    rows kernel for up to ROWS_KERNEL_MAX rows, the tiles kernel above. The row count is symbolic
+    in a graph, so both are launched, each with a grid of 0 programs where the other one runs:
+    a grid of 0 launches nothing (Triton's launcher and AOTInductor's both return first).
+    block_n, stages: the tiles kernel's (the benchmark tries others; any values are correct)."""
     (m, k), n = x.shape, w.shape[0]
     x = x.contiguous()
     y = x.new_empty(m, n)
-    block_n, groups = rows_launch_parameters(k)
-    wrap_triton(_fp8_rows_kernel)[(m, triton.cdiv(n, block_n))](
-        x, w, w_scale, y, n, k, w_scale.shape[1], BLOCK_N=block_n, GROUPS=groups, num_warps=ROWS_WARPS)
+    block_n_rows, groups = rows_launch_parameters(k)
+    tiles = at_least(m, ROWS_KERNEL_MAX + 1)
+    wrap_triton(_fp8_rows_kernel)[(m * (1 - tiles), triton.cdiv(n, block_n_rows))](
+        x, w, w_scale, y, n, k, w_scale.shape[1], BLOCK_N=block_n_rows, GROUPS=groups, num_warps=ROWS_WARPS)
+    wrap_triton(_fp8_tiles_kernel)[(triton.cdiv(n, block_n) * tiles, triton.cdiv(m, TILES_BLOCK_M))](
+        x, x, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=TILES_BLOCK_M, BLOCK_N=block_n, ACT_QUANT=False,
+        PRECISE=x.dtype == torch.float32 or x.device.type == "cpu", num_warps=TILES_WARPS, num_stages=stages)
     return y
 
 
@@ -178,9 +219,9 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     (m, k), n = x.shape, w.shape[0]
     q, s = quantize_groups_triton(x)
     y = x.new_empty(m, n)
-    wrap_triton(_fp8_gemm_kernel)[(triton.cdiv(m, GEMM_BLOCK_M), triton.cdiv(n, GEMM_BLOCK_N))](
-        q, s, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N,
-        EXACT=x.dtype == torch.float32, num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
+    wrap_triton(_fp8_tiles_kernel)[(triton.cdiv(n, GEMM_BLOCK_N), triton.cdiv(m, GEMM_BLOCK_M))](
+        q, s, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N, ACT_QUANT=True,
+        PRECISE=x.dtype == torch.float32, num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
     return y
 
 
@@ -208,7 +249,7 @@ def fp8_gemm_cublas(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
 
 
 def fp8_linear_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
-    return fp8_gemm_triton(x, w, w_scale) if act_quant else fp8_rows_triton(x, w, w_scale)
+    return fp8_gemm_triton(x, w, w_scale) if act_quant else fp8_weight_only_triton(x, w, w_scale)
 
 
 def _per_input(scale: torch.Tensor, k: int) -> torch.Tensor:
