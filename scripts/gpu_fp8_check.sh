@@ -6,8 +6,9 @@
 #   cublas: the op's cuBLAS path (QWEN3_AOT_FP8_GEMM=cublas) in one short call: its tests on sm_90
 #          (against float64, through AOTInductor), then the probe's timings without its AOTI part
 #   (QWEN3_AOT_FP8_GEMM=cublas before 8b-fp8 / 8b-measure builds and checks the cuBLAS path)
-#   kernels: bench/fp8_bench.py --stage kernels for 0.6B and 8B, every FP8 kernel against float64 and
-#          timed against bf16, the weight-only tiles kernel at several launch parameters
+#   kernels: the op's tests as cublas runs them, then bench/fp8_bench.py --stage kernels for 0.6B and 8B:
+#          every FP8 kernel against float64 and timed against bf16, the weight-only tiles kernel at
+#          several launch parameters (with QWEN3_AOT_FP8_GEMM=cublas: cuBLAS's GEMM in place of ours)
 #   0.6B: bench/fp8_bench.py --shapes 0.6B (kernels, both builds, measures, accuracy) in one call
 #   8b-bf16, 8b-fp8, 8b-measure: 8B in three calls that must run back to back (14b-...: 14B likewise)
 #   8b-build, 8b-measure: the same in two calls, both builds at once (their build times shared;
@@ -23,21 +24,25 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/qwen3_aot_out}; mkdir -p "$OUT"
 export PYTHONPATH=src TRITON_INTERPRET=0
+op_tests() {  # the op's tests on this GPU (against float64, through AOTInductor); the verbose log kept
+    timeout 200 python3 -X faulthandler -m pytest -n 0 -v -p no:cacheprovider tests/custom_ops/test_fp8_linear.py \
+        > "$OUT/fp8_op_tests.log" 2>&1
+    local rc=$?
+    grep -E "PASSED|FAILED|SKIPPED|ERROR|Error|Fatal|passed|failed" "$OUT/fp8_op_tests.log" | grep -v "^  File" | tail -40
+    return $rc
+}
 part=${1:?usage: gpu_fp8_check.sh tests|probe|cublas|kernels|0.6B|8b-bf16|8b-fp8|8b-build|8b-measure|14b-bf16|14b-fp8|14b-build|14b-measure|32b-build|32b-measure}
 case $part in
     tests) timeout 590 python3 -m pytest -n 0 -q tests/custom_ops/test_fp8_linear.py tests/custom_ops/test_opcheck.py \
                tests/build/test_fp8_export.py tests/test_quantization.py 2>&1 | tail -30; exit "${PIPESTATUS[0]}" ;;
     probe) timeout 590 python3 bench/fp8_scaled_mm_probe.py 2>&1 | tail -60; exit "${PIPESTATUS[0]}" ;;
-    cublas) timeout 200 python3 -X faulthandler -m pytest -n 0 -v -p no:cacheprovider tests/custom_ops/test_fp8_linear.py \
-                > "$OUT/fp8_cublas_tests.log" 2>&1
-            rc=$?
-            grep -E "PASSED|FAILED|SKIPPED|ERROR|Error|Fatal|passed|failed" "$OUT/fp8_cublas_tests.log" | grep -v "^  File" | tail -40
+    cublas) op_tests; rc=$?
             SKIP_AOTI=1 MS=1,64,512,2048 timeout 240 python3 bench/fp8_scaled_mm_probe.py > "$OUT/fp8_cublas_probe.log" 2>&1
             grep -E '^\{"shape' "$OUT/fp8_cublas_probe.log" | python3 -c "import json, sys
 for r in map(json.loads, sys.stdin):
     print(r['shape'], r['M'], {k: r.get(k) for k in ('ours_cublas_us', 'triton_us', 'bf16_us', 'v1_relerr', 'v1_err')})"
             exit "$rc" ;;
-    kernels) args=(--shapes 0.6B,8B --stage kernels) ;;
+    kernels) op_tests; tests_rc=$?; args=(--shapes 0.6B,8B --stage kernels) ;;
     0.6B) args=(--shapes 0.6B) ;;
     8b-bf16|14b-bf16) args=(--shapes "${part%%b-*}B" --stage build --builds bf16) ;;
     8b-build|14b-build) args=(--shapes "${part%%b-*}B" --stage build --parallel-builds) ;;
@@ -52,5 +57,9 @@ timeout ${FP8_TIMEOUT_S:-590} python3 bench/fp8_bench.py "${args[@]}" --json "$O
 rc=$?
 grep -E "^\\{|^\\[|^  |^kernel|^shape|^ *[0-9.]+B |^[0-9.]+B[ :]|^tiny|error|Error|FAILED" "$OUT/fp8_$part.log" \
     | grep -v "^\[.*\] \.\.\.\( [0-9]* s\)\?$" | tail -70
+if [ "${tests_rc:-0}" != 0 ]; then
+    echo "the op's tests failed: $OUT/fp8_op_tests.log"
+    [ "$rc" = 0 ] && rc=$tests_rc
+fi
 echo "fp8 $part exit code: $rc"
 exit $rc
