@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-DEPENDENT_KERNELS = ("_small_linear_kernel",)  # kernel names (a compiled one may carry a suffix)
+# kernel names (a compiled one may carry a suffix)
+DEPENDENT_KERNELS = ("_small_linear_kernel", "_fp8_rows_kernel", "_fp8_tiles_kernel")
 
 
 def enabled(device: torch.device) -> bool:

@@ -62,6 +62,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from qwen3_aot.custom_ops.dependent_launch import enabled as dependent_launch_enabled
+from qwen3_aot.custom_ops.dependent_launch import wait_for_earlier_kernels
 from qwen3_aot.quantization import FP8, FP8_MAX, GROUP  # noqa: F401  (the layout's constants; FP8 for callers)
 
 # cuBLAS's path: activation rows padded to a multiple of this (see fp8_gemm_cublas)
@@ -81,22 +83,35 @@ GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_WARPS, GEMM_STAGES = 64, 64, 4, 4
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, KB, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+def _fp8_rows_chunk(acc, w, s, x_row, k, K, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """One chunk of GROUPS groups: the row's inputs times the weights, each group's sums times its scale."""
+    x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    part = tl.sum(tl.reshape(w.to(tl.float32) * x[None, :], [BLOCK_N, GROUPS, 128]), axis=2)
+    return acc + tl.sum(part * s, axis=1)
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, KB, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                     PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     kk = tl.arange(0, GROUPS * 128)
     jj = tl.arange(0, GROUPS)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for kb0 in range(0, KB, GROUPS):
+    w_rows, s_rows = w_ptr + n.to(tl.int64)[:, None] * K, s_ptr + n.to(tl.int64)[:, None] * KB
+    # the first chunk's weights and scales are constants: loaded before the wait of dependent
+    # launch (custom_ops/dependent_launch.py), they overlap the tail of the kernel ahead
+    w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
+    s = tl.load(s_rows + jj[None, :], mask=n_ok[:, None] & (jj < KB)[None, :], other=0.0)
+    x_row = x_ptr + row * K
+    if PDL:
+        x_row += wait_for_earlier_kernels()
+    acc = _fp8_rows_chunk(tl.zeros([BLOCK_N], tl.float32), w, s, x_row, kk, K, BLOCK_N, GROUPS)
+    for kb0 in range(GROUPS, KB, GROUPS):
         k = kb0 * 128 + kk
-        k_ok = k < K
-        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        s = tl.load(s_ptr + n.to(tl.int64)[:, None] * KB + (kb0 + jj)[None, :],
-                    mask=n_ok[:, None] & (kb0 + jj < KB)[None, :], other=0.0)
-        x = tl.load(x_ptr + row * K + k, mask=k_ok, other=0.0).to(tl.float32)
-        part = tl.sum(tl.reshape(w.to(tl.float32) * x[None, :], [BLOCK_N, GROUPS, 128]), axis=2)
-        acc += tl.sum(part * s, axis=1)
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+        s = tl.load(s_rows + (kb0 + jj)[None, :], mask=n_ok[:, None] & (kb0 + jj < KB)[None, :], other=0.0)
+        acc = _fp8_rows_chunk(acc, w, s, x_row, k, K, BLOCK_N, GROUPS)
     tl.store(y_ptr + row * N + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -131,7 +146,7 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, S_ROW, S_GROUP):
 
 @triton.jit
 def _fp8_tiles_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, ACT_QUANT: tl.constexpr, PRECISE: tl.constexpr):
+                      BLOCK_N: tl.constexpr, ACT_QUANT: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr):
     """Program (BLOCK_N columns, BLOCK_M rows) on the tensor cores, one group of 128 inputs at a
     time, each group's fp32 partial sums times its scales (its columns' weight scales, and with
     ACT_QUANT its rows' activation scales).
@@ -140,7 +155,12 @@ def _fp8_tiles_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M:
     Weight-only: a is x, each group of FP8 weights converted to x's dtype in registers (exact
     in bf16, fp16 and fp32); PRECISE: products in fp32, not rounded to tf32: for fp32 x, and
     under the CPU interpreter (its bf16 dot returns garbage, Triton 3.9), where they are as
-    exact as the tensor cores' bf16 products."""
+    exact as the tensor cores' bf16 products. PDL: it waits for the kernels ahead first
+    (dependent launch: its launch overlaps their tail)."""
+    if PDL:
+        ready = wait_for_earlier_kernels()
+        a_ptr += ready
+        as_ptr += ready
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok, n_ok = m < M, n < N
@@ -189,12 +209,14 @@ def fp8_weight_only_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tens
     x = x.contiguous()
     y = x.new_empty(m, n)
     block_n_rows, groups = rows_launch_parameters(k)
+    pdl = dependent_launch_enabled(x.device)
     tiles = at_least(m, ROWS_KERNEL_MAX + 1)
     wrap_triton(_fp8_rows_kernel)[(m * (1 - tiles), triton.cdiv(n, block_n_rows))](
-        x, w, w_scale, y, n, k, w_scale.shape[1], BLOCK_N=block_n_rows, GROUPS=groups, num_warps=ROWS_WARPS)
+        x, w, w_scale, y, n, k, w_scale.shape[1], BLOCK_N=block_n_rows, GROUPS=groups, PDL=pdl, num_warps=ROWS_WARPS)
     wrap_triton(_fp8_tiles_kernel)[(triton.cdiv(n, block_n) * tiles, triton.cdiv(m, TILES_BLOCK_M))](
         x, x, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=TILES_BLOCK_M, BLOCK_N=block_n, ACT_QUANT=False,
-        PRECISE=x.dtype == torch.float32 or x.device.type == "cpu", num_warps=TILES_WARPS, num_stages=stages)
+        PRECISE=x.dtype == torch.float32 or x.device.type == "cpu", PDL=pdl, num_warps=TILES_WARPS,
+        num_stages=stages)
     return y
 
 
@@ -221,7 +243,8 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     y = x.new_empty(m, n)
     wrap_triton(_fp8_tiles_kernel)[(triton.cdiv(n, GEMM_BLOCK_N), triton.cdiv(m, GEMM_BLOCK_M))](
         q, s, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N, ACT_QUANT=True,
-        PRECISE=x.dtype == torch.float32, num_warps=GEMM_WARPS, num_stages=GEMM_STAGES)
+        PRECISE=x.dtype == torch.float32, PDL=dependent_launch_enabled(x.device), num_warps=GEMM_WARPS,
+        num_stages=GEMM_STAGES)
     return y
 
 

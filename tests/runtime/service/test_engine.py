@@ -14,6 +14,7 @@ import greedy_reference as reference
 from decode_graph_emulation import FakeGraph, emulated_decode_graphs
 from suite_support import FIXTURE, RUNTIME_DEVICE, rel_err, train_text
 from qwen3_aot import runtime
+from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS
 from qwen3_aot.runtime import SamplingParams
 from greedy_reference import GREEDY, MAX_NEW, decode, prompts, tokenizer
 
@@ -250,7 +251,7 @@ def test_cuda_graphs_replay_decode_steps_with_the_same_output(runtime_artifact, 
             assert eng.graphs.small_batch_sizes[:1] == [1] and eng.graphs.small_batch_sizes == eng.graphs.sizes[:len(eng.graphs.small_batch_sizes)]
             # from Hopper on, its projections start early, within the graph (runtime/forward/dependent_launch.py)
             hopper = torch.cuda.get_device_capability()[0] >= 9
-            assert eng.forward.dependent_kernels == (("_small_linear_kernel",) if hopper else ())
+            assert eng.forward.dependent_kernels == (DEPENDENT_KERNELS if hopper else ())
             assert (eng.graphs.dependent_edges > 0) == hopper
     want = [w[:m] for w, m in zip(hf_greedy, max_tokens)]
     assert outputs[True, True] == outputs[True, False] == outputs[False, True] == want
