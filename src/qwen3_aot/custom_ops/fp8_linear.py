@@ -161,8 +161,9 @@ def _fp8_tiles_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, BLOCK_M:
         ready = wait_for_earlier_kernels()
         a_ptr += ready
         as_ptr += ready
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # rows on the fast grid axis: the programs of one weight tile run together and share it in L2
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < N
     m64, n64 = m.to(tl.int64), n.to(tl.int64)
     kk = tl.arange(0, 128)
@@ -213,7 +214,7 @@ def fp8_weight_only_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tens
     tiles = at_least(m, ROWS_KERNEL_MAX + 1)
     wrap_triton(_fp8_rows_kernel)[(m * (1 - tiles), triton.cdiv(n, block_n_rows))](
         x, w, w_scale, y, n, k, w_scale.shape[1], BLOCK_N=block_n_rows, GROUPS=groups, PDL=pdl, num_warps=ROWS_WARPS)
-    wrap_triton(_fp8_tiles_kernel)[(triton.cdiv(n, block_n) * tiles, triton.cdiv(m, TILES_BLOCK_M))](
+    wrap_triton(_fp8_tiles_kernel)[(triton.cdiv(m, TILES_BLOCK_M) * tiles, triton.cdiv(n, block_n))](
         x, x, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=TILES_BLOCK_M, BLOCK_N=block_n, ACT_QUANT=False,
         PRECISE=x.dtype == torch.float32 or x.device.type == "cpu", PDL=pdl, num_warps=TILES_WARPS,
         num_stages=stages)
@@ -241,7 +242,7 @@ def fp8_gemm_triton(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> 
     (m, k), n = x.shape, w.shape[0]
     q, s = quantize_groups_triton(x)
     y = x.new_empty(m, n)
-    wrap_triton(_fp8_tiles_kernel)[(triton.cdiv(n, GEMM_BLOCK_N), triton.cdiv(m, GEMM_BLOCK_M))](
+    wrap_triton(_fp8_tiles_kernel)[(triton.cdiv(m, GEMM_BLOCK_M), triton.cdiv(n, GEMM_BLOCK_N))](
         q, s, w, w_scale, y, m, n, k, w_scale.shape[1], BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N, ACT_QUANT=True,
         PRECISE=x.dtype == torch.float32, PDL=dependent_launch_enabled(x.device), num_warps=GEMM_WARPS,
         num_stages=GEMM_STAGES)
