@@ -424,7 +424,9 @@ def report(results: list[dict], kernels: list[dict]) -> None:
           f"{'b64 tok/s (floor)':>19s}{'workload tok/s':>16s}{'peak GB':>9s}{'weights GB':>12s}{'KV GB':>7s}")
     for r in results:
         for name in ("bf16", "fp8"):
-            d = r.get(name, {})
+            d = r.get(name)
+            if not d:  # not built (32B: FP8 only)
+                continue
             dec = {int(b): v for b, v in d.get("decode", {}).items()}
             cells = [fmt(d.get("build_s")), fmt(d.get("load_forward_s")), fmt(d.get("ttft", {}).get("total_s"))]
             cells += [f"{fmt(dec[b]['tok_s'])} ({fmt(dec[b]['floor_tok_s'])})" if b in dec else "-"
