@@ -430,7 +430,7 @@ def report(results: list[dict], kernels: list[dict]) -> None:
             dec = {int(b): v for b, v in d.get("decode", {}).items()}
             cells = [fmt(d.get("build_s")), fmt(d.get("load_forward_s")), fmt(d.get("ttft", {}).get("total_s"))]
             cells += [f"{fmt(dec[b]['tok_s'])} ({fmt(dec[b]['floor_tok_s'])})" if b in dec else "-"
-                      for b in sorted(dec)[:2]]
+                      for b in (sorted(dec) + [None, None])[:2]]  # the plan's two batches, "-" if not measured
             cells += [fmt(d.get("workload", {}).get("tok_s")), fmt(d.get("peak_memory_GB")), fmt(d.get("weight_GB")),
                       fmt(d.get("default_kv_cache_GB"))]
             widths = [9, 8, 10, 18, 19, 16, 9, 12, 7]
