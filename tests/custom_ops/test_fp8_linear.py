@@ -3,6 +3,12 @@ blocks): the reference no further from float64 than one rounding, the Triton ker
 interpreter on CPU) no further than the reference; the activation quantizer and the weight
 quantizer against the formats' definitions."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,6 +21,7 @@ GEMM_SHAPES = [(70, 40, 200)]  # more rows than one GEMM tile holds (GEMM_BLOCK_
 # weight-only above ROWS_KERNEL_MAX rows: the tiles kernel, also past one tile of rows (TILES_BLOCK_M)
 TILES_SHAPES = [(5, 37, 300), (70, 130, 520)]
 DTYPES = [torch.float32, torch.bfloat16]
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _inputs(m, n, k, dtype, device, seed):
@@ -119,16 +126,41 @@ def test_weight_only_runs_the_rows_kernel_up_to_its_rows_and_the_tiles_kernel_ab
                                                       oracle) + rounded_once_tol(torch.bfloat16, True)
 
 
-def test_the_kernel_choice_keeps_the_row_count_symbolic(tmp_path):
-    """at_least, which sizes both grids, exports over a dynamic row count without specialising it
-    (a Python comparison on the row count would guard it, and export would refuse the range)."""
-    class Choice(torch.nn.Module):
-        def forward(self, x):
-            return x[0] * fp8.at_least(x.shape[0], fp8.ROWS_KERNEL_MAX + 1)
+TRACE_WEIGHT_ONLY = r"""
+import json
+import torch
+from qwen3_aot.custom_ops import fp8_linear as fp8
 
-    ep = torch.export.export(Choice(), (torch.ones(8, 1),),
-                             dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=4096)},))
-    assert [int(ep.module()(torch.ones(m, 1))) for m in (1, 4, 5, 64, 4096)] == [0, 0, 1, 1, 1]
+class WeightOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(37, 300).to(fp8.FP8))
+        self.register_buffer("s", torch.rand(37, 3))
+
+    def forward(self, x):
+        return fp8.fp8_weight_only_triton(x, self.w, self.s)
+
+rows = torch.export.Dim("rows", min=1, max=4096)
+ep = torch.export.export(WeightOnly(), (torch.randn(9, 300).bfloat16(),), dynamic_shapes=({0: rows},))
+(symbol, bounds), = ep.range_constraints.items()
+launches = [n for n in ep.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
+print(json.dumps({"rows": [int(bounds.lower), int(bounds.upper)],
+                  "grids_of_rows": [symbol in n.kwargs["grid"][0][0].meta["val"].node.expr.free_symbols
+                                    for n in launches]}))
+"""
+
+
+def test_the_weight_only_launches_keep_the_row_count_symbolic():
+    """Exported over a dynamic row count, as the graphs trace the op's body: both launches are in
+    the graph, each grid an expression of the row count, and the whole range stays (a Python
+    comparison of the row count, in place of at_least, guards it and export refuses). In a
+    process of its own without the interpreter, whose kernels export cannot trace."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(SRC)}
+    done = subprocess.run([sys.executable, "-c", TRACE_WEIGHT_ONLY], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    traced = json.loads(done.stdout.strip().splitlines()[-1])
+    assert traced == {"rows": [1, 4096], "grids_of_rows": [True, True]}
 
 
 def _block_scaled(m, n, k, seed):
