@@ -1,7 +1,8 @@
 """The FP8 projection against float64, on shapes whose K and N are not multiples of 128 (partial
 blocks): the reference no further from float64 than one rounding, the Triton kernels (the
-interpreter on CPU) no further than the reference; the activation quantizer and the weight
-quantizer against the formats' definitions."""
+interpreter on CPU) no further than the reference; which weight-only kernel runs for how many
+rows, a choice a graph keeps symbolic; the activation quantizer and the weight quantizer against
+the formats' definitions; on a GPU, the cuBLAS path and both paths through AOTInductor."""
 
 import json
 import os
