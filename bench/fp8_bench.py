@@ -1,13 +1,13 @@
 """FP8 against bf16 on one GPU (issue 32). First the FP8 kernels against their float64 oracle on
 the GPU (CI has none) and timed against bf16's at each shape's projections; then per shape a
-seeded random bf16 checkpoint, built twice (bf16 with --weights link; `--quantize fp8`), and
-for each artifact: build time, load, new process to first token, decode batch 1 and 64
-against that dtype's floor (its weight bytes over the copy bandwidth), nano-vllm's workload,
-peak GPU memory and the KV cache a default load gets; and accuracy over 512 positions of real
-text through Qwen's real tokenizer (random weights: what we have): the FP8 artifact's logits and the bf16 eager model's with the
-same dequantized weights against float64 of those weights, the activation quantization's own
-error (float64 with only the activations quantized), and FP8 against the bf16 artifact
-(KL divergence and top-1 agreement).
+seeded random bf16 checkpoint, built twice (bf16 with --weights link; `--quantize fp8`), and for
+each artifact: build time, load, new process to first token, decode batch 1 and 64 against that
+dtype's floor (its weight bytes over the copy bandwidth), nano-vllm's workload, peak GPU memory
+and the KV cache a default load gets; and accuracy over 512 positions of real text through
+Qwen's real tokenizer (random weights: what we have): the FP8 artifact's logits and the bf16
+eager model's with the same dequantized weights against float64 of those weights, the activation
+quantization's own error (float64 with only the activations quantized), and FP8 against the bf16
+artifact (KL divergence and top-1 agreement).
 
     PYTHONPATH=src python bench/fp8_bench.py --shapes 0.6B --json $OUT/fp8_0.6B.json
     PYTHONPATH=src python bench/fp8_bench.py --shapes 8B --stage build --builds bf16   # then, back to back:
