@@ -28,7 +28,7 @@ from qwen3_aot.build.tensor_parallel import build_rank_graph, check_degree, writ
 from qwen3_aot.config import Qwen3Config
 from qwen3_aot.custom_ops.dependent_launch import DEPENDENT_KERNELS
 from qwen3_aot.custom_ops.dependent_launch import enabled as dependent_launch_enabled
-from qwen3_aot.custom_ops.fp8_linear import cublas_gemm_chosen
+from qwen3_aot.custom_ops.fp8_linear import TILES_BLOCK_M, cublas_gemm_chosen
 from qwen3_aot.driver import FlatBatchDriver
 from qwen3_aot.errors import Qwen3AotError
 from qwen3_aot.model import Qwen3ForCausalLM
@@ -48,10 +48,10 @@ SMALL_BATCH_FILE = "model_small.pt2"
 # the largest decode batch the runtime may replay the small-batch graph for: its projections'
 # cost grows with the rows, and past 4 cuBLAS wins each of them (BENCHMARKS.md, small_linear)
 SMALL_BATCH_MAX = 4
-# an FP8 artifact's: its weight-only projections take up to 64 rows in one tile, each weight read
-# once (custom_ops/fp8_linear.py's tiles kernel), against the main graph's activation quantization
-# and GEMM; DecodeGraphs still keeps it only for the batches it replays faster
-FP8_SMALL_BATCH_MAX = 64
+# an FP8 artifact's: as many rows as its weight-only projections take in one tile, each weight
+# read once (custom_ops/fp8_linear.py's tiles kernel), against the main graph's activation
+# quantization and GEMM; DecodeGraphs still keeps it only for the batches it replays faster
+FP8_SMALL_BATCH_MAX = TILES_BLOCK_M
 # By default the small-batch graph is built for models narrower than this: its projections
 # beat cuBLAS's at a few rows where a layer's matrices are small (the 0.6B shape, hidden
 # 1024: batch 1 1.5x faster), and at the 8B shape (hidden 4096) the engine never replayed it

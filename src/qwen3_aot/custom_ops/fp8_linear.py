@@ -30,7 +30,7 @@ Kernels (CUDA sm_89+, or CPU under TRITON_INTERPRET=1):
   and converts each group of 128 FP8 weights to x's dtype in registers for the tensor cores
   (exact: e4m3 values are bf16 values; fp32 sums), the group's partial sums times the column's
   scale. Weight bytes still bound decode at 64 rows, where activation quantization would add a
-  kernel and its error. Not yet run on a GPU: its launch parameters are guesses until timed.
+  kernel and its error.
 - GEMM (act_quant), for many rows (prefill, large decode batches): one kernel quantizes the
   activations per (row, group of 128) as above, then the tiles kernel takes FP8 x FP8 products on
   the tensor cores one group of 128 at a time, scaling each group's fp32 partial sums by the
@@ -73,8 +73,9 @@ ROWS_TILE, ROWS_WARPS = 8192, 4
 # weight-only: the rows kernel up to this many rows (each row's programs reread the weights,
 # from L2), the tiles kernel above (an FP8 artifact's small-batch graph runs decode batches to 64)
 ROWS_KERNEL_MAX = 4
-# tiles kernel: a decode batch's rows in one tile, so each weight tile is read once; 32 columns
-# so that a 4096-wide projection still spreads over 128 programs (the GPU has 132 SMs)
+# tiles kernel: a decode batch's rows in one tile, so each weight tile is read once (the
+# small-batch graph's largest batch, build/pipeline.py); 32 columns so that a 4096-wide
+# projection still spreads over 128 programs (the GPU has 132 SMs); bench/fp8_bench.py times others
 TILES_BLOCK_M, TILES_BLOCK_N, TILES_WARPS, TILES_STAGES = 64, 32, 4, 4
 # GEMM tile (BLOCK_K is GROUP: one scale per row and column of a tile). Fixed, since the row
 # count is symbolic in the exported graph; 64 columns so that a decode batch of 64 rows still
